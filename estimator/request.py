@@ -1,0 +1,74 @@
+"""What an estimate is asked for: one typed, validated request (the contract for CLI, advisor, runner, app).
+
+Every field carries its unit in its name or description. Invalid values raise pydantic's ValidationError,
+whose messages name the field; ``ftadvisor.errors.format_validation_error`` makes them readable.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Method = Literal["full", "lora", "qlora"]
+DType = Literal["fp32", "bf16", "fp16"]
+Optimizer = Literal["adamw", "adamw-8bit", "paged-adamw-8bit", "sgd", "adafactor"]
+Attention = Literal["sdpa", "eager"]
+Sharding = Literal["none", "ddp", "zero1", "zero2", "zero3", "fsdp"]
+TargetPreset = Literal["attention-qv", "attention", "all-linear"]
+
+MAX_SEQ_LEN = 1_048_576  # 1M tokens: longer than any catalog model's context; beyond it a trace is absurd
+MAX_BATCH = 4096
+
+
+class EstimateRequest(BaseModel):
+    """One training configuration to estimate, per GPU, for one optimizer step."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="catalog id, path to a config.json or model folder, or a hub id (online only)")
+    method: Method = Field("lora", description="full fine-tuning, LoRA, or QLoRA (NF4 base + LoRA)")
+    rank: int = Field(16, ge=1, le=1024, description="LoRA rank r (ignored for full)")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; default 2 x rank")
+    targets: Union[TargetPreset, list[str]] = Field(
+        "attention-qv", description="preset (attention-qv, attention, all-linear) or module names"
+    )
+    dora: bool = Field(False, description="DoRA: adds a magnitude vector per adapted Linear")
+    rslora: bool = Field(False, description="rank-stabilized LoRA scaling (alpha / sqrt(r))")
+    adalora: bool = Field(False, description="AdaLoRA adapters (SVD-form, rank budget reallocated)")
+    dtype: DType = Field("bf16", description="compute dtype of the run")
+    optimizer: Optimizer = Field("adamw", description="optimizer whose states are counted")
+    batch_size: int = Field(1, ge=1, le=MAX_BATCH, description="micro-batch per GPU (sequences)")
+    seq_len: int = Field(512, ge=1, le=MAX_SEQ_LEN, description="tokens per sequence")
+    grad_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
+    attention: Attention = Field("sdpa", description="attention implementation")
+    gpu: str = Field("a100-80gb", description="GPU catalog id (see `ftadvisor gpus`)")
+    num_gpus: int = Field(1, ge=1, le=65536, description="number of GPUs")
+    sharding: Sharding = Field("none", description="multi-GPU strategy")
+    offload: bool = Field(False, description="offload optimizer states (and ZeRO-3 params) to CPU")
+    examples: int | None = Field(None, ge=1, description="training examples")
+    tokens_per_example: int | None = Field(None, ge=1, description="typical tokens per example")
+    epochs: float = Field(1.0, gt=0, le=1000, description="passes over the data")
+    tokens: int | None = Field(None, ge=1, description="total training tokens (instead of examples x tokens x epochs)")
+    mfu: float | None = Field(None, gt=0, le=1, description="model FLOPs utilisation; default per GPU")
+    price: float | None = Field(None, ge=0, description="USD per GPU-hour; default from the GPU catalog")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if isinstance(self.targets, list) and not self.targets:
+            raise ValueError("targets: give a preset (attention-qv, attention, all-linear) or at least one module name")
+        if self.num_gpus > 1 and self.sharding == "none":
+            object.__setattr__(self, "sharding", "ddp")
+        return self
+
+    @property
+    def effective_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.rank
+
+    def train_tokens(self) -> int | None:
+        """Tokens processed in training, or None when neither tokens nor examples x tokens_per_example is given."""
+        if self.tokens is not None:
+            return self.tokens
+        if self.examples is not None and self.tokens_per_example is not None:
+            return int(self.examples * self.tokens_per_example * self.epochs)
+        return None

@@ -1,0 +1,1 @@
+"""finetune-advisor: command-line entry point and shared error types."""

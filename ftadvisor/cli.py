@@ -1,0 +1,64 @@
+"""`ftadvisor` command line. Each package registers its own sub-commands; this module only dispatches.
+
+Exit status: 0 success, 1 the work itself failed (e.g. a run did not complete), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ftadvisor.errors import UserError, format_validation_error
+
+# Modules that expose ``register(subparsers)``; each adds its commands with ``set_defaults(func=...)``.
+COMMAND_MODULES = ("estimator.cli", "advisor.cli", "runner.cli", "runner.export_cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ftadvisor",
+        description="Full fine-tuning, LoRA or QLoRA? Will it fit, how long, what cost? And launch it.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    app = sub.add_parser("app", help="start the web app on localhost")
+    app.add_argument("--port", type=int, default=8501)
+    app.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
+    app.set_defaults(func=_run_app)
+    return parser
+
+
+def _run_app(args) -> int:
+    import subprocess
+    from pathlib import Path
+
+    app = Path(__file__).resolve().parents[1] / "app.py"
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
+           "--server.port", str(args.port), "--browser.gatherUsageStats", "false"]
+    return subprocess.call(cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # pydantic errors are bad input too
+        from pydantic import ValidationError
+
+        if isinstance(exc, ValidationError):
+            print(f"error: invalid input\n{format_validation_error(exc)}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
