@@ -1,0 +1,40 @@
+"""Shared test setup: no network, a private FTADVISOR_HOME per session, and tiny real models."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("ftadvisor-home")
+    old = os.environ.get("FTADVISOR_HOME")
+    os.environ["FTADVISOR_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("FTADVISOR_HOME", None)
+    else:
+        os.environ["FTADVISOR_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama-architecture model folder (2 layers, hidden 64, locally trained BPE tokenizer)."""
+    from runner.tinymodel import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), arch="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory):
+    """A tiny Qwen2-architecture model folder with tied embeddings."""
+    from runner.tinymodel import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), arch="qwen2")
