@@ -399,7 +399,8 @@ def training_args_overrides(spec: RunSpec) -> dict:
     if strategy == "fsdp":
         overrides["fsdp"] = True
         overrides["fsdp_config"] = fsdp_config(spec)
-        overrides["gradient_checkpointing"] = False
+        overrides["activation_checkpointing"] = False  # transformers 5 name
+        overrides["gradient_checkpointing"] = False  # its deprecated alias, in case the worker passes that one
     elif strategy in ZERO_STAGE:
         overrides["deepspeed"] = deepspeed_config(spec)
         overrides["max_grad_norm"] = GRADIENT_CLIPPING
