@@ -1,0 +1,602 @@
+"""The training recipe: ``setup -> train -> cleanup`` (torchtune style), run by ``python -m runner.worker``.
+
+- setup: model folder, tokenizer, the dataset check (before any model is loaded), fingerprint / resume check,
+  the model for the method (``_build_full``, ``_build_lora``, ``_build_qlora``), tokenized datasets, Trainer.
+- train: eval loss and exact match before, ``trainer.train`` (from the last checkpoint on resume), eval after.
+- cleanup: adapter (``adapter/``) or full model (``model/``) as safetensors plus the tokenizer, ``report.json``.
+
+Failures are raised as :class:`RunnerError` with a ``kind`` (see ``runner/exitcodes.py``); out-of-memory errors
+are tagged with the phase they happened in (load, step, eval). Only rank 0 writes files; all ranks train.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runner import data as rdata
+from runner.callbacks import (AdaLoraCallback, MetricsCallback, Progress, StopOnRequest, memory_bytes,
+                              write_json)
+from runner.errors import RunnerError
+from runner.models import resolve_model_dir
+from runner.spec import RunSpec
+
+#: Eval rows used for exact match (greedy generation is the slow part of the report on CPU).
+EXACT_MATCH_MAX_ROWS = 64
+#: Generated tokens beyond the longest reference answer (answers may be followed by EOS or a little text).
+EXACT_MATCH_EXTRA_TOKENS = 8
+#: Longest generation for exact match, tokens.
+EXACT_MATCH_MAX_NEW_TOKENS = 64
+#: Samples shown in report.json.
+REPORT_SAMPLES = 4
+#: Generation batch size for exact match (left-padded batches).
+GENERATE_BATCH = 16
+
+#: Target presets -> module names per architecture family, used when estimator.params.resolve_targets is not
+#: available. Names from the transformers modeling files (LlamaAttention q_proj/k_proj/v_proj/o_proj,
+#: GPT2Attention c_attn/c_proj).
+TARGET_PRESETS = {
+    "attention-qv": (["q_proj", "v_proj"], ["c_attn"], ["query_key_value"], ["Wqkv"]),
+    "attention": (["q_proj", "k_proj", "v_proj", "o_proj"], ["c_attn", "attn.c_proj"], ["query_key_value", "dense"],
+                  ["Wqkv", "out_proj"]),
+}
+
+OPTIMIZERS = {"adamw": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit", "paged-adamw-8bit": "paged_adamw_8bit",
+              "sgd": "sgd", "adafactor": "adafactor"}
+
+
+@dataclass
+class Run:
+    """Everything the three phases share."""
+
+    spec: RunSpec
+    run_dir: Path
+    resume: bool = False
+    stop_flag: threading.Event = field(default_factory=threading.Event)
+    progress: Progress = field(default_factory=Progress)
+    is_main: bool = True
+    model_dir: Path | None = None
+    tokenizer: object = None
+    dataset_report: rdata.DatasetReport | None = None
+    fmt: str | None = None
+    train_rows: list = field(default_factory=list)
+    eval_rows: list = field(default_factory=list)
+    model: object = None
+    trainer: object = None
+    collator: object = None
+    device: str = "cpu"
+    precision: str = "fp32"
+    notes: list[str] = field(default_factory=list)
+    resume_from: str | None = None
+    max_steps: int = 0
+    before: dict = field(default_factory=dict)
+    after: dict = field(default_factory=dict)
+    train_seconds: float = 0.0
+    train_tokens: int = 0
+    stopped: bool = False
+    adalora: AdaLoraCallback | None = None
+
+
+def run(spec: RunSpec, run_dir: Path, *, resume: bool = False, stop_flag: threading.Event | None = None,
+        progress: Progress | None = None) -> Run:
+    """Train one run end to end; returns the Run (``.stopped`` is True after a stop-and-save request)."""
+    state = Run(spec=spec, run_dir=Path(run_dir), resume=resume, stop_flag=stop_flag or threading.Event(),
+                progress=progress or Progress(), is_main=int(os.environ.get("RANK", "0")) == 0)
+    _setup(state)
+    _train(state)
+    _cleanup(state)
+    return state
+
+
+# ------------------------------------------------------------------------------------------------------ setup
+
+
+def _setup(r: Run) -> None:
+    import torch
+
+    spec = r.spec
+    r.model_dir = resolve_model_dir(spec.model)
+    r.tokenizer = load_tokenizer(r.model_dir, spec.trust_remote_code)
+    r.dataset_report = rdata.check_dataset(spec.dataset, r.tokenizer, spec.seq_len)
+    if r.is_main:
+        write_json(r.run_dir / "dataset_check.json", r.dataset_report.summary())
+    rdata.raise_if_errors(r.dataset_report)
+    _check_fingerprint(r)
+    r.device = _device(spec)
+    r.precision = _precision(spec, r.device, r.notes)
+    r.train_rows, r.eval_rows, r.fmt = rdata.split_rows(spec.dataset, spec.seed)
+    r.max_steps = _max_steps(spec, len(r.train_rows))
+    torch.manual_seed(spec.seed)
+    r.progress.update(phase="load", max_steps=r.max_steps)
+    try:
+        r.model = BUILDERS[spec.method](r)
+    except torch.OutOfMemoryError as exc:
+        raise _oom("oom_load", exc) from exc
+    except RuntimeError as exc:
+        if _is_oom(exc):
+            raise _oom("oom_load", exc) from exc
+        raise
+    r.trainer = _build_trainer(r)
+
+
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:  # batches need a pad id; EOS is the usual stand-in (its labels are masked)
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _device(spec: RunSpec) -> str:
+    import torch
+
+    if spec.device == "cuda" and not torch.cuda.is_available():
+        raise RunnerError("device is cuda but no CUDA GPU is visible", field="device",
+                          fix="set device to auto or cpu, or run on a machine with a GPU")
+    if spec.device == "cpu":
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _cpu_has_bf16() -> bool:
+    """True when this CPU has native bf16 instructions (AVX512-BF16 or AMX), from /proc/cpuinfo flags."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _precision(spec: RunSpec, device: str, notes: list[str]) -> str:
+    """The precision the run really uses: bf16/fp16 mixed precision where supported, else fp32."""
+    import torch
+
+    want = spec.precision
+    if want == "fp32":
+        return "fp32"
+    if device == "cuda":
+        if want == "bf16" and not torch.cuda.is_bf16_supported():
+            notes.append("bf16 is not supported on this GPU; used fp16 mixed precision")
+            return "fp16"
+        return want
+    if want == "fp16":
+        notes.append("fp16 mixed precision is not used on CPU; trained in fp32")
+        return "fp32"
+    if not _cpu_has_bf16():
+        notes.append("this CPU has no native bf16 (AVX512-BF16/AMX); trained in fp32")
+        return "fp32"
+    return "bf16"
+
+
+def _max_steps(spec: RunSpec, train_rows: int) -> int:
+    if spec.max_steps:
+        return spec.max_steps
+    world = spec.distribution.world_size
+    per_epoch = math.ceil(train_rows / (spec.micro_batch_size * world)) // spec.gradient_accumulation_steps
+    return max(1, math.ceil(max(1, per_epoch) * spec.epochs))
+
+
+# ---------------------------------------------------------------------------------- fingerprint and resume
+
+
+def fingerprint(r: Run) -> dict:
+    cfg = (r.model_dir / "config.json").read_bytes()
+    import hashlib
+
+    return {"model": r.spec.model, "model_config_sha256": hashlib.sha256(cfg).hexdigest(),
+            "method": r.spec.method, "peft_variant": r.spec.peft.variant if r.spec.method != "full" else None,
+            "dataset_sha256": r.dataset_report.sha256, "dataset_path": r.spec.dataset.path,
+            "created": time.time()}
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = [(int(m.group(1)), p) for p in run_dir.glob("checkpoint-*")
+             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / "trainer_state.json").is_file()]
+    return max(found)[1] if found else None
+
+
+def _check_fingerprint(r: Run) -> None:
+    path = r.run_dir / "fingerprint.json"
+    now = fingerprint(r)
+    if r.resume and path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        changed = [key for key in ("model", "model_config_sha256", "method", "peft_variant", "dataset_sha256")
+                   if old.get(key) != now.get(key)]
+        if changed:
+            labels = {"model": "base model", "model_config_sha256": "base model config", "method": "method",
+                      "peft_variant": "adapter variant", "dataset_sha256": "dataset contents (sha256)"}
+            raise RunnerError(
+                "resume refused: " + ", ".join(f"{labels[k]} changed ({old.get(k)!r} -> {now.get(k)!r})"
+                                               for k in changed),
+                field=changed[0], kind="resume_refused",
+                fix="resume with the same model, method and dataset, or start a new run")
+        ckpt = latest_checkpoint(r.run_dir)
+        r.resume_from = str(ckpt) if ckpt else None
+        if ckpt is None:
+            r.notes.append("resume asked but no checkpoint was saved yet; started from step 0")
+        return
+    if r.is_main:
+        write_json(path, now)
+
+
+# ------------------------------------------------------------------------------------------ model builders
+
+
+def _load_model(r: Run, **kwargs):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        r.model_dir, dtype=kwargs.pop("dtype", torch.float32), use_safetensors=True,
+        trust_remote_code=r.spec.trust_remote_code, attn_implementation=r.spec.attention, **kwargs)
+    model.config.use_cache = False  # no KV cache while training (it only costs memory)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = r.tokenizer.pad_token_id
+    return model
+
+
+def _build_full(r: Run):
+    """Full fine-tuning: every weight trains (fp32 master weights; autocast gives the mixed precision)."""
+    model = _load_model(r)
+    model.requires_grad_(True)
+    return model
+
+
+def _build_lora(r: Run):
+    """LoRA (rsLoRA/DoRA flags), LoRA+ (optimizer built in the trainer) or AdaLoRA on a full-precision base."""
+    from peft import get_peft_model
+
+    model = _load_model(r)
+    if r.spec.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return get_peft_model(model, _peft_config(r, model))
+
+
+def _build_qlora(r: Run):
+    """QLoRA: NF4 4-bit base with double quantization, compute in bf16 (fp32 where bf16 is not used),
+    ``prepare_model_for_kbit_training``, then LoRA on top (Dettmers et al. 2023)."""
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise RunnerError("QLoRA needs bitsandbytes, which is not installed", field="method",
+                          kind="missing_dependency", fix="pip install 'bitsandbytes>=0.48'") from exc
+    compute = torch.bfloat16 if r.precision == "bf16" else torch.float16 if r.precision == "fp16" else torch.float32
+    quant = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                 bnb_4bit_compute_dtype=compute)
+    storage = _dist_call("quant_storage_dtype", r.spec)
+    if storage:
+        quant["bnb_4bit_quant_storage"] = storage
+    model = _load_model(r, quantization_config=BitsAndBytesConfig(**quant))
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=r.spec.gradient_checkpointing)
+    r.notes.append(f"QLoRA base: NF4 + double quantization, compute dtype {str(compute).removeprefix('torch.')}")
+    return get_peft_model(model, _peft_config(r, model))
+
+
+BUILDERS = {"full": _build_full, "lora": _build_lora, "qlora": _build_qlora}
+
+
+def resolve_targets(model, targets) -> list[str] | str:
+    """Module names for a preset (attention-qv, attention, all-linear) or the given list, checked on the model."""
+    try:
+        from estimator.params import resolve_targets as shared
+    except ImportError:
+        shared = None
+    if shared is not None:
+        return shared(model, targets)
+    if isinstance(targets, list):
+        return targets
+    if targets == "all-linear":
+        return "all-linear"
+    if targets not in TARGET_PRESETS:
+        raise RunnerError(f"target_modules preset must be attention-qv, attention or all-linear (got {targets!r})",
+                          field="peft.target_modules", fix="use a preset or a list of module names")
+    import torch
+
+    names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or "Linear" in type(m).__name__}
+    for candidate in TARGET_PRESETS[targets]:
+        if all(any(n.endswith(c) for n in names) for c in candidate):
+            return candidate
+    raise RunnerError(f"no known attention modules for preset {targets!r} in {type(model).__name__}",
+                      field="peft.target_modules", fix="list the module names, or use all-linear")
+
+
+def _peft_config(r: Run, model):
+    from peft import AdaLoraConfig, LoraConfig
+
+    p = r.spec.peft
+    targets = resolve_targets(model, p.target_modules)
+    if p.variant == "adalora":
+        if p.use_dora:
+            raise RunnerError("AdaLoRA cannot be combined with DoRA", field="peft.use_dora", fix="turn off use_dora")
+        if p.adalora_target_r > p.r:
+            raise RunnerError(f"adalora_target_r ({p.adalora_target_r}) must not exceed the initial rank r ({p.r})",
+                              field="peft.adalora_target_r", fix="lower adalora_target_r or raise r")
+        # Schedule from the AdaLoRA paper (Zhang et al. 2023): warm up 10% of steps at full rank, prune until
+        # the last 20%, then keep the final allocation. deltaT=1: reallocate every step (peft's default is 1).
+        total = r.max_steps
+        tinit, tfinal = int(0.1 * total), int(0.2 * total)
+        if total - tinit - tfinal < 1:
+            tinit, tfinal = 0, 0
+        return AdaLoraConfig(init_r=p.r, target_r=p.adalora_target_r, lora_alpha=p.alpha, lora_dropout=p.dropout,
+                             target_modules=targets, total_step=total, tinit=tinit, tfinal=tfinal, deltaT=1,
+                             task_type="CAUSAL_LM")
+    return LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=targets,
+                      use_rslora=p.use_rslora, use_dora=p.use_dora, task_type="CAUSAL_LM")
+
+
+# ------------------------------------------------------------------------------------------------- trainer
+
+
+def _dist_call(name: str, *args):
+    """Call runner.distributed.<name>(*args) when the DIST helper's module provides it; else None."""
+    try:
+        from runner import distributed
+    except ImportError:
+        return None
+    fn = getattr(distributed, name, None)
+    return fn(*args) if fn else None
+
+
+def training_arguments(r: Run):
+    from transformers import TrainingArguments
+
+    spec = r.spec
+    has_eval = bool(r.eval_rows)
+    kwargs = dict(
+        output_dir=str(r.run_dir), per_device_train_batch_size=spec.micro_batch_size,
+        per_device_eval_batch_size=spec.micro_batch_size,
+        gradient_accumulation_steps=spec.gradient_accumulation_steps, learning_rate=spec.learning_rate,
+        lr_scheduler_type=spec.lr_scheduler, warmup_steps=spec.warmup_ratio, weight_decay=spec.weight_decay,
+        num_train_epochs=spec.epochs, max_steps=r.max_steps, logging_steps=spec.logging_steps,
+        save_strategy="steps", save_steps=spec.save_steps, save_total_limit=spec.save_total_limit,
+        eval_strategy=("steps" if spec.eval_steps else "epoch") if has_eval else "no",
+        eval_steps=spec.eval_steps, seed=spec.seed, bf16=r.precision == "bf16", fp16=r.precision == "fp16",
+        use_cpu=r.device == "cpu", report_to="none", optim=OPTIMIZERS[spec.optimizer],
+        remove_unused_columns=False,
+        dataloader_num_workers=0, disable_tqdm=True, save_only_model=False,
+    )
+    if spec.gradient_checkpointing:  # non-reentrant checkpointing works with frozen bases (LoRA) too
+        kwargs.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs.update(_dist_call("training_args_overrides", spec) or {})
+    return TrainingArguments(**kwargs)
+
+
+def _build_trainer(r: Run):
+    from transformers import Trainer
+
+    spec = r.spec
+    tok = r.tokenizer
+    train_ds = rdata.tokenize_rows(r.train_rows, r.fmt, tok, spec.seq_len, spec.dataset.completion_only_loss,
+                                   spec.dataset.packing)
+    eval_ds = (rdata.tokenize_rows(r.eval_rows, r.fmt, tok, spec.seq_len, spec.dataset.completion_only_loss)
+               if r.eval_rows else None)
+    r.collator = rdata.Collator(tok.pad_token_id)
+    args = training_arguments(r)
+    optimizers = (None, None)
+    if spec.method != "full" and spec.peft.variant == "loraplus":
+        optimizers = (_loraplus_optimizer(r, args), None)
+    callbacks = [MetricsCallback(r.run_dir / "metrics.jsonl", r.progress, r.collator, write=r.is_main),
+                 StopOnRequest(r.stop_flag)]
+    if spec.method != "full" and spec.peft.variant == "adalora":
+        r.adalora = AdaLoraCallback(r.model)
+        callbacks.append(r.adalora)
+    return Trainer(model=r.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=r.collator,
+                   processing_class=tok, callbacks=callbacks, optimizers=optimizers)
+
+
+def _loraplus_optimizer(r: Run, args):
+    """LoRA+ (Hayou et al. 2024): B matrices learn ``loraplus_lr_ratio`` times faster than A (peft's builder)."""
+    import torch
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(model=r.model, optimizer_cls=torch.optim.AdamW, lr=r.spec.learning_rate,
+                                     loraplus_lr_ratio=r.spec.peft.loraplus_lr_ratio,
+                                     weight_decay=r.spec.weight_decay)
+
+
+# -------------------------------------------------------------------------------------------------- train
+
+
+def _train(r: Run) -> None:
+    import torch
+
+    baseline = r.run_dir / "baseline.json"
+    r.progress.update(phase="eval_before")
+    if r.resume and baseline.is_file():
+        r.before = json.loads(baseline.read_text(encoding="utf-8"))
+    else:
+        r.before = _evaluate(r)
+        if r.is_main:
+            write_json(baseline, r.before)
+    r.progress.update(phase="train")
+    tokens_before = r.collator.tokens_seen
+    start = time.perf_counter()
+    try:
+        r.trainer.train(resume_from_checkpoint=r.resume_from)
+    except torch.OutOfMemoryError as exc:
+        raise _oom("oom_step", exc) from exc
+    except RuntimeError as exc:
+        if _is_oom(exc):
+            raise _oom("oom_step", exc) from exc
+        raise
+    r.train_seconds = time.perf_counter() - start
+    r.train_tokens = r.collator.tokens_seen - tokens_before
+    r.stopped = r.stop_flag.is_set() and r.trainer.state.global_step < r.trainer.state.max_steps
+    if r.stopped:
+        return
+    r.progress.update(phase="eval_after")
+    r.after = _evaluate(r)
+
+
+def _evaluate(r: Run) -> dict:
+    """Eval loss (Trainer.evaluate) and exact match on up to EXACT_MATCH_MAX_ROWS eval rows."""
+    import torch
+
+    out: dict = {"eval_loss": None, "exact_match": None, "exact_match_rows": 0, "samples": []}
+    if not r.eval_rows:
+        return out
+    try:
+        out["eval_loss"] = r.trainer.evaluate()["eval_loss"]
+        out.update(exact_match(r.model, r.tokenizer, r.eval_rows, r.fmt))
+    except torch.OutOfMemoryError as exc:
+        raise _oom("oom_eval", exc) from exc
+    except RuntimeError as exc:
+        if _is_oom(exc):
+            raise _oom("oom_eval", exc) from exc
+        raise
+    return out
+
+
+def normalize_answer(text: str) -> str:
+    """Exact match compares answers after stripping surrounding whitespace and collapsing inner whitespace."""
+    return " ".join(text.split())
+
+
+def exact_match(model, tokenizer, rows: list[dict], fmt: str, max_rows: int = EXACT_MATCH_MAX_ROWS) -> dict:
+    """Greedy-generate answers for rows with a reference and compare them exactly (after normalize_answer)."""
+    pairs = [(rdata.generation_prompt(row, fmt, tokenizer), rdata.reference_answer(row, fmt)) for row in rows]
+    pairs = [(p, a) for p, a in pairs if p is not None and a is not None][:max_rows]
+    if not pairs:
+        return {}
+    longest = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for _, a in pairs)
+    max_new = min(EXACT_MATCH_MAX_NEW_TOKENS, longest + EXACT_MATCH_EXTRA_TOKENS)
+    answers = generate_batch(model, tokenizer, [p for p, _ in pairs], max_new, add_special_tokens=fmt != "messages")
+    hits = [normalize_answer(g) == normalize_answer(a) for g, (_, a) in zip(answers, pairs)]
+    samples = [{"prompt": p, "reference": a, "generated": g, "match": h}
+               for (p, a), g, h in list(zip(pairs, answers, hits))[:REPORT_SAMPLES]]
+    return {"exact_match": sum(hits) / len(hits), "exact_match_rows": len(hits), "samples": samples}
+
+
+def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, add_special_tokens: bool = True,
+                   batch_size: int = GENERATE_BATCH) -> list[str]:
+    """Greedy continuations of prompts (left padding), decoded without special tokens."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    cache = model.config.use_cache if hasattr(model, "config") else None
+    if cache is not None:
+        model.config.use_cache = True
+    device = next(model.parameters()).device
+    outputs = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[i: i + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=add_special_tokens).to(device)
+            with torch.no_grad():
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            new = gen[:, enc["input_ids"].shape[1]:]
+            outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+        if cache is not None:
+            model.config.use_cache = cache
+        model.train(was_training)
+    return outputs
+
+
+def _is_oom(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text
+
+
+def _oom(kind: str, exc: BaseException) -> RunnerError:
+    phase = {"oom_load": "loading the model", "oom_step": "a training step", "oom_eval": "evaluation"}[kind]
+    fix = {"oom_load": "use QLoRA (4-bit base) or a smaller model, or a device with more memory",
+           "oom_step": "lower micro_batch_size or seq_len, turn on gradient_checkpointing, or use LoRA/QLoRA",
+           "oom_eval": "lower micro_batch_size (it is also the eval batch size) or seq_len"}[kind]
+    return RunnerError(f"out of memory during {phase}: {str(exc).splitlines()[0][:300]}", kind=kind, fix=fix)
+
+
+# ------------------------------------------------------------------------------------------------ cleanup
+
+
+def _cleanup(r: Run) -> None:
+    r.progress.update(phase="save")
+    if r.stopped or not r.is_main:
+        return
+    tok = r.tokenizer
+    if r.spec.method == "full":
+        out = r.run_dir / "model"
+        r.model.save_pretrained(out, safe_serialization=True)
+    else:
+        out = r.run_dir / "adapter"
+        r.model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    write_json(r.run_dir / "report.json", report(r, out))
+    r.progress.update(phase="done")
+
+
+def trainable_params(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit packed weights count their real element count x2."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if type(p).__name__ == "Params4bit":  # two 4-bit values per stored byte (bitsandbytes packing)
+            n *= 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def report(r: Run, out: Path) -> dict:
+    trainable, total = trainable_params(r.model)
+    weights = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    state = r.trainer.state
+    losses = [h["loss"] for h in state.log_history if "loss" in h]
+    rep = {
+        "model": r.spec.model, "model_dir": str(r.model_dir), "method": r.spec.method,
+        "peft_variant": r.spec.peft.variant if r.spec.method != "full" else None,
+        "rank": r.spec.peft.r if r.spec.method != "full" else None,
+        "device": r.device, "precision": r.precision, "precision_requested": r.spec.precision,
+        "dataset": r.dataset_report.summary() | {"errors": [], "path": r.spec.dataset.path},
+        "train_rows": len(r.train_rows), "eval_rows": len(r.eval_rows),
+        "steps": state.global_step, "max_steps": state.max_steps, "epochs": state.epoch,
+        "train_seconds": round(r.train_seconds, 3), "train_tokens": r.train_tokens,
+        "tokens_per_s": r.train_tokens / r.train_seconds if r.train_seconds else None,
+        "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+        "eval_loss_before": r.before.get("eval_loss"), "eval_loss_after": r.after.get("eval_loss"),
+        "exact_match_before": r.before.get("exact_match"), "exact_match_after": r.after.get("exact_match"),
+        "exact_match_rows": r.after.get("exact_match_rows", 0),
+        "samples": _merge_samples(r.before.get("samples", []), r.after.get("samples", [])),
+        "trainable_params": trainable, "total_params": total,
+        ("adapter_bytes" if r.spec.method != "full" else "model_bytes"): weights,
+        "output": str(out), "resumed_from": r.resume_from, "peak_memory_bytes": memory_bytes(),
+        "notes": r.notes,
+    }
+    if r.adalora is not None:
+        rep["adalora_update_calls"] = r.adalora.calls
+        rep["adalora_rank_pattern"] = _rank_pattern(r.model)
+    return rep
+
+
+def _rank_pattern(model) -> dict | None:
+    cfg = model.peft_config.get("default")
+    pattern = getattr(cfg, "rank_pattern", None)
+    if not pattern:
+        return None
+    return {k: int(sum(bool(x) for x in v)) for k, v in pattern.items()}
+
+
+def _merge_samples(before: list[dict], after: list[dict]) -> list[dict]:
+    merged = []
+    for i, a in enumerate(after or before):
+        b = before[i] if i < len(before) else {}
+        merged.append({"prompt": a.get("prompt"), "reference": a.get("reference"),
+                       "before": b.get("generated"), "after": a.get("generated") if after else None})
+    return merged

@@ -1,0 +1,128 @@
+"""The training process: ``python -m runner.worker RUN_DIR [--resume]``.
+
+Reads ``RUN_DIR/spec.json``, runs the recipe (``runner/recipe.py``), and always ends by writing ``result.json``
+(``{"status": "completed"|"failed"|"stopped"|"cancelled", "kind", "reason", "fix", "exit_code"}``) and exiting
+with a code from ``runner/exitcodes.py``. Signals: SIGUSR1 = stop and save (checkpoint, exit 6); SIGTERM = cancel
+(exit at once). A heartbeat thread rewrites ``heartbeat.json`` every 5 s. Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from runner import exitcodes
+from runner.callbacks import Heartbeat, Progress, write_json
+from runner.errors import RunnerError
+
+#: Exit status after SIGTERM: 128 + signal number, the shell convention for "killed by signal".
+CANCEL_EXIT = 128 + signal.SIGTERM
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def write_result(run_dir: Path, status: str, code: int, kind: str | None = None, reason: str = "",
+                 fix: str = "", **extra) -> None:
+    if _is_main():
+        write_json(run_dir / "result.json", {"status": status, "kind": kind, "reason": reason, "fix": fix,
+                                             "exit_code": code, "time": time.time(), **extra})
+
+
+def _load_spec(run_dir: Path):
+    from pydantic import ValidationError
+
+    from ftadvisor.errors import format_validation_error
+    from runner.spec import RunSpec
+
+    path = run_dir / "spec.json"
+    if not path.is_file():
+        raise RunnerError(f"{path} not found", field="spec", fix="write spec.json (RunSpec) into the run folder")
+    try:
+        return RunSpec.load(path)
+    except ValidationError as exc:
+        raise RunnerError(f"spec.json is invalid: {format_validation_error(exc)}", field="spec",
+                          fix="fix the named fields of spec.json") from exc
+    except ValueError as exc:  # not JSON at all
+        raise RunnerError(f"spec.json is not valid JSON: {exc}", field="spec", fix="rewrite spec.json") from exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runner.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint-N")
+    args = parser.parse_args(argv)
+    run_dir = args.run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        from runner.distributed import redirect_rank_output
+    except ImportError:
+        redirect_rank_output = None
+    if redirect_rank_output:
+        redirect_rank_output(run_dir)
+
+    stop_flag = threading.Event()
+    progress = Progress()
+
+    def _on_usr1(signum, frame):  # stop and save: the StopOnRequest callback acts at the end of the step
+        print("worker: SIGUSR1 received, saving a checkpoint and stopping", flush=True)
+        stop_flag.set()
+
+    def _on_term(signum, frame):  # cancel: leave now, no checkpoint
+        print("worker: SIGTERM received, cancelling", flush=True)
+        try:
+            write_result(run_dir, "cancelled", CANCEL_EXIT, "cancelled", "cancelled by request (SIGTERM)",
+                         "resume the run to continue from its last checkpoint")
+        finally:
+            os._exit(CANCEL_EXIT)
+
+    signal.signal(signal.SIGUSR1, _on_usr1)
+    signal.signal(signal.SIGTERM, _on_term)
+    heartbeat = Heartbeat(run_dir / "heartbeat.json", progress).start() if _is_main() else None
+    try:
+        return _run(run_dir, args.resume, stop_flag, progress)
+    finally:
+        if heartbeat:
+            heartbeat.stop()
+
+
+def _run(run_dir: Path, resume: bool, stop_flag: threading.Event, progress: Progress) -> int:
+    try:
+        spec = _load_spec(run_dir)
+        from runner import recipe
+
+        state = recipe.run(spec, run_dir, resume=resume, stop_flag=stop_flag, progress=progress)
+    except RunnerError as exc:
+        code = exc.exit_code
+        status = "failed"
+        print(f"worker: {exc.kind}: {exc}\nfix: {exc.fix}", file=sys.stderr, flush=True)
+        write_result(run_dir, status, code, exc.kind, str(exc), exc.fix, field=exc.field)
+        return code
+    except KeyboardInterrupt:
+        write_result(run_dir, "cancelled", CANCEL_EXIT, "cancelled", "interrupted", "resume the run")
+        return CANCEL_EXIT
+    except Exception as exc:  # last resort: keep the traceback in the log, the message in result.json
+        traceback.print_exc()
+        write_result(run_dir, "failed", exitcodes.ERROR, "error", f"{type(exc).__name__}: {exc}",
+                     "see log.txt for the traceback")
+        return exitcodes.ERROR
+    if state.stopped or (stop_flag.is_set() and state.trainer is None):
+        step = state.trainer.state.global_step if state.trainer else 0
+        write_result(run_dir, "stopped", exitcodes.STOPPED, "stopped",
+                     f"stopped on request at step {step}; checkpoint-{step} saved",
+                     "resume the run to continue", step=step)
+        return exitcodes.STOPPED
+    write_result(run_dir, "completed", exitcodes.COMPLETED, None, "training completed", "",
+                 step=state.trainer.state.global_step)
+    return exitcodes.COMPLETED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
