@@ -1,0 +1,9 @@
+"""The estimator's own error type: bad input (an id, a config.json, a knob), with the field and the fix."""
+
+from __future__ import annotations
+
+from ftadvisor.errors import UserError
+
+
+class EstimatorError(UserError):
+    """A problem with what the user gave the estimator; the message names the field and the fix."""
