@@ -1,0 +1,342 @@
+"""One detached supervisor per run: waits its turn for the device, runs the worker, records how it ended.
+
+``python -m runner.supervisor --registry REGISTRY --run-id ID RUN_DIR``
+
+The job manager starts it in its own session (so it is the leader of a new process group and survives the app,
+the CLI or the terminal going away). It:
+
+1. waits in the queue: first queued run (by queue time) whose supervisor is alive, and holder of an exclusive
+   ``flock`` on ``device.lock`` next to the registry (the kernel drops the lock when its holders die, so a
+   crashed run never blocks the device);
+2. starts the worker command (``runner.distributed.launch_command``; ``--resume`` for a resumed run) in the same
+   process group, stdout and stderr appended to ``log.txt`` (a file, never a pipe), the lock fd inherited;
+3. copies the worker's heartbeat into the registry every few seconds;
+4. on SIGTERM (cancel) forwards it to every process of the run, then SIGKILL after a grace period;
+5. classifies the exit (``runner.failures``), kills anything of the run still alive, writes the final status.
+
+Every process of a run carries ``FTADVISOR_RUN_ID=<id>`` in its environment (inherited through torchrun, whose
+ranks start in sessions of their own), which is how cancel finds all of them and how "no orphans" is checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from runner.registry import ACTIVE, Registry, pid_exists
+
+RUN_ENV = "FTADVISOR_RUN_ID"
+#: Replaces the worker command (``python -m runner.worker``) when set; used by tests with a stand-in worker.
+WORKER_CMD_ENV = "FTADVISOR_WORKER_CMD"
+LOCK_FILE = "device.lock"
+#: Seconds between queue checks and between worker polls (small: the queue is a handful of rows).
+POLL_S = 0.5
+#: Seconds between heartbeat copies into the registry; the worker rewrites heartbeat.json every 5 s (contract).
+HEARTBEAT_COPY_S = 5.0
+#: Seconds a queued row without a registered supervisor is still presumed to be starting (python start-up on a
+#: loaded 2-core machine takes a few seconds; 60 s leaves a wide margin).
+LAUNCH_GRACE_S = 60.0
+
+
+def cancel_grace_s() -> float:
+    """Seconds between SIGTERM and SIGKILL on cancel. The worker exits within a step on SIGTERM; 10 s covers a
+    slow CPU step. ``FTADVISOR_CANCEL_GRACE_S`` overrides it."""
+    return float(os.environ.get("FTADVISOR_CANCEL_GRACE_S", "10"))
+
+
+# -- processes of a run -----------------------------------------------------------------------------------
+def _environ_has(pid: int, marker: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            return marker in fh.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def is_run_process(pid: int | None, run_id: str) -> bool:
+    """True when ``pid`` is alive (not a zombie) and belongs to run ``run_id``."""
+    return bool(pid) and pid_exists(pid) and _environ_has(pid, f"{RUN_ENV}={run_id}".encode())
+
+
+def run_processes(run_id: str | None = None) -> dict[str, list[int]]:
+    """Live processes of each run (or of one run), found by the environment marker. {run_id: [pid, ...]}."""
+    found: dict[str, list[int]] = {}
+    prefix = f"{RUN_ENV}=".encode()
+    me = os.getpid()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        if pid == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                env = fh.read()
+        except OSError:
+            continue
+        if prefix not in env:
+            continue
+        for item in env.split(b"\0"):
+            if item.startswith(prefix):
+                rid = item[len(prefix):].decode(errors="replace")
+                if (run_id is None or rid == run_id) and pid_exists(pid):
+                    found.setdefault(rid, []).append(pid)
+                break
+    return found
+
+
+def signal_run(run_id: str, sig: int, *, pgid: int | None = None, exclude: tuple[int, ...] = ()) -> list[int]:
+    """Send ``sig`` to the run's process group and to every process carrying its marker. Returns the pids."""
+    pids = [p for p in run_processes(run_id).get(run_id, []) if p not in exclude]
+    if pgid and pgid not in exclude and os.getpgid(0) != pgid:
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return pids
+
+
+def worker_processes(run_id: str) -> list[int]:
+    """The training processes of a run (``runner.worker``, one per rank), not the supervisor or torchrun."""
+    pids = []
+    for pid in run_processes(run_id).get(run_id, []):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"runner.worker" in cmdline and b"torch.distributed.run" not in cmdline and b"launch" not in cmdline:
+            pids.append(pid)
+    return pids
+
+
+def kill_run(run_id: str, *, grace_s: float, pgid: int | None = None, exclude: tuple[int, ...] = ()) -> bool:
+    """SIGTERM every process of the run, wait up to ``grace_s``, then SIGKILL what is left. True when none is
+    left afterwards (waits up to 5 s more for the kernel to reap them)."""
+    if not signal_run(run_id, signal.SIGTERM, pgid=pgid, exclude=exclude):
+        return True
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if not [p for p in run_processes(run_id).get(run_id, []) if p not in exclude]:
+            return True
+        time.sleep(0.1)
+    signal_run(run_id, signal.SIGKILL, pgid=pgid, exclude=exclude)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if not [p for p in run_processes(run_id).get(run_id, []) if p not in exclude]:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+# -- reconcile (shared with the job manager) ----------------------------------------------------------------
+def reconcile(registry: Registry, run_id: str, alive: bool) -> bool:
+    """Settle a queued/running row whose processes are all gone: the worker's result.json if it wrote one,
+    otherwise failed with the reason. ``alive`` is whether any process of the run exists. Returns True when
+    the row was changed. Safe against the supervisor finishing at the same moment (checked in one transaction).
+    """
+    from runner.failures import classify
+
+    if alive:
+        return False
+    with registry.transaction() as conn:
+        row = conn.execute("SELECT status, pid, queued_at, started_at, requested, heartbeat_at, step FROM runs"
+                           " WHERE id = ?", (run_id,)).fetchone()
+        if row is None or row["status"] not in ACTIVE:
+            return False
+        now = time.time()
+        if row["status"] == "queued" and row["pid"] is None and now - row["queued_at"] < LAUNCH_GRACE_S:
+            return False  # its supervisor is still starting
+        run_dir = conn.execute("SELECT output_dir FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
+        if row["status"] == "queued":
+            status, kind = ("cancelled", "cancelled") if row["requested"] == "cancel" else ("failed", "lost")
+            reason = ("cancelled while queued" if status == "cancelled" else
+                      "the run's supervisor disappeared while the run was queued (the machine rebooted?)")
+            fix = f"resume it: ftadvisor runs resume {run_id}"
+            exit_code = None
+        else:
+            outcome = classify(Path(run_dir), None, run_id=run_id, requested=row["requested"],
+                               started_at=row["started_at"])
+            status, kind, reason, fix, exit_code = (outcome.status, outcome.kind, outcome.reason, outcome.fix,
+                                                    outcome.exit_code)
+            if kind == "lost" and row["heartbeat_at"]:
+                age = now - row["heartbeat_at"]
+                reason = (f"lost heartbeat: the run's processes disappeared without a result (last heartbeat "
+                          f"{age:.0f} s ago at step {row['step']}); the host may have killed it (out of RAM?) "
+                          f"or the machine rebooted")
+        conn.execute("UPDATE runs SET status = ?, kind = ?, reason = ?, fix = ?, exit_code = ?, ended_at = ?,"
+                     " requested = NULL WHERE id = ?", (status, kind, reason, fix, exit_code, now, run_id))
+    return True
+
+
+# -- the supervisor itself ----------------------------------------------------------------------------------
+class Supervisor:
+    def __init__(self, registry: Registry, run_id: str, run_dir: Path):
+        self.registry = registry
+        self.run_id = run_id
+        self.run_dir = Path(run_dir)
+        self.cancel_requested = False
+        self.worker: subprocess.Popen | None = None
+
+    def _on_term(self, signum, frame) -> None:
+        self.cancel_requested = True
+
+    def _on_usr1(self, signum, frame) -> None:
+        pass  # SIGUSR1 ("stop and save") is for the worker, SIGHUP for terminals: the supervisor must outlive both
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_term)
+        # Handlers, not SIG_IGN: an ignored signal stays ignored in the worker after exec, a handler does not.
+        signal.signal(signal.SIGHUP, self._on_usr1)
+        signal.signal(signal.SIGUSR1, self._on_usr1)
+        self.registry.update(self.run_id, pid=os.getpid(), pgid=os.getpgid(0), only_if_status=ACTIVE)
+        lock_fd = self._wait_turn()
+        if lock_fd is None:
+            return 0
+        try:
+            returncode, started = self._run_worker(lock_fd)
+        finally:
+            os.close(lock_fd)
+        self._finish(returncode, started)
+        return 0
+
+    def _first_in_line(self) -> bool:
+        """True when no live queued run was queued before this one."""
+        now = time.time()
+        queued = self.registry.list(statuses=frozenset({"queued"}))
+        me = next((r for r in queued if r.id == self.run_id), None)
+        if me is None:
+            return False
+        for rec in queued:
+            if rec.id == self.run_id:
+                continue
+            if (rec.queued_at, rec.id) >= (me.queued_at, me.id):
+                continue
+            if rec.pid is None and now - rec.queued_at.timestamp() < LAUNCH_GRACE_S:
+                return False
+            if is_run_process(rec.pid, rec.id) or run_processes(rec.id):
+                return False
+            reconcile(self.registry, rec.id, alive=False)
+        return True
+
+    def _wait_turn(self) -> int | None:
+        fd = os.open(self.registry.path.parent / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        while True:
+            rec = self.registry.get(self.run_id)
+            if rec is None or rec.status != "queued" or self.cancel_requested or rec.requested == "cancel":
+                os.close(fd)
+                if rec is not None and rec.status == "queued":
+                    self.registry.update(self.run_id, status="cancelled", kind="cancelled", ended_at=time.time(),
+                                         reason="cancelled while queued", requested=None,
+                                         only_if_status=frozenset({"queued"}))
+                return None
+            if self._first_in_line():
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    pass
+                else:
+                    if self.registry.update(self.run_id, status="running", started_at=time.time(),
+                                            heartbeat_at=time.time(), attempts=rec.attempts + 1,
+                                            only_if_status=frozenset({"queued"})):
+                        return fd
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    continue
+            time.sleep(POLL_S)
+
+    def _command(self, resume: bool) -> list[str]:
+        from runner.spec import RunSpec
+
+        spec = RunSpec.load(self.run_dir / "spec.json")
+        override = os.environ.get(WORKER_CMD_ENV)
+        if override:  # tests: a stand-in worker that follows the same contract
+            return [*shlex.split(override), str(self.run_dir)] + (["--resume"] if resume else [])
+        try:
+            from runner.distributed import launch_command
+        except ImportError:  # the distributed module is optional for single-process runs
+            cmd = [sys.executable, "-m", "runner.worker", str(self.run_dir)]
+        else:
+            cmd = launch_command(spec, self.run_dir)
+        return cmd + (["--resume"] if resume else [])
+
+    def _run_worker(self, lock_fd: int) -> tuple[int, float]:
+        from ftadvisor.paths import REPO_ROOT
+
+        rec = self.registry.get(self.run_id)
+        started = rec.started_at.timestamp() if rec.started_at else time.time()
+        result = self.run_dir / "result.json"
+        if result.exists():  # a previous attempt's result: keep it, but out of the way
+            result.rename(self.run_dir / f"result.attempt-{max(rec.attempts - 1, 0)}.json")
+        cmd = self._command(rec.resume)
+        env = dict(os.environ, **{RUN_ENV: self.run_id, "PYTHONUNBUFFERED": "1"})
+        with open(self.run_dir / "log.txt", "ab", buffering=0) as log:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+            log.write(f"[ftadvisor] {stamp} UTC attempt {rec.attempts}: {' '.join(cmd)}\n".encode())
+            self.worker = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                           cwd=REPO_ROOT, env=env, pass_fds=(lock_fd,))
+        self.registry.update(self.run_id, worker_pid=self.worker.pid)
+        kill_at = None
+        last_beat = 0.0
+        while True:
+            try:
+                returncode = self.worker.wait(timeout=POLL_S)
+            except subprocess.TimeoutExpired:
+                returncode = None
+            if returncode is not None:
+                return returncode, started
+            if self.cancel_requested and kill_at is None:
+                signal_run(self.run_id, signal.SIGTERM, exclude=(os.getpid(),))
+                kill_at = time.monotonic() + cancel_grace_s()
+            if kill_at is not None and time.monotonic() > kill_at:
+                signal_run(self.run_id, signal.SIGKILL, exclude=(os.getpid(),))
+                kill_at = float("inf")
+            if time.monotonic() - last_beat >= HEARTBEAT_COPY_S:
+                last_beat = time.monotonic()
+                self._copy_heartbeat()
+
+    def _copy_heartbeat(self) -> None:
+        try:
+            beat = json.loads((self.run_dir / "heartbeat.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        if isinstance(beat, dict):
+            self.registry.update(self.run_id, heartbeat_at=float(beat.get("time") or time.time()),
+                                 step=beat.get("step"), max_steps=beat.get("max_steps"))
+
+    def _finish(self, returncode: int, started: float) -> None:
+        from runner.failures import classify
+
+        kill_run(self.run_id, grace_s=2.0, exclude=(os.getpid(),))  # no orphans, whatever the worker left
+        self._copy_heartbeat()
+        rec = self.registry.get(self.run_id)
+        requested = "cancel" if self.cancel_requested else rec.requested
+        outcome = classify(self.run_dir, returncode, run_id=self.run_id, requested=requested, started_at=started)
+        self.registry.update(self.run_id, status=outcome.status, kind=outcome.kind, reason=outcome.reason,
+                             fix=outcome.fix, exit_code=returncode, ended_at=time.time(), requested=None,
+                             only_if_status=frozenset({"running"}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runner.supervisor")
+    parser.add_argument("run_dir")
+    parser.add_argument("--registry", required=True)
+    parser.add_argument("--run-id", required=True)
+    args = parser.parse_args(argv)
+    return Supervisor(Registry(args.registry), args.run_id, Path(args.run_dir)).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""A stand-in for ``python -m runner.worker RUN_DIR [--resume]`` used by the job-manager tests.
+
+It follows the worker contract (contracts.md) without torch: heartbeat.json, metrics.jsonl rows, checkpoint-N/
+folders, adapter/, result.json, exit codes, SIGUSR1 = stop and save (exit 6), SIGTERM = exit promptly.
+``FAKE_STEPS`` (default 20) steps of ``FAKE_STEP_S`` (default 0.1) seconds. ``FAKE_MODE``: ``ok``; ``oom`` (exit 5
+with result.json oom_step at step 3); ``child`` (also starts a grandchild in its own session, as torchrun does
+with its ranks, to test that cancel leaves no orphans).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+run_dir = Path(sys.argv[1])
+resume = "--resume" in sys.argv
+steps = int(os.environ.get("FAKE_STEPS", "20"))
+step_s = float(os.environ.get("FAKE_STEP_S", "0.1"))
+mode = os.environ.get("FAKE_MODE", "ok")
+stop = {"flag": False}
+
+
+def result(status, kind=None, reason=None, fix=None):
+    (run_dir / "result.json").write_text(json.dumps({"status": status, "kind": kind, "reason": reason, "fix": fix}))
+
+
+signal.signal(signal.SIGUSR1, lambda s, f: stop.update(flag=True))
+signal.signal(signal.SIGTERM, lambda s, f: sys.exit(143))
+if mode == "child":
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+start = 0
+if resume:
+    ckpts = sorted(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*"))
+    start = ckpts[-1] if ckpts else 0
+    print(f"resuming from step {start}", flush=True)
+print(f"fake worker pid {os.getpid()} steps {steps}", flush=True)
+with open(run_dir / "metrics.jsonl", "a") as metrics:
+    for step in range(start + 1, steps + 1):
+        time.sleep(step_s)
+        row = {"type": "train", "step": step, "max_steps": steps, "loss": 3.0 / step, "tokens_per_s": 1000.0,
+               "eta_s": (steps - step) * step_s, "elapsed_s": step * step_s, "time": time.time()}
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+        (run_dir / "heartbeat.json").write_text(json.dumps({"pid": os.getpid(), "step": step, "max_steps": steps,
+                                                            "time": time.time()}))
+        if step % 5 == 0 or stop["flag"]:
+            (run_dir / f"checkpoint-{step}").mkdir(exist_ok=True)
+        if mode == "oom" and step == 3:
+            print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", flush=True)
+            result("failed", "oom_step", "out of memory at step 3", "lower micro_batch_size")
+            sys.exit(5)
+        if stop["flag"]:
+            result("stopped", "stopped", f"stopped and saved at step {step}", "resume it")
+            sys.exit(6)
+    metrics.write(json.dumps({"type": "eval", "step": steps, "eval_loss": 1.5}) + "\n")
+(run_dir / "adapter").mkdir(exist_ok=True)
+(run_dir / "adapter" / "adapter_model.safetensors").write_bytes(b"x" * 100)
+result("completed")
+print("done", flush=True)
