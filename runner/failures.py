@@ -172,7 +172,7 @@ def classify(run_dir: Path, returncode: int | None, *, run_id: str = "", request
                        **base)
     if returncode == 0 and (result is None or result.get("status") in (None, "completed")):
         return Outcome(status="completed", **base)
-    if result is not None and result.get("status") in ("failed", "stopped"):
+    if result is not None and result.get("status") in ("failed", "stopped", "cancelled"):
         return Outcome(status=result["status"], kind=result.get("kind"), reason=result.get("reason"),
                        fix=result.get("fix"), **base)
     if requested == "stop" and (returncode == exitcodes.STOPPED or signum is not None):

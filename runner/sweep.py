@@ -32,7 +32,7 @@ class SweepRow(BaseModel):
     status: str
     trainable_params: int | None = Field(None, description="from the run's report.json")
     final_eval_loss: float | None = Field(None, description="last eval row of metrics.jsonl (or report.json)")
-    adapter_bytes: int | None = Field(None, description="bytes of the saved adapter/ folder on disk")
+    adapter_bytes: int | None = Field(None, description="bytes on disk of adapter/*.safetensors")
     train_seconds: float | None = Field(None, description="report.json train time, else the run's wall time")
     reason: str | None = None
 
@@ -79,10 +79,11 @@ def launch_sweep(manager: JobManager, spec: RunSpec, ranks: list[int]) -> list[R
     return [manager.launch(s, sweep_id=sweep_id) for s in rank_specs(spec, ranks)]
 
 
-def _folder_bytes(folder: Path) -> int | None:
-    if not folder.is_dir():
-        return None
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+def adapter_weight_bytes(folder: Path) -> int | None:
+    """Bytes on disk of the adapter's weights (``*.safetensors`` in ``adapter/``): the part that grows with the
+    rank. The tokenizer files saved next to it are the same for every rank and are left out."""
+    files = list(folder.glob("*.safetensors")) if folder.is_dir() else []
+    return sum(p.stat().st_size for p in files) if files else None
 
 
 def _report(run_dir: Path) -> dict:
@@ -106,13 +107,15 @@ def sweep_row(manager: JobManager, rec: RunRecord) -> SweepRow:
     report = _report(run_dir)
     evals = [m["eval_loss"] for m in read_metrics(run_dir / "metrics.jsonl")
              if m.get("type") == "eval" and m.get("eval_loss") is not None]
-    eval_loss = evals[-1] if evals else _first(report, "eval_loss_after", "final_eval_loss", "eval_loss")
+    eval_loss = _first(report, "eval_loss_after", "final_eval_loss")  # the final evaluation, when reported
+    if eval_loss is None and evals:
+        eval_loss = evals[-1]
     train_s = _first(report, "train_seconds", "train_runtime", "train_s")
     if train_s is None and rec.started_at and rec.ended_at:
         train_s = (rec.ended_at - rec.started_at).total_seconds()
     return SweepRow(run_id=rec.id, rank=rec.spec.peft.r, alpha=rec.spec.peft.alpha, status=rec.status,
                     trainable_params=_first(report, "trainable_params", "trainable_parameters"),
-                    final_eval_loss=eval_loss, adapter_bytes=_folder_bytes(run_dir / "adapter"),
+                    final_eval_loss=eval_loss, adapter_bytes=adapter_weight_bytes(run_dir / "adapter"),
                     train_seconds=train_s, reason=rec.reason)
 
 

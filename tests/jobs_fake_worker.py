@@ -56,7 +56,11 @@ with open(run_dir / "metrics.jsonl", "a") as metrics:
             result("stopped", "stopped", f"stopped and saved at step {step}", "resume it")
             sys.exit(6)
     metrics.write(json.dumps({"type": "eval", "step": steps, "eval_loss": 1.5}) + "\n")
+rank = json.loads((run_dir / "spec.json").read_text())["peft"]["r"]
 (run_dir / "adapter").mkdir(exist_ok=True)
-(run_dir / "adapter" / "adapter_model.safetensors").write_bytes(b"x" * 100)
+(run_dir / "adapter" / "adapter_model.safetensors").write_bytes(b"x" * (1000 * rank))  # size grows with rank
+(run_dir / "adapter" / "tokenizer.json").write_text("{}")
+(run_dir / "report.json").write_text(json.dumps({"trainable_params": 100 * rank, "eval_loss_after": 2.0 / rank,
+                                                 "train_seconds": steps * step_s}))
 result("completed")
 print("done", flush=True)

@@ -1,0 +1,170 @@
+"""`ftadvisor run` / `ftadvisor runs` with the stand-in worker (tests/jobs_fake_worker.py); the real worker
+through the CLI is in test_jobs_real.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ftadvisor.cli import main
+from runner.supervisor import run_processes
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE_WORKER = Path(__file__).with_name("jobs_fake_worker.py")
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("FTADVISOR_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FTADVISOR_WORKER_CMD", f"{sys.executable} {FAKE_WORKER}")
+    monkeypatch.setenv("FTADVISOR_CANCEL_GRACE_S", "3")
+    monkeypatch.setenv("FAKE_STEPS", "4")
+    monkeypatch.setenv("FAKE_STEP_S", "0.05")
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "completion": "2"}) + "\n")
+    return data
+
+
+def _base(data):
+    return ["run", "--model", "tiny-model", "--method", "lora", "--dataset", str(data)]
+
+
+def test_foreground_run_prints_progress_and_exits_0(env, capsys):
+    assert main(_base(env) + ["--rank", "8", "--lr", "1e-4", "--max-steps", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "step 1/4  loss 3.0000  1,000 tok/s  ETA 0:00:00" in out  # the stand-in logs loss 3/step
+    assert "step 4/4" in out and "completed" in out
+    listed = main(["runs", "list", "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert listed == 0 and len(rows) == 1
+    row = rows[0]
+    assert {"id", "status", "method", "model", "output_dir", "created_at", "reason"} <= set(row)
+    assert row["status"] == "completed" and row["method"] == "lora"
+    spec = json.loads((Path(row["output_dir"]) / "spec.json").read_text())
+    assert spec["peft"]["r"] == 8 and spec["learning_rate"] == 1e-4 and spec["max_steps"] == 4
+
+
+def test_failed_run_exits_1_with_reason_fix_and_log(env, capsys, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", "oom")
+    assert main(_base(env)) == 1
+    err = capsys.readouterr().err
+    assert "failed: out of memory at step 3" in err and "fix: lower micro_batch_size" in err
+    assert "CUDA out of memory" in err  # the last log lines
+
+
+def test_detach_json_returns_at_once(env, capsys, monkeypatch):
+    monkeypatch.setenv("FAKE_STEPS", "10000")
+    t0 = time.monotonic()
+    assert main(_base(env) + ["--detach", "--json"]) == 0
+    assert time.monotonic() - t0 < 3
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["status"] in ("queued", "running") and rec["id"]
+    assert main(["runs", "cancel", rec["id"], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "cancelled"
+    assert not run_processes(rec["id"])
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--rank", "0"], "peft.r"),
+    (["--batch-size", "0"], "micro_batch_size"),
+    (["--strategy", "zero9"], "distribution.strategy"),
+    (["--precision", "fp8"], "precision"),
+])
+def test_bad_flags_exit_2_naming_the_field(env, capsys, argv, field):
+    assert main(_base(env) + argv) == 2
+    assert field in capsys.readouterr().err
+
+
+def test_bad_sources_exit_2(env, capsys, tmp_path):
+    assert main(["run"]) == 2
+    assert "exactly one of" in capsys.readouterr().err
+    assert main(["run", "--model", "m"]) == 2
+    assert "dataset" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "nope.json")]) == 2
+    assert "spec: no such file" in capsys.readouterr().err
+    assert main(["run", "--model", "m", "--dataset", str(tmp_path / "none.jsonl")]) == 2
+    assert "dataset.path" in capsys.readouterr().err
+    assert main(["runs", "show", "nope"]) == 2
+    assert "run_id" in capsys.readouterr().err
+
+
+def test_spec_file_with_overrides_and_distribution_flags(env, capsys, tmp_path):
+    spec = {"model": "tiny-model", "method": "lora", "dataset": {"path": str(env)}, "peft": {"r": 4}}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    assert main(["run", str(path), "--alpha", "8", "--targets", "q_proj,v_proj", "--dora",
+                 "--nproc-per-node", "1", "--strategy", "fsdp", "--offload", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    saved = json.loads((Path(rec["output_dir"]) / "spec.json").read_text())
+    assert saved["peft"]["r"] == 4 and saved["peft"]["alpha"] == 8 and saved["peft"]["use_dora"] is True
+    assert saved["peft"]["target_modules"] == ["q_proj", "v_proj"]
+    assert saved["distribution"]["strategy"] == "fsdp" and saved["distribution"]["offload"] is True
+
+
+def test_show_logs_stop_resume(env, capsys, monkeypatch):
+    monkeypatch.setenv("FAKE_STEPS", "400")
+    assert main(_base(env) + ["--detach", "--json", "--save-steps", "5"]) == 0
+    rid = json.loads(capsys.readouterr().out)["id"]
+    metrics = None
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        from runner.jobs import JobManager
+
+        metrics = JobManager().metrics(rid)
+        if len(metrics) >= 2:
+            break
+        time.sleep(0.05)
+    assert main(["runs", "stop", rid, "--wait"]) == 0
+    assert "stop: stopped" in capsys.readouterr().out
+    assert main(["runs", "show", rid]) == 0
+    shown = capsys.readouterr().out
+    assert "status:    stopped" in shown and "last:      step" in shown
+    assert main(["runs", "logs", rid, "-n", "5"]) == 0
+    assert "fake worker pid" in capsys.readouterr().out  # the stand-in prints 2 lines after the header
+    monkeypatch.setenv("FAKE_STEPS", "6")
+    assert main(["runs", "resume", rid]) == 0
+    assert "completed" in capsys.readouterr().out
+
+
+def test_sweep_command_prints_the_table(env, capsys, tmp_path):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"model": "tiny-model", "method": "lora", "dataset": {"path": str(env)}}))
+    assert main(["runs", "sweep", str(spec), "--ranks", "2,4"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if "trainable params" in line)
+    assert "trainable params" in lines[header] and "adapter size" in lines[header]
+    r2, r4 = lines[header + 1].split(), lines[header + 2].split()
+    assert r2[:3] == ["2", "4", "200"] and r4[:3] == ["4", "8", "400"]  # rank, alpha (2r), stand-in params
+    assert main(["runs", "sweep", str(spec), "--ranks", "2,x"]) == 2
+
+
+def test_ctrl_c_in_foreground_cancels_and_leaves_nothing(env, tmp_path):
+    env_vars = dict(os.environ, FAKE_STEPS="100000", FAKE_MODE="child")
+    proc = subprocess.Popen([sys.executable, "-m", "ftadvisor.cli"] + _base(env), cwd=REPO, env=env_vars,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        runs = {}
+        while time.monotonic() < deadline:
+            runs = run_processes()
+            if runs and max(len(p) for p in runs.values()) >= 3:  # supervisor, worker, grandchild
+                break
+            time.sleep(0.1)
+        assert runs, "the run never started"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "cancelled" in err
+    for rid in runs:
+        assert not run_processes(rid), "a process survived Ctrl-C"
