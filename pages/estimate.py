@@ -1,0 +1,272 @@
+"""Estimate: will this model fit, with which method, on which GPUs, for how long and at what cost.
+
+Every knob is bound to the URL query string, so the address bar is a shareable link to this estimate.
+"""
+
+import json
+
+import pandas as pd
+import streamlit as st
+from pydantic import ValidationError
+
+from estimator.request import EstimateRequest
+from ftadvisor.errors import UserError
+from ui import charts, estimates, uploads
+from ui.errors import attempt, message_of, show
+from ui.format import fmt_bytes, fmt_flops, fmt_hours, fmt_params, fmt_usd
+from ui.report import estimate_cli, estimate_csv, estimate_markdown, estimate_rows
+
+RANKS = [4, 8, 16, 32, 64, 128, 256]  # the seed's rank guide spans 4-256 ("Comparing LoRA ranks")
+SOURCES = ["Catalog", "config.json", "Local folder", "Hub id"]
+QP = "query-params"
+
+st.title("Estimate")
+st.caption("Exact parameter counts and per-GPU memory from the real architecture (meta model + traced "
+           "activations); time and cost from FLOPs. The URL holds every knob: copy it to share this estimate.")
+
+catalog = estimates.models()
+gpu_list = estimates.gpus()
+model_ids = [m.id for m in catalog]
+model_names = {m.id: m.display_name for m in catalog}
+gpu_ids = [g.id for g in gpu_list]
+gpu_by_id = {g.id: g for g in gpu_list}
+
+inputs, results = st.columns([1, 2.3], gap="large")
+
+# ---- inputs -------------------------------------------------------------------------------------------------
+with inputs:
+    st.subheader("Model")
+    source = st.segmented_control("Model from", SOURCES, default="Catalog", required=True, key="src", bind=QP)
+    model_ref = None
+    model_box = st.container()
+    if source == "Catalog":
+        default_model = "llama-3.1-8b" if "llama-3.1-8b" in model_ids else (model_ids[0] if model_ids else None)
+        model_ref = st.selectbox("Catalog model (type to search)", model_ids,
+                                 index=model_ids.index(default_model) if default_model else 0,
+                                 format_func=lambda i: f"{model_names.get(i, i)}  ·  {i}", key="model", bind=QP)
+    elif source == "config.json":
+        up = st.file_uploader("Hugging Face config.json", type=["json"], key="config_upload",
+                              max_upload_size=1)
+        if up is not None:
+            path, _ = attempt(uploads.save_config_upload, up.getvalue(), where=model_box)
+            model_ref = str(path) if path else None
+        st.caption("An uploaded config is not part of the shareable link; use a catalog id for that.")
+    elif source == "Local folder":
+        model_ref = st.text_input("Path to a model folder or config.json", key="path", bind=QP,
+                                  placeholder="/models/my-llama") or None
+    else:
+        model_ref = st.text_input("Hub id (needs network)", key="hub", bind=QP,
+                                  placeholder="meta-llama/Llama-3.1-8B") or None
+        st.caption("Offline, the estimator says so and suggests close catalog matches.")
+
+    st.subheader("Method")
+    method = st.segmented_control("Method", list(estimates.METHODS), default="lora", required=True, key="method",
+                                  bind=QP, format_func=estimates.METHOD_LABELS.get)
+    is_adapter = method != "full"
+    with st.container(border=True):
+        c1, c2 = st.columns(2)
+        rank = c1.select_slider("LoRA rank r", RANKS + [512, 1024], value=16, key="r", bind=QP,
+                                disabled=not is_adapter)
+        alpha = c2.number_input("alpha (0 = 2 x r)", min_value=0.0, value=0.0, step=1.0, key="alpha", bind=QP,
+                                disabled=not is_adapter)
+        targets = st.selectbox("Target modules", ["attention-qv", "attention", "all-linear"], key="targets",
+                               bind=QP, disabled=not is_adapter,
+                               help="attention-qv: q and v projections (the LoRA paper); all-linear: every Linear")
+        c1, c2 = st.columns(2)
+        dora = c1.toggle("DoRA", key="dora", bind=QP, disabled=not is_adapter)
+        rslora = c2.toggle("rsLoRA", key="rslora", bind=QP, disabled=not is_adapter)
+
+    st.subheader("Training step")
+    c1, c2 = st.columns(2)
+    dtype = c1.selectbox("Precision", ["bf16", "fp16", "fp32"], key="dtype", bind=QP)
+    optimizer = c2.selectbox("Optimizer", ["adamw", "adamw-8bit", "paged-adamw-8bit", "sgd", "adafactor"],
+                             key="opt", bind=QP)
+    c1, c2 = st.columns(2)
+    batch = c1.number_input("Micro-batch per GPU", min_value=1, max_value=4096, value=1, key="batch", bind=QP)
+    seq_len = c2.number_input("Sequence length (tokens)", min_value=1, max_value=1_048_576, value=512, step=128,
+                              key="seq", bind=QP)
+    c1, c2 = st.columns(2)
+    grad_ckpt = c1.toggle("Gradient checkpointing", key="gc", bind=QP)
+    attention = c2.selectbox("Attention", ["sdpa", "eager"], key="attn", bind=QP)
+
+    st.subheader("Hardware")
+    default_gpu = "a100-80gb" if "a100-80gb" in gpu_ids else (gpu_ids[0] if gpu_ids else None)
+    gpu_id = st.selectbox("GPU", gpu_ids, index=gpu_ids.index(default_gpu) if default_gpu else 0, key="gpu",
+                          bind=QP, format_func=lambda g: f"{gpu_by_id[g].name} ({fmt_bytes(gpu_by_id[g].memory_bytes)})")
+    c1, c2 = st.columns(2)
+    num_gpus = c1.number_input("GPUs", min_value=1, max_value=65536, value=1, key="n", bind=QP)
+    sharding = c2.selectbox("Sharding", ["none", "ddp", "zero1", "zero2", "zero3", "fsdp"], key="shard", bind=QP,
+                            help="With more than one GPU, 'none' means plain data parallel (ddp).")
+    offload = st.toggle("CPU offload (optimizer states; ZeRO-3/FSDP also parameters)", key="offload", bind=QP)
+
+    st.subheader("Data, time and cost")
+    c1, c2, c3 = st.columns(3)
+    examples = c1.number_input("Examples", min_value=1, value=10_000, step=1000, key="examples", bind=QP)
+    tokens_per_example = c2.number_input("Tokens / example", min_value=1, value=512, step=64, key="tpe", bind=QP)
+    epochs = c3.number_input("Epochs", min_value=0.1, max_value=1000.0, value=3.0, step=1.0, key="epochs", bind=QP)
+    c1, c2 = st.columns(2)
+    mfu = c1.number_input("MFU (0 = the GPU's default)", min_value=0.0, max_value=1.0, value=0.0, step=0.05,
+                          key="mfu", bind=QP, help="Model FLOPs utilisation: share of the GPU's peak FLOP/s reached")
+    price = c2.number_input("USD per GPU-hour (0 = catalog price)", min_value=0.0, value=0.0, step=0.1,
+                            key="price", bind=QP)
+
+# ---- the request ----------------------------------------------------------------------------------------------
+fields = dict(model=model_ref, method=method, rank=rank, alpha=alpha or None, targets=targets, dora=dora,
+              rslora=rslora, dtype=dtype, optimizer=optimizer, batch_size=batch, seq_len=seq_len,
+              grad_checkpointing=grad_ckpt, attention=attention, gpu=gpu_id, num_gpus=num_gpus, sharding=sharding,
+              offload=offload, examples=examples, tokens_per_example=tokens_per_example, epochs=epochs,
+              mfu=mfu or None, price=price or None)
+
+with results:
+    if not model_ref:
+        st.info("Choose a model on the left.")
+        st.stop()
+    req, err = attempt(EstimateRequest, **fields)
+    if err:
+        st.stop()
+    with st.spinner("Building the meta model and tracing one training step..."):
+        est, err = attempt(estimates.estimate, req)
+    if err:
+        st.stop()
+
+    mem = est.memory
+    st.subheader(f"{est.model.display_name} · {estimates.METHOD_LABELS[est.method]} · "
+                 f"{est.gpu.count} x {est.gpu.name}")
+    m1, m2, m3, m4, m5 = st.columns(5)
+    m1.metric("Peak per GPU", fmt_bytes(mem.peak_bytes), help=f"Peak phase: {mem.peak_phase}")
+    m2.metric("GPU memory", fmt_bytes(est.gpu.memory_bytes))
+    m3.metric("Parameters", fmt_params(est.model.total_params))
+    m4.metric("Trainable", fmt_params(est.model.trainable_params))
+    m5.metric("Cost", fmt_usd(est.compute.cost_usd) if est.compute else "-",
+              help="GPU-hours x price per GPU-hour")
+    if est.fits:
+        st.success(f"Fits: peak {fmt_bytes(mem.peak_bytes)} of {fmt_bytes(est.gpu.memory_bytes)} per GPU "
+                   f"(peak during {mem.peak_phase}).", icon=":material/check_circle:")
+    else:
+        hint = ""
+        more, _ = attempt(estimates.smallest_gpu_count, req.model_copy(update={"sharding": "zero3"}))
+        if more:
+            hint = f" With ZeRO-3 it needs {more} x {est.gpu.name}."
+        st.error(f"Does not fit: peak {fmt_bytes(mem.peak_bytes)} > {fmt_bytes(est.gpu.memory_bytes)} per GPU "
+                 f"(peak during {mem.peak_phase}).{hint} Try QLoRA, gradient checkpointing, a smaller "
+                 "micro-batch or more GPUs with sharding.", icon=":material/block:")
+
+    tab_names = ["Memory", "Parameters", "Time and cost", "Which GPUs fit", "Ranks", "Storage", "Download"]
+    tabs = st.tabs(tab_names, key="tab", on_change="rerun")
+    t_mem, t_par, t_time, t_fit, t_rank, t_store, t_dl = tabs
+
+    def is_open(tab) -> bool:
+        return tab.open is not False  # None when state tracking is off (AppTest before a click): render all
+
+    if is_open(t_mem):
+        with t_mem:
+            columns, failures = {}, {}
+            for m in estimates.METHODS:
+                try:
+                    e = est if m == est.method else estimates.estimate(estimates.for_method(req, m))
+                except (UserError, ValidationError) as exc:
+                    failures[m] = message_of(exc)
+                    continue
+                columns[estimates.METHOD_LABELS[m]] = e.memory.model_dump()
+            st.plotly_chart(charts.memory_bars(columns, est.gpu.memory_bytes, est.gpu.name), key="mem_chart")
+            for m, msg in failures.items():
+                st.warning(f"{estimates.METHOD_LABELS[m]}: {msg}")
+            rows = [{"part": k, "per GPU": fmt_bytes(v), "bytes": v} for k, v in estimate_rows(est)
+                    if k.startswith("memory.") and isinstance(v, int)]
+            st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+            for note in getattr(est, "notes", []) or []:
+                st.caption(f"· {note}")
+
+    if is_open(t_par):
+        with t_par:
+            b = est.model.breakdown
+            parts = [(k, getattr(b, k)) for k in ("embeddings", "attention", "mlp", "norms", "head", "other")]
+            df = pd.DataFrame([{"part": k, "parameters": v, "share": v / max(b.total, 1)} for k, v in parts])
+            st.dataframe(df, hide_index=True, width="stretch",
+                         column_config={"share": st.column_config.ProgressColumn("share", min_value=0, max_value=1,
+                                                                                format="percent")})
+            st.write(f"Total **{b.total:,}** parameters; **{est.model.trainable_params:,}** trainable with "
+                     f"{estimates.METHOD_LABELS[est.method]}"
+                     + (f"; **{b.active:,}** active per token (MoE)." if b.active and b.active != b.total else "."))
+            if est.adapter_bytes:
+                st.write(f"Adapter file: **{fmt_bytes(est.adapter_bytes)}**; full checkpoint: "
+                         f"**{fmt_bytes(est.checkpoint_bytes)}**.")
+
+    if is_open(t_time):
+        with t_time:
+            c = est.compute
+            if c is None or c.hours is None:
+                st.info("Give examples and tokens per example to get time and cost.")
+            else:
+                k1, k2, k3, k4 = st.columns(4)
+                k1.metric("Wall-clock", fmt_hours(c.hours))
+                k2.metric("GPU-hours", f"{c.gpu_hours:,.1f}")
+                k3.metric("Cost", fmt_usd(c.cost_usd))
+                k4.metric("Training FLOPs", fmt_flops(c.flops))
+                st.caption(f"{c.tokens:,} tokens at MFU {c.mfu:.0%} of the GPU's peak, "
+                           f"${c.price_usd_per_hour:.2f} per GPU-hour.")
+
+    if is_open(t_fit):
+        with t_fit:
+            with st.spinner("Estimating every catalog GPU for each method..."):
+                grid = {}
+                for m in estimates.METHODS:
+                    fit, err = attempt(estimates.fitting, estimates.for_method(req, m))
+                    for gid, e in fit or []:
+                        grid.setdefault(gid, {})[estimates.METHOD_LABELS[m]] = (
+                            f"{'fits' if e.fits else 'no'} · {fmt_bytes(e.memory.peak_bytes)}")
+            df = pd.DataFrame([{"GPU": gpu_by_id[g].name if g in gpu_by_id else g,
+                                "memory": fmt_bytes(gpu_by_id[g].memory_bytes) if g in gpu_by_id else "", **cells}
+                               for g, cells in grid.items()])
+            st.caption(f"{num_gpus} GPU(s) each, sharding '{req.sharding}', the knobs on the left.")
+            st.dataframe(df, hide_index=True, width="stretch")
+
+    if is_open(t_rank):
+        with t_rank:
+            if not is_adapter:
+                st.info("Rank matters for LoRA and QLoRA; pick one of them.")
+            else:
+                pts = []
+                with st.spinner("Estimating each rank..."):
+                    for r in RANKS:
+                        e, err = attempt(estimates.estimate, req.model_copy(update={"rank": r, "alpha": None}))
+                        if e is not None:
+                            pts.append((r, e.memory.peak_bytes, e.adapter_bytes or 0, e.model.trainable_params))
+                if pts:
+                    st.plotly_chart(charts.rank_lines([p[0] for p in pts], [p[1] for p in pts],
+                                                      [p[2] for p in pts], est.gpu.memory_bytes), key="rank_chart")
+                    st.dataframe(pd.DataFrame([{"rank": r, "peak per GPU": fmt_bytes(pk), "adapter": fmt_bytes(ab),
+                                                "trainable": f"{tp:,}"} for r, pk, ab, tp in pts]),
+                                 hide_index=True, width="stretch")
+
+    if is_open(t_store):
+        with t_store:
+            from estimator import storage_for_tasks
+
+            n_tasks = st.number_input("Tasks (one fine-tuned variant each)", min_value=1, max_value=10_000,
+                                      value=10, key="tasks", bind=QP)
+            s, err = attempt(storage_for_tasks, est, int(n_tasks))
+            if s:
+                st.dataframe(pd.DataFrame([{"what": k, "value": fmt_bytes(v) if "bytes" in k else v}
+                                           for k, v in s.items()]), hide_index=True, width="stretch")
+                ns = sorted({1, max(1, n_tasks // 4), max(1, n_tasks // 2), n_tasks})
+                per = [storage_for_tasks(est, n) for n in ns]
+                full_key = next((k for k in per[0] if "full" in k and "bytes" in k), None)
+                adapt_key = next((k for k in per[0] if ("adapter" in k or "base" in k) and "bytes" in k
+                                  and k != full_key), None)
+                if full_key and adapt_key:
+                    st.plotly_chart(charts.storage_lines(ns, [p[full_key] for p in per], [p[adapt_key] for p in per]),
+                                    key="storage_chart")
+
+    if is_open(t_dl):
+        with t_dl:
+            data = est.to_json()
+            c1, c2, c3 = st.columns(3)
+            c1.download_button("JSON", json.dumps(data, indent=2), file_name="estimate.json",
+                               mime="application/json", icon=":material/download:")
+            c2.download_button("CSV", estimate_csv(est), file_name="estimate.csv", mime="text/csv",
+                               icon=":material/download:")
+            c3.download_button("Markdown", estimate_markdown(est), file_name="estimate.md", mime="text/markdown",
+                               icon=":material/download:")
+            st.caption("The same estimate from a terminal:")
+            st.code(estimate_cli(req), language="bash")

@@ -1,0 +1,85 @@
+"""Cached calls into the estimator for the pages (Streamlit caching lives here, the figures in `estimator`).
+
+Each cache is keyed by the request's JSON (a hashable, canonical string), so the same knobs return at once.
+Errors are not cached: Streamlit re-raises them and the next call tries again.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from estimator.request import EstimateRequest
+
+METHODS = ("full", "lora", "qlora")
+METHOD_LABELS = {"full": "Full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
+CACHE_ENTRIES = 2048  # estimates are a few KiB each; this keeps a long session's knob history
+
+
+@st.cache_data(show_spinner=False)
+def models():
+    """Catalog models (ModelEntry list, sorted)."""
+    from estimator.catalog import list_models
+
+    return list_models()
+
+
+@st.cache_data(show_spinner=False)
+def gpus():
+    """Catalog GPUs (GPU list)."""
+    from estimator.catalog import list_gpus
+
+    return list_gpus()
+
+
+@st.cache_data(show_spinner=False, max_entries=CACHE_ENTRIES)
+def _estimate(req_json: str):
+    from estimator import estimate
+
+    return estimate(EstimateRequest.model_validate_json(req_json))
+
+
+def estimate(req: EstimateRequest):
+    """The estimator's Estimate for ``req``, cached per request."""
+    return _estimate(req.model_dump_json())
+
+
+def for_method(req: EstimateRequest, method: str):
+    """The same request with another method (full / lora / qlora)."""
+    return req.model_copy(update={"method": method})
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _fitting(req_json: str):
+    from estimator import fitting_gpus
+
+    return fitting_gpus(EstimateRequest.model_validate_json(req_json))
+
+
+def fitting(req: EstimateRequest):
+    """[(gpu_id, Estimate)] for every catalog GPU with the request's other knobs."""
+    return _fitting(req.model_dump_json())
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _min_gpus(req_json: str):
+    from estimator import min_gpus
+
+    return min_gpus(EstimateRequest.model_validate_json(req_json))
+
+
+def smallest_gpu_count(req: EstimateRequest):
+    """Smallest GPU count that fits (None when no count does)."""
+    return _min_gpus(req.model_dump_json())
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _limits(req_json: str) -> tuple[int, int]:
+    from estimator import max_batch_size, max_seq_len
+
+    req = EstimateRequest.model_validate_json(req_json)
+    return max_batch_size(req), max_seq_len(req)
+
+
+def limits(req: EstimateRequest) -> tuple[int, int]:
+    """(largest micro-batch, largest sequence length) that fit the request's GPU."""
+    return _limits(req.model_dump_json())
