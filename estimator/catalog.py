@@ -79,6 +79,7 @@ class ModelEntry(BaseModel):
     hub_id: str | None = Field(None, description="Hugging Face hub id")
     source: Literal["catalog", "path", "hub"] = Field(description="where the entry came from")
     params_source: str | None = Field(None, description="where published_params comes from")
+    published_params_exact: bool = Field(True, description="False when the published figure is rounded (GPT-3)")
 
     @property
     def config_key(self) -> str:
@@ -235,6 +236,7 @@ def _catalog() -> dict[str, ModelEntry]:
             hub_id=facts.get("hub_id"),
             source="catalog",
             params_source=facts.get("source"),
+            published_params_exact=not facts.get("published_params_rounded", False),
         )
     return entries
 
