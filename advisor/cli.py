@@ -118,7 +118,9 @@ def _gib(n) -> str:
 
 
 def _usd(x) -> str:
-    return "?" if x is None else (f"${x:,.2f}" if x < 100 else f"${x:,.0f}")
+    if x is None:
+        return "?"
+    return f"${x:.4f}" if 0 < x < 0.01 else (f"${x:,.2f}" if x < 100 else f"${x:,.0f}")
 
 
 def _hours(h) -> str:
@@ -163,12 +165,11 @@ def format_recommendation(rec) -> str:
     lines.append("")
 
     lines.append("Why, step by step:")
-    for i, r in enumerate(rec.reasons, 1):
+    steps = [r for r in rec.reasons if r.kind != "conflict"]  # conflicts are listed with the warnings
+    for i, r in enumerate(steps, 1):
         where = f" [seed: {r.section}]" if r.section else ""
         if r.kind == "physics":
             lines.append(f"  {i:2d}. {r.question} -> {r.answer} ({r.effect}){where}")
-        elif r.kind == "conflict":
-            lines.append(f"  {i:2d}. {r.effect}")
         else:
             lines.append(f"  {i:2d}. {r.question} [{r.answer}] -> {r.effect} (rule {r.rule}){where}")
     lines.append("")

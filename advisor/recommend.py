@@ -197,7 +197,9 @@ def _gib(n: float | None) -> str:
 
 
 def _usd(x: float | None) -> str:
-    return "?" if x is None else (f"${x:,.2f}" if x < 100 else f"${x:,.0f}")
+    if x is None:
+        return "?"
+    return f"${x:.4f}" if 0 < x < 0.01 else (f"${x:,.2f}" if x < 100 else f"${x:,.0f}")
 
 
 def model_total_params(entry) -> int:
@@ -452,10 +454,10 @@ def recommend(answers: Answers | dict[str, Any]) -> Recommendation:
     reasons += ladder_reasons
 
     # 4. warnings: rule warnings on the final configuration, conflicts, physics trade-offs
-    final_facts = dict(facts, **settings[method].values, rank=s["rank"] or 0,
-                       target_modules=s["target_modules"] or "")
+    final_facts = {**facts, **settings[method].values, "rank": s["rank"] or 0,
+                   "target_modules": s["target_modules"] or ""}
     warnings += [w.message for w in warnings_for(final_facts, method, book)]
-    conflict_reasons, conflict_warnings = _conflicts(nodes, method_rule, method, wanted, tried, answers)
+    conflict_reasons, conflict_warnings = _conflicts(nodes, method_rule, method, wanted, tried, answers, chosen)
     reasons += conflict_reasons
     warnings += conflict_warnings
     if gpu is not None and not gpu.bf16_support:
@@ -525,7 +527,7 @@ def _ladder_reasons(book: RuleBook, tried: list[Candidate], chosen: Candidate | 
 
 
 def _conflicts(nodes: list[TreeNode], method_rule, method: str, wanted: str, tried: list[Candidate],
-               answers: Answers) -> tuple[list[Reason], list[str]]:
+               answers: Answers, chosen: Candidate | None = None) -> tuple[list[Reason], list[str]]:
     """Questions of the tree that lean away from the final method, and physics overriding the rules."""
     reasons, warnings = [], []
     family = {"full": {"full"}, "lora": {"lora", "qlora"}, "qlora": {"lora", "qlora"}}
@@ -535,6 +537,8 @@ def _conflicts(nodes: list[TreeNode], method_rule, method: str, wanted: str, tri
                     f"but {method} was chosen")
             if method == wanted:
                 text += f" because rule {method_rule.id} ({method_rule.because}) comes first"
+                if chosen is not None:
+                    text += f"; the estimate backs it: {chosen.verdict}"
             else:
                 text += " because the estimator's figures ruled out the methods above it"
             reasons.append(Reason(kind="conflict", question=node.question, answer=node.answer, rule=node.rule or "",
@@ -587,11 +591,14 @@ def _alternatives(ctx: _Context, method: str, wanted: str, tried: list[Candidate
             why = cand.verdict
         elif not cand.fits or not cand.within_budget:
             why = "rejected: " + cand.verdict
+            if not cand.fits:
+                why += _lightest_note(ctx, m, s, gpu, count)
         elif LADDER_METHODS.index(m) < LADDER_METHODS.index(wanted):
             why = f"fits ({cand.verdict}), but the rules did not ask for it: {_rules_prefer(wanted, ctx)}"
         elif LADDER_METHODS.index(m) > LADDER_METHODS.index(method):
-            why = (f"also fits ({cand.verdict}), but {method} fits too and is higher on the ladder "
-                   f"(less quantization, better quality)")
+            why = (f"also fits ({cand.verdict}), but {method} "
+                   + ("is what the rules want, and it fits" if method == wanted else
+                      "fits too and is higher on the ladder (fewer trade-offs in quality)"))
         else:
             why = f"fits ({cand.verdict}), but the ladder stopped at {method}"
         out.append(Alternative(
@@ -600,6 +607,20 @@ def _alternatives(ctx: _Context, method: str, wanted: str, tried: list[Candidate
             cost_usd=cand.cost_usd, hours=cand.hours, storage_bytes=storage, why_not=why,
         ))
     return out
+
+
+def _lightest_note(ctx: _Context, method: str, s: dict[str, Any], gpu, count: int) -> str:
+    """Would the method fit with every memory saver (checkpointing, micro-batch 1, ZeRO-3 on several GPUs)?"""
+    light = dict(s, gradient_checkpointing=True, micro_batch_size=1,
+                 gradient_accumulation_steps=s["gradient_accumulation_steps"] * s["micro_batch_size"])
+    if count > 1:
+        light["sharding"] = SHARDED
+    cand, _ = _evaluate(ctx, "l_micro_batch", method, light, gpu, count)
+    if cand.ok:
+        return (f"; with gradient checkpointing and micro-batch 1{' and ZeRO-3' if count > 1 else ''} it would fit "
+                f"({_gib(cand.peak_bytes)}, {_usd(cand.cost_usd)}), but the ladder changes the method before it "
+                f"trades compute for memory")
+    return ""
 
 
 def _rules_prefer(wanted: str, ctx: _Context) -> str:
@@ -677,17 +698,18 @@ def _what_would_fit(ctx: _Context, cand: Candidate) -> list[str]:
     out = []
     req = EstimateRequest.model_validate(cand.request)
     try:
-        n = min_gpus(req.model_copy(update={"sharding": SHARDED, "num_gpus": max(req.num_gpus, 2)}))
+        n = min_gpus(EstimateRequest.model_validate(
+            dict(cand.request, sharding=SHARDED, num_gpus=max(req.num_gpus, 2))))
     except EstimatorError:
         n = None
     gpu = get_gpu(req.gpu)
-    if n:
+    if n and n > req.num_gpus:
         out.append(f"{n}x {gpu.name} with ZeRO-3 for {cand.method}")
     for other in list_gpus():
         if other.memory_bytes <= gpu.memory_bytes:
             continue
         try:
-            est = estimate(req.model_copy(update={"gpu": other.id, "dtype": _dtype_for(other)}))
+            est = estimate(EstimateRequest.model_validate(dict(cand.request, gpu=other.id, dtype=_dtype_for(other))))
         except EstimatorError:
             continue
         if est.fits:
