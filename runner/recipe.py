@@ -319,8 +319,8 @@ def _peft_config(r: Run, model):
     if p.variant == "adalora":
         if p.use_dora:
             raise RunnerError("AdaLoRA cannot be combined with DoRA", field="peft.use_dora", fix="turn off use_dora")
-        if p.adalora_target_r > p.r:
-            raise RunnerError(f"adalora_target_r ({p.adalora_target_r}) must not exceed the initial rank r ({p.r})",
+        if p.adalora_target_r >= p.r:  # equal ranks leave nothing to prune (peft fails in kthvalue)
+            raise RunnerError(f"adalora_target_r ({p.adalora_target_r}) must be below the initial rank r ({p.r})",
                               field="peft.adalora_target_r", fix="lower adalora_target_r or raise r")
         # Schedule from the AdaLoRA paper (Zhang et al. 2023): warm up 10% of steps at full rank, prune until
         # the last 20%, then keep the final allocation. deltaT=1: reallocate every step (peft's default is 1).

@@ -1,0 +1,33 @@
+"""The offline demo run (``ftadvisor run --demo``): LoRA on SmolLM2-135M-Instruct with the shipped sentiment set.
+
+The base model answers "The sentiment of this review is negative." where the dataset wants the single word
+``negative``, so exact match on the held-out file starts at 0% (measured: 0/40) and rises after a few minutes
+of LoRA training on CPU. The data is made by ``data/datasets/make_demo_sentiment.py`` (deterministic).
+"""
+
+from __future__ import annotations
+
+from ftadvisor.paths import DATA_DIR
+from runner.models import DEMO_MODEL_ID
+from runner.spec import DatasetSpec, PeftSettings, RunSpec
+
+DEMO_TRAIN = DATA_DIR / "datasets" / "demo_sentiment.jsonl"
+DEMO_EVAL = DATA_DIR / "datasets" / "demo_sentiment_eval.jsonl"
+
+#: Demo settings, chosen by running it on 2 CPU cores: 40 steps of batch 8 (320 rows = one epoch) take a few
+#: minutes and bring held-out exact match from 0% to most rows. lr 1e-3 is high for LoRA but the task is tiny.
+DEMO_DEFAULTS = dict(
+    name="demo: SmolLM2-135M sentiment (LoRA)", model=DEMO_MODEL_ID, method="lora",
+    peft=PeftSettings(r=8, alpha=16, dropout=0.0, target_modules="attention"),
+    learning_rate=1e-3, lr_scheduler="linear", warmup_ratio=0.05, max_steps=40, micro_batch_size=8,
+    gradient_accumulation_steps=1, seq_len=128, precision="fp32", save_steps=20, save_total_limit=2,
+    logging_steps=1, seed=42, device="auto",
+)
+
+
+def demo_spec(**overrides) -> RunSpec:
+    """The demo RunSpec; keyword overrides replace top-level fields (e.g. ``max_steps=5, output_dir=...``)."""
+    fields = dict(DEMO_DEFAULTS)
+    fields["dataset"] = DatasetSpec(path=str(DEMO_TRAIN), eval_path=str(DEMO_EVAL), format="messages")
+    fields.update(overrides)
+    return RunSpec(**fields)
