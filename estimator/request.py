@@ -36,6 +36,8 @@ class EstimateRequest(BaseModel):
     dora: bool = Field(False, description="DoRA: adds a magnitude vector per adapted Linear")
     rslora: bool = Field(False, description="rank-stabilized LoRA scaling (alpha / sqrt(r))")
     adalora: bool = Field(False, description="AdaLoRA adapters (SVD-form, rank budget reallocated)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="lora_dropout (the run spec's default 0.05); "
+                           "dropout keeps its mask and output as activations")
     dtype: DType = Field("bf16", description="compute dtype of the run")
     optimizer: Optimizer = Field("adamw", description="optimizer whose states are counted")
     batch_size: int = Field(1, ge=1, le=MAX_BATCH, description="micro-batch per GPU (sequences)")

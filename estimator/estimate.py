@@ -1,0 +1,552 @@
+"""``estimate(request) -> Estimate``: parameters, per-GPU memory of one training step, time, cost, storage.
+
+Pure computation (no printing): ``estimator/cli.py`` and the app pages format the result. Every assumption
+is written into ``Estimate.notes``. Results are cached per request (in memory), traces also on disk.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from estimator.compute import ComputeInfo, compute_info, formula_flops_per_token
+from estimator.errors import EstimatorError
+from estimator.memory import Inventory, StepMemory, TensorInfo, formula_activations, step_memory
+from estimator.request import EstimateRequest
+
+# --------------------------------------------------------------------------------------------- result types
+
+
+class ModelInfo(BaseModel):
+    id: str
+    display_name: str
+    total_params: int = Field(description="all parameters, tied ones once")
+    trainable_params: int
+    active_params: int = Field(description="parameters used per token (MoE: top-k experts)")
+    breakdown: Any = Field(description="ParamBreakdown by part (embeddings, attention, mlp, norms, head, other)")
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    model_type: str
+    published_params: int | None = None
+
+
+class MemoryBreakdown(BaseModel):
+    """Per-GPU bytes of one steady-state training step."""
+
+    weights_bytes: int = Field(description="weights on the GPU, adapter weights included")
+    gradients_bytes: int = Field(description="gradients alive at the optimizer step")
+    optimizer_bytes: int = Field(description="optimizer states on the GPU")
+    activations_bytes: int = Field(description="held at the end of the forward pass (loss included)")
+    overhead_bytes: int = Field(description="CUDA context + allocator (+ NCCL buffers, DDP buckets)")
+    optimizer_temp_bytes: int = Field(0, description="temporaries of the optimizer step")
+    gathered_bytes: int = Field(0, description="ZeRO-3/FSDP unsharded layers")
+    offloaded_bytes: int = Field(0, description="kept in CPU memory by offload")
+    peak_bytes: int = Field(description="peak of the step (overhead included)")
+    peak_phase: str = Field(description="forward/loss end | backward | optimizer step")
+    phase_peaks: dict[str, int] = Field(default_factory=dict)
+    activation_source: str = Field(description="traced | formula")
+    method_note: str = ""
+
+
+class GPUInfo(BaseModel):
+    id: str
+    name: str
+    count: int
+    memory_bytes: int
+    bf16_support: bool
+    price_usd_per_hour: float
+
+
+class StorageInfo(BaseModel):
+    """Bytes on disk per task: a full checkpoint (weights as trained, fp32) vs an adapter."""
+
+    checkpoint_bytes: int = Field(description="a full fine-tuned model's weights as saved (safetensors payload)")
+    adapter_bytes: int | None = Field(None, description="adapter_model.safetensors (LoRA/QLoRA)")
+    base_bytes: int = Field(description="the base model in 16-bit, shared by every adapter")
+
+
+class Estimate(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    request: EstimateRequest
+    model: ModelInfo
+    method: str
+    memory: MemoryBreakdown
+    gpu: GPUInfo
+    fits: bool
+    adapter_bytes: int | None
+    checkpoint_bytes: int
+    compute: ComputeInfo
+    storage: StorageInfo
+    notes: list[str]
+    trace_seconds: float | None = None
+
+    def to_json(self) -> dict:
+        """The CLI's ``--json`` object (per-GPU bytes)."""
+        c = self.compute
+        return {
+            "model.id": self.model.id,
+            "model.display_name": self.model.display_name,
+            "model.total_params": self.model.total_params,
+            "model.trainable_params": self.model.trainable_params,
+            "method": self.method,
+            "memory.weights_bytes": self.memory.weights_bytes,
+            "memory.gradients_bytes": self.memory.gradients_bytes,
+            "memory.optimizer_bytes": self.memory.optimizer_bytes,
+            "memory.activations_bytes": self.memory.activations_bytes,
+            "memory.overhead_bytes": self.memory.overhead_bytes,
+            "memory.optimizer_temp_bytes": self.memory.optimizer_temp_bytes,
+            "memory.gathered_bytes": self.memory.gathered_bytes,
+            "memory.peak_bytes": self.memory.peak_bytes,
+            "memory.peak_phase": self.memory.peak_phase,
+            "memory.activation_source": self.memory.activation_source,
+            "gpu.id": self.gpu.id,
+            "gpu.count": self.gpu.count,
+            "gpu.memory_bytes": self.gpu.memory_bytes,
+            "fits": self.fits,
+            "adapter_bytes": self.adapter_bytes,
+            "checkpoint_bytes": self.checkpoint_bytes,
+            "compute.flops_per_token": c.flops_per_token,
+            "compute.tokens": c.tokens,
+            "compute.flops": c.flops,
+            "compute.mfu": c.mfu,
+            "compute.hours": c.hours,
+            "compute.gpu_hours": c.gpu_hours,
+            "compute.cost_usd": c.cost_usd,
+            "sharding": self.request.sharding,
+            "notes": list(self.notes),
+        }
+
+
+# ------------------------------------------------------------------------------------------ inventory
+
+
+_LAYER_RE = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
+
+
+def _layer_of(name: str) -> int | None:
+    m = _LAYER_RE.search("." + name)
+    return int(m.group(1)) if m else None
+
+
+def _matches(name: str, targets: list[str]) -> bool:
+    """peft's rule for a list of target names: the module name equals one or ends with ``.`` + one."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _build_inventory(entry, req: EstimateRequest) -> tuple[Inventory, Any, list[str]]:
+    """Every parameter as trained: base (frozen or not, NF4 for QLoRA) + adapter tensors, from the meta model.
+
+    Adapter shapes follow peft's LoRA layer (``lora_A``: r x in, ``lora_B``: out x r, DoRA magnitude: out);
+    ``tests/test_estimate.py`` checks the count against ``params.count_adapter`` (the real peft on meta).
+    """
+    import torch.nn as nn
+    from transformers.pytorch_utils import Conv1D
+
+    from estimator.params import build_meta_model, resolve_targets
+
+    model = build_meta_model(entry)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    targets: list[str] = []
+    if req.method != "full":
+        targets = resolve_targets(model, req.targets if isinstance(req.targets, str) else list(req.targets))
+    tensors: list[TensorInfo] = []
+    seen: set[int] = set()
+    trainable_base = req.method == "full"
+    for mod_name, module in model.named_modules():
+        is_linear = isinstance(module, (nn.Linear, Conv1D)) and module is not head and bool(mod_name)
+        for p_name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            quant = req.method == "qlora" and is_linear and p_name == "weight"
+            tensors.append(TensorInfo(name=full, shape=tuple(p.shape), trainable=trainable_base, quantized=quant,
+                                      layer=_layer_of(full)))
+        if is_linear and req.method != "full" and _matches(mod_name, targets):
+            if isinstance(module, Conv1D):
+                d_in, d_out = module.weight.shape
+            else:
+                d_out, d_in = module.weight.shape
+            layer = _layer_of(mod_name + ".")
+            r = req.rank
+            tensors.append(TensorInfo(name=f"{mod_name}.lora_A.weight", shape=(r, d_in), trainable=True, layer=layer))
+            tensors.append(TensorInfo(name=f"{mod_name}.lora_B.weight", shape=(d_out, r), trainable=True, layer=layer))
+            if req.adalora:
+                tensors.append(TensorInfo(name=f"{mod_name}.lora_E.weight", shape=(r, 1), trainable=True, layer=layer))
+                tensors.append(TensorInfo(name=f"{mod_name}.ranknum", shape=(1,), trainable=False, layer=layer))
+            if req.dora:
+                tensors.append(TensorInfo(name=f"{mod_name}.lora_magnitude_vector", shape=(d_out,), trainable=True,
+                                          layer=layer))
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    layers = _num_layers(model.config)
+    return Inventory(tensors=tensors, buffer_bytes=buffers, num_layers=layers), model, targets
+
+
+def _num_layers(config) -> int:
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise EstimatorError("config.json: num_hidden_layers is missing; add the model's layer count", field="config")
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def _check_request(req: EstimateRequest, config, gpu) -> None:
+    max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(max_pos, int) and req.seq_len > max_pos:
+        raise EstimatorError(
+            f"seq_len: {req.seq_len} tokens is longer than this model's context of {max_pos} "
+            f"(max_position_embeddings); use --seq-len {max_pos} or less", field="seq_len")
+    if req.dtype == "bf16" and not gpu.bf16_support:
+        raise EstimatorError(f"dtype: {gpu.name} has no bf16 support; use --dtype fp16 (or fp32), or a newer GPU",
+                             field="dtype")
+    if req.method == "full" and (req.dora or req.rslora or req.adalora):
+        raise EstimatorError("method: --dora/--rslora/adalora apply to LoRA and QLoRA, not full fine-tuning; "
+                             "use --method lora", field="method")
+    if req.method == "qlora" and req.sharding in ("zero1", "zero2", "zero3") and req.num_gpus > 1:
+        pass  # supported: adapters are what the optimizer sees; frozen NF4 weights are sharded by ZeRO-3
+
+
+# ------------------------------------------------------------------------------------------------ estimate
+
+
+def _weights_16bit(req: EstimateRequest) -> bool:
+    return req.sharding in ("zero1", "zero2", "zero3", "fsdp") and req.method != "qlora" and req.dtype != "fp32"
+
+
+def trace_settings(req: EstimateRequest, batch_size: int | None = None, seq_len: int | None = None):
+    from estimator.trace import TraceSettings
+
+    targets = req.targets if isinstance(req.targets, str) else tuple(req.targets)
+    return TraceSettings(method=req.method, rank=req.rank, alpha=req.effective_alpha, targets=targets,
+                         dora=req.dora, rslora=req.rslora, adalora=req.adalora, dropout=req.dropout,
+                         dtype=req.dtype, weights_16bit=_weights_16bit(req),
+                         batch_size=batch_size or req.batch_size, seq_len=seq_len or req.seq_len,
+                         grad_checkpointing=req.grad_checkpointing, attention=req.attention)
+
+
+class _Activations(BaseModel):
+    held: int
+    forward_peak_rel: int
+    backward_peak_rel: int
+    flops: float
+    source: str
+    seconds: float | None = None
+    note: str | None = None
+
+
+def _activations(config, req: EstimateRequest, num_layers: int, batch_size: int | None = None,
+                 seq_len: int | None = None) -> _Activations:
+    """Traced activations (or the formula, with the reason) for this request's knobs."""
+    from estimator.trace import TraceError, extrapolate, trace_slice
+
+    settings = trace_settings(req, batch_size, seq_len)
+    try:
+        trace = trace_slice(config, settings)
+        ex = extrapolate(trace, num_layers, list(config.layer_types) if getattr(config, "layer_types", None) else None)
+        return _Activations(held=ex.activations_bytes, forward_peak_rel=ex.forward_peak_rel_bytes,
+                            backward_peak_rel=ex.backward_peak_rel_bytes, flops=ex.flops, source="traced",
+                            seconds=trace.seconds)
+    except TraceError as exc:
+        b, s = settings.batch_size, settings.seq_len
+        held, fwd, bwd = formula_activations(config, batch_size=b, seq_len=s, attention=req.attention,
+                                             grad_checkpointing=req.grad_checkpointing, dtype=req.dtype)
+        return _Activations(held=held, forward_peak_rel=fwd, backward_peak_rel=bwd, flops=0.0, source="formula",
+                            note=f"activations by formula (Korthikanti et al. 2022 + logits): the trace failed "
+                                 f"for this architecture ({str(exc)[:200]})")
+
+
+def estimate(req: EstimateRequest) -> Estimate:
+    """The estimate for ``req`` (cached: the same request returns the same object in microseconds)."""
+    if not isinstance(req, EstimateRequest):
+        raise EstimatorError("request: pass an EstimateRequest", field="request")
+    return _estimate_cached(req.model_dump_json())
+
+
+@functools.lru_cache(maxsize=512)
+def _estimate_cached(req_json: str) -> Estimate:
+    return _estimate(EstimateRequest.model_validate_json(req_json))
+
+
+@functools.lru_cache(maxsize=64)
+def _model_facts(req_json: str):
+    """Inventory and parameter counts (depend on the model and adapter knobs only)."""
+    from estimator.catalog import resolve_model
+    from estimator.params import count_parameters
+
+    req = EstimateRequest.model_validate_json(req_json)
+    entry = resolve_model(req.model)
+    inv, model, targets = _build_inventory(entry, req)
+    breakdown = count_parameters(model)
+    return entry, inv, breakdown, targets
+
+
+def _facts_key(req: EstimateRequest) -> str:
+    keep = {"model", "method", "rank", "targets", "dora", "adalora"}
+    return EstimateRequest(**{k: v for k, v in req.model_dump().items() if k in keep}).model_dump_json()
+
+
+def _estimate(req: EstimateRequest) -> Estimate:
+    from estimator.catalog import get_gpu
+
+    gpu = get_gpu(req.gpu)
+    entry, inv, breakdown, targets = _model_facts(_facts_key(req))
+    config = entry.hf_config()
+    _check_request(req, config, gpu)
+    acts = _activations(config, req, inv.num_layers)
+    mem = step_memory(inv, method=req.method, optimizer=req.optimizer, sharding=req.sharding,
+                      num_gpus=req.num_gpus, offload=req.offload, activations_bytes=acts.held,
+                      forward_peak_rel=acts.forward_peak_rel, backward_peak_rel=acts.backward_peak_rel)
+    notes = _notes(req, inv, acts, mem, targets)
+    trainable = inv.trainable_params
+    # compute
+    tokens_per_step = req.batch_size * req.seq_len
+    if acts.source == "traced" and acts.flops > 0:
+        fpt, fsrc = acts.flops / tokens_per_step, "traced"
+    else:
+        fpt = formula_flops_per_token(breakdown.active, req.method, req.grad_checkpointing)
+        fsrc = "formula"
+    mfu = req.mfu if req.mfu is not None else gpu.default_mfu
+    price = req.price if req.price is not None else gpu.price_usd_per_hour
+    compute = compute_info(flops_per_token=fpt, flops_source=fsrc, tokens=req.train_tokens(),
+                           num_gpus=req.num_gpus, peak_flops_per_gpu=gpu.flops_for(req.dtype), mfu=mfu,
+                           price_usd_per_hour=price)
+    if compute.tokens is None:
+        notes.append("time and cost need --tokens or --examples with --tokens-per-example")
+    adapter_bytes = _adapter_file_bytes(inv, targets) if req.method != "full" else None
+    checkpoint_bytes = 4 * breakdown.total  # the runner trains fp32 master weights and saves them as they are
+    storage = StorageInfo(checkpoint_bytes=checkpoint_bytes, adapter_bytes=adapter_bytes,
+                          base_bytes=2 * breakdown.total)
+    model_info = ModelInfo(
+        id=entry.id, display_name=entry.display_name, total_params=breakdown.total, trainable_params=trainable,
+        active_params=breakdown.active, breakdown=breakdown, num_layers=inv.num_layers,
+        hidden_size=int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 0),
+        vocab_size=int(getattr(config, "vocab_size", 0) or 0), model_type=str(config.model_type),
+        published_params=entry.published_params)
+    gpu_info = GPUInfo(id=gpu.id, name=gpu.name, count=req.num_gpus, memory_bytes=gpu.memory_bytes,
+                       bf16_support=gpu.bf16_support, price_usd_per_hour=price)
+    memory = MemoryBreakdown(
+        weights_bytes=mem.weights_bytes, gradients_bytes=mem.gradients_bytes, optimizer_bytes=mem.optimizer_bytes,
+        activations_bytes=mem.activations_bytes, overhead_bytes=mem.overhead_bytes,
+        optimizer_temp_bytes=mem.optimizer_temp_bytes, gathered_bytes=mem.gathered_bytes,
+        offloaded_bytes=mem.offloaded_bytes, peak_bytes=mem.peak_bytes, peak_phase=mem.peak_phase,
+        phase_peaks=mem.phase_peaks, activation_source=acts.source, method_note=_method_note(req))
+    return Estimate(request=req, model=model_info, method=req.method, memory=memory, gpu=gpu_info,
+                    fits=mem.peak_bytes <= gpu.memory_bytes, adapter_bytes=adapter_bytes,
+                    checkpoint_bytes=checkpoint_bytes, compute=compute, storage=storage, notes=notes,
+                    trace_seconds=acts.seconds)
+
+
+def _adapter_file_bytes(inv: Inventory, targets: list[str]) -> int:
+    """Size of ``adapter_model.safetensors`` as peft saves it (fp32 adapter weights, peft's key names)."""
+    from estimator.params import safetensors_file_bytes
+
+    shapes = {}
+    for t in inv.tensors:
+        if ".lora_" in t.name or t.name.endswith(".ranknum"):
+            if t.name.endswith(".ranknum"):
+                continue  # AdaLoRA's rank counter is not saved
+            key = "base_model.model." + t.name
+            if key.endswith(".lora_magnitude_vector"):
+                key += ".weight"
+            shapes[key] = t.shape
+    return safetensors_file_bytes(shapes, "fp32", metadata={"format": "pt"})
+
+
+def _method_note(req: EstimateRequest) -> str:
+    if req.method == "qlora":
+        return ("QLoRA: NF4 + double quantization for every Linear but the LM head (bitsandbytes storage), "
+                "other weights fp32 after prepare_model_for_kbit_training, LoRA weights fp32, "
+                f"compute {'fp16' if req.dtype == 'fp16' else 'bf16'}")
+    if _weights_16bit(req):
+        return (f"{req.sharding}: module weights in {req.dtype}, fp32 master weights/gradients with the "
+                "optimizer, no autocast")
+    if req.dtype == "fp32":
+        return f"{req.method}: fp32 weights, fp32 compute"
+    return f"{req.method}: fp32 master weights, {req.dtype} autocast (HF Trainer mixed precision)"
+
+
+def _notes(req: EstimateRequest, inv: Inventory, acts: _Activations, mem: StepMemory, targets: list[str]) -> list[str]:
+    from estimator.memory import CUDA_OVERHEAD_BYTES, GIB, NCCL_BUFFER_BYTES
+
+    notes = [_method_note(req)]
+    if acts.source == "traced":
+        notes.append(f"activations traced: one real forward+loss+backward of a {inv.num_layers}-layer model "
+                     f"replayed from a 2-layer slice on fake tensors (batch {req.batch_size}, seq {req.seq_len}, "
+                     f"{req.attention} attention{', gradient checkpointing' if req.grad_checkpointing else ''}); "
+                     "no padding assumed")
+    else:
+        notes.append(acts.note or "activations by formula")
+    opt_notes = {
+        "adamw": "AdamW (adamw_torch, foreach): two fp32 moments (8 B per trainable parameter) + one fp32 "
+                 "temporary per parameter during the step",
+        "adamw-8bit": "8-bit AdamW (bitsandbytes): 2 B per trainable parameter + fp32 absmax per 256 values; "
+                      "tensors under 4096 values keep fp32 states",
+        "paged-adamw-8bit": "paged 8-bit AdamW (bitsandbytes): 8-bit states as adamw-8bit, in paged memory that "
+                            "may move to CPU under pressure (counted on the GPU here)",
+        "sgd": "SGD as the runner uses it (Trainer 'sgd', momentum 0): no optimizer state; with momentum it "
+               "would be 4 B per trainable parameter",
+        "adafactor": "Adafactor (transformers, beta1=None): factored fp32 second moment (rows + columns)",
+    }
+    notes.append(opt_notes[req.optimizer])
+    notes.append(f"overhead: CUDA context + allocator {CUDA_OVERHEAD_BYTES / GIB:.1f} GiB per GPU "
+                 "(ml-engineering: 0.5-1 GiB)"
+                 + (f"; NCCL buffers {NCCL_BUFFER_BYTES / GIB:.1f} GiB" if req.sharding != "none" else "")
+                 + ("; DDP gradient buckets = one more copy of the gradients" if req.sharding == "ddp" else ""))
+    notes.append("peak of a steady-state step: optimizer states already allocated, gradients freed after the "
+                 f"optimizer step; the peak falls at {mem.peak_phase}")
+    if req.method != "full":
+        notes.append(f"adapter on {', '.join(targets)} (rank {req.rank}, alpha {req.effective_alpha:g}"
+                     f"{', DoRA' if req.dora else ''}{', rsLoRA' if req.rslora else ''}"
+                     f"{', AdaLoRA' if req.adalora else ''}), lora_dropout {req.dropout:g}")
+    if req.sharding in ("zero3", "fsdp"):
+        notes.append(f"{req.sharding}: weights, gradients and states split over {req.num_gpus} GPUs, plus two "
+                     "unsharded layers gathered at a time (current + prefetched)")
+    if req.offload:
+        if req.sharding in ("zero1", "zero2", "zero3", "fsdp"):
+            notes.append(f"offload: {mem.offloaded_bytes / GIB:.1f} GiB kept in CPU memory instead of the GPU")
+        else:
+            notes.append("offload needs --sharding zero1/zero2/zero3/fsdp; ignored")
+    if req.sharding in ("zero2", "zero3", "fsdp"):
+        notes.append("backward peak with sharded gradients: the full-gradient trace minus the gradients other "
+                     "GPUs keep (conservative when the peak falls before all gradients exist)")
+    return notes
+
+
+# ------------------------------------------------------------------------------------------ what fits
+
+
+def _with(req: EstimateRequest, **changes) -> EstimateRequest:
+    data = req.model_dump()
+    data.update(changes)
+    return EstimateRequest(**data)
+
+
+MAX_GPUS_SEARCHED = 4096  # beyond a few thousand GPUs no single fine-tuning job is realistic
+
+
+def min_gpus(req: EstimateRequest) -> int | None:
+    """Smallest GPU count that fits with ``req.sharding`` (``none``/``ddp``: the best sharding, zero3 then fsdp
+    with offload last); None when nothing up to ``MAX_GPUS_SEARCHED`` fits."""
+    if estimate(_with(req, num_gpus=1, sharding="none")).fits:
+        return 1
+    strategies = [req.sharding] if req.sharding in ("zero1", "zero2", "zero3", "fsdp") else ["zero3", "fsdp"]
+    best = None
+    for strategy in strategies:
+        found = _smallest_count(req, strategy)
+        if found is not None and (best is None or found < best):
+            best = found
+    return best
+
+
+def _smallest_count(req: EstimateRequest, sharding: str) -> int | None:
+    def fits(n: int) -> bool:
+        return estimate(_with(req, num_gpus=n, sharding=sharding)).fits
+
+    hi = 2
+    while hi <= MAX_GPUS_SEARCHED and not fits(hi):
+        hi *= 2
+    if hi > MAX_GPUS_SEARCHED:
+        return None
+    lo = hi // 2  # does not fit (or is 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def max_batch_size(req: EstimateRequest) -> int:
+    """Largest micro-batch that fits ``req.gpu`` (0 if batch 1 does not fit).
+
+    Activations are linear in the batch at a fixed length: two traces (batch 1 and 2) give the line, the
+    search runs on it, and the answer is confirmed with a real trace (and stepped down if needed).
+    """
+    from estimator.request import MAX_BATCH
+
+    if not estimate(_with(req, batch_size=1)).fits:
+        return 0
+    e1, e2 = estimate(_with(req, batch_size=1)), estimate(_with(req, batch_size=2))
+    if not e2.fits:
+        return 1
+    slope = e2.memory.peak_bytes - e1.memory.peak_bytes
+    room = e1.gpu.memory_bytes - e1.memory.peak_bytes
+    guess = MAX_BATCH if slope <= 0 else min(MAX_BATCH, 1 + room // slope)
+    guess = max(2, int(guess))
+    while guess > 2 and not estimate(_with(req, batch_size=guess)).fits:
+        guess -= max(1, guess // 16)
+    while guess < MAX_BATCH and estimate(_with(req, batch_size=guess + 1)).fits:
+        guess += 1
+    return guess
+
+
+def max_seq_len(req: EstimateRequest, multiple_of: int = 64) -> int:
+    """Longest sequence (a multiple of ``multiple_of``, up to the model's context) that fits ``req.gpu``;
+    0 if ``multiple_of`` tokens do not fit. Bisection on traced estimates (each trace is cached)."""
+    from estimator.catalog import resolve_model
+
+    config = resolve_model(req.model).hf_config()
+    ctx = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 131072
+    hi_units = max(1, int(ctx) // multiple_of)
+
+    def fits(units: int) -> bool:
+        return estimate(_with(req, seq_len=units * multiple_of)).fits
+
+    if not fits(1):
+        return 0
+    if fits(hi_units):
+        return hi_units * multiple_of
+    lo, hi = 1, hi_units
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo * multiple_of
+
+
+def fitting_gpus(req: EstimateRequest) -> list[tuple[str, Estimate]]:
+    """Every catalog GPU with the estimate of ``req`` on it (same count and sharding), in catalog order.
+
+    A GPU the request cannot run on (bf16 on a card without it) gets the fp16 estimate instead.
+    """
+    from estimator.catalog import list_gpus
+
+    out = []
+    for gpu in list_gpus():
+        r = _with(req, gpu=gpu.id)
+        if r.dtype == "bf16" and not gpu.bf16_support:
+            r = _with(r, dtype="fp16")
+        out.append((gpu.id, estimate(r)))
+    return out
+
+
+def storage_for_tasks(est: Estimate, n_tasks: int) -> dict:
+    """Bytes for ``n_tasks`` fine-tuned tasks: N full checkpoints vs one 16-bit base + N adapters."""
+    if n_tasks < 1:
+        raise EstimatorError(f"n_tasks must be at least 1 (got {n_tasks})", field="n_tasks")
+    full = n_tasks * est.checkpoint_bytes
+    adapters = None
+    if est.adapter_bytes is not None:
+        adapters = est.storage.base_bytes + n_tasks * est.adapter_bytes
+    return {"n_tasks": n_tasks, "full_checkpoints_bytes": full, "base_plus_adapters_bytes": adapters,
+            "checkpoint_bytes": est.checkpoint_bytes, "adapter_bytes": est.adapter_bytes,
+            "base_bytes": est.storage.base_bytes,
+            "ratio": (full / adapters) if adapters else None}
+
+
+def clear_caches() -> None:
+    """Forget cached estimates (not the disk traces)."""
+    _estimate_cached.cache_clear()
+    _model_facts.cache_clear()
+
