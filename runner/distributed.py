@@ -189,6 +189,45 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def prepare_for_training(trainer) -> bool:
+    """Let ``trainer.train()`` wrap the model for DDP even when ``trainer.evaluate()`` ran first. Call it right
+    before ``trainer.train(...)``; returns True when it had to undo an evaluation-mode prepare.
+
+    Why (found by the two-rank test on CPU, accelerate 1.15 + transformers 5.24): ``Trainer.evaluate()`` calls
+    ``accelerator.prepare_model(model, evaluation_mode=True)``, which marks the model ``_is_accelerate_prepared``
+    without wrapping it; since accelerate PR #3977 ("Prevent double-wrapping models in prepare_model()") the
+    training prepare then returns the bare model, so no DistributedDataParallel is applied and every rank
+    trains its own copy on its own shard (the ranks' adapters diverge silently). Clearing the mark on a model that
+    is not wrapped restores the wrap; an already wrapped model (DDP, FSDP, DeepSpeed) is left alone.
+    """
+    model = getattr(trainer, "model", None)
+    if model is None or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not getattr(model, "_is_accelerate_prepared", False):
+        return False
+    if getattr(trainer, "model_wrapped", model) is not model:
+        return False  # training prepared it already (a second train() call): keep the wrapper
+    model._is_accelerate_prepared = False
+    return True
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank (one all-reduce of one number; ``flag`` as is when
+    not distributed). Use it for decisions all ranks must take at the same step, e.g. "stop and save" after a
+    SIGUSR1 that reached the ranks at slightly different times: a rank that stops alone leaves the others
+    waiting in a collective forever."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return bool(flag)
+    import torch
+
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 # --------------------------------------------------------------------------------------------------- engine configs
 
 
