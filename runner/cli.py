@@ -3,7 +3,7 @@
 The work is done by ``runner.jobs.JobManager`` (runs), ``runner.sweep`` (rank sweeps) and ``runner.adapters``
 (generate / merge / combine); this module turns flags into a RunSpec and typed results into lines.
 Exit status: 0 success (a foreground run: only when training completed), 1 the run failed or was cancelled,
-2 bad input (naming the field), 130 interrupted with Ctrl-C (the run is cancelled, nothing left running).
+2 bad input (naming the field; also a spec or dataset the worker rejected), 130 interrupted with Ctrl-C (the run is cancelled, nothing left running).
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ from ftadvisor.errors import UserError
 FOLLOW_POLL_S = 0.5
 #: Exit status after Ctrl-C (128 + SIGINT, the shell convention).
 EXIT_INTERRUPTED = 130
+#: Exit status for bad input (the dispatcher's convention), also when the worker finds it (spec, dataset).
+EXIT_BAD_INPUT = 2
+#: Failure kinds (result.json) that are bad input rather than a failed run.
+BAD_INPUT_KINDS = frozenset({"bad_spec", "dataset"})
 #: Log lines shown under a failed run.
 FAILURE_LOG_LINES = 20
 
@@ -136,8 +140,10 @@ def spec_from_args(args):
     if args.spec:
         base = _load_spec_file(args.spec)
     elif args.demo:
-        from runner.demo import demo_spec
-
+        try:
+            from runner.demo import demo_spec
+        except ImportError as exc:
+            raise UserError(f"demo: the demo is not available in this installation ({exc})", field="demo") from exc
         base = demo_spec().model_dump(mode="json")
     else:
         if not args.dataset:
@@ -229,7 +235,7 @@ def _finish(manager, rec, args) -> int:
             print(f"run {rec.id} completed" + (f"; saved {saved}" if saved else "") + f"; folder {rec.output_dir}")
         return 0
     _print_failure(manager, rec)
-    return 1
+    return EXIT_BAD_INPUT if rec.kind in BAD_INPUT_KINDS else 1
 
 
 def _follow_and_finish(manager, rec, args) -> int:

@@ -83,7 +83,7 @@ class JobManager:
             raise RunnerError(f"output_dir {str(run_dir)!r} already holds a run", field="output_dir",
                               fix="choose an empty folder, or resume that run with `ftadvisor runs resume ID`")
         run_dir.mkdir(parents=True, exist_ok=True)
-        spec.save(run_dir / "spec.json")
+        _write_atomic(run_dir / "spec.json", json.dumps(spec.model_dump(mode="json"), indent=2) + "\n")
         self._write_engine_configs(spec, run_dir)
         rec = self.registry.insert(spec, run_dir, run_id=run_id, sweep_id=sweep_id)
         self._spawn(rec)
@@ -103,9 +103,15 @@ class JobManager:
                "--run-id", rec.id, rec.output_dir]
         env = dict(os.environ, **{RUN_ENV: rec.id, "PYTHONUNBUFFERED": "1"})
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-        with open(Path(rec.output_dir) / "supervisor.log", "ab") as log:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    cwd=REPO_ROOT, env=env, start_new_session=True, close_fds=True)
+        try:
+            with open(Path(rec.output_dir) / "supervisor.log", "ab") as log:
+                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                        cwd=REPO_ROOT, env=env, start_new_session=True, close_fds=True)
+        except OSError as exc:
+            self.registry.update(rec.id, status="failed", kind="error", ended_at=time.time(),
+                                 reason=f"could not start the run's supervisor: {exc}",
+                                 fix="check that the Python environment and the run folder are usable")
+            raise RunnerError(f"could not start the run: {exc}", field="output_dir", kind="error") from exc
         self.registry.update(rec.id, pid=proc.pid, pgid=proc.pid, only_if_status=ACTIVE)
         # Reap it when it ends, so a long-lived app does not collect zombies (which would look alive).
         threading.Thread(target=proc.wait, name=f"reap-{rec.id}", daemon=True).start()
@@ -241,6 +247,16 @@ class JobManager:
         """Send a signal to every process of the run (used by tests and tools)."""
         rec = self._lookup(run_id)
         return signal_run(rec.id, sig, pgid=rec.pgid)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a file so that a crash leaves either the old or the new content, never half of it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -41,6 +41,9 @@ LOCK_FILE = "device.lock"
 POLL_S = 0.5
 #: Seconds between heartbeat copies into the registry; the worker rewrites heartbeat.json every 5 s (contract).
 HEARTBEAT_COPY_S = 5.0
+#: Seconds without a heartbeat after which a live worker is reported as possibly hung (24 missed 5 s beats;
+#: generous because a heavily swapping machine can stall the heartbeat thread for a while).
+HEARTBEAT_STALE_S = 120.0
 #: Seconds a queued row without a registered supervisor is still presumed to be starting (python start-up on a
 #: loaded 2-core machine takes a few seconds; 60 s leaves a wide margin).
 LAUNCH_GRACE_S = 60.0
@@ -206,11 +209,11 @@ class Supervisor:
         lock_fd = self._wait_turn()
         if lock_fd is None:
             return 0
-        try:
+        try:  # the device stays locked until the outcome is recorded, so the next run starts after it ended
             returncode, started = self._run_worker(lock_fd)
+            self._finish(returncode, started)
         finally:
             os.close(lock_fd)
-        self._finish(returncode, started)
         return 0
 
     def _first_in_line(self) -> bool:
@@ -308,13 +311,26 @@ class Supervisor:
                 self._copy_heartbeat()
 
     def _copy_heartbeat(self) -> None:
+        """Copy heartbeat.json into the registry; note a worker that stopped beating (hung, or swapping)."""
         try:
             beat = json.loads((self.run_dir / "heartbeat.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return
+            beat = None
+        rec = self.registry.get(self.run_id)
         if isinstance(beat, dict):
             self.registry.update(self.run_id, heartbeat_at=float(beat.get("time") or time.time()),
                                  step=beat.get("step"), max_steps=beat.get("max_steps"))
+            rec = self.registry.get(self.run_id)
+        last = rec.heartbeat_at.timestamp() if rec.heartbeat_at else None
+        if self.worker is not None and self.worker.poll() is None and last is not None:
+            age = time.time() - last
+            stale = age > HEARTBEAT_STALE_S
+            if stale:
+                self.registry.update(self.run_id, reason=f"no heartbeat for {age:.0f} s: the worker may be hung "
+                                     "or the machine is swapping (it is still running)",
+                                     only_if_status=frozenset({"running"}))
+            elif rec.reason and rec.reason.startswith("no heartbeat"):
+                self.registry.update(self.run_id, reason=None, only_if_status=frozenset({"running"}))
 
     def _finish(self, returncode: int, started: float) -> None:
         from runner.failures import classify

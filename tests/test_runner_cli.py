@@ -147,18 +147,19 @@ def test_sweep_command_prints_the_table(env, capsys, tmp_path):
 
 
 def test_ctrl_c_in_foreground_cancels_and_leaves_nothing(env, tmp_path):
-    env_vars = dict(os.environ, FAKE_STEPS="100000", FAKE_MODE="child")
+    env_vars = dict(os.environ, FAKE_STEPS="100000", FAKE_MODE="child", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "ftadvisor.cli"] + _base(env), cwd=REPO, env=env_vars,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        first = proc.stdout.readline()  # "run <id> queued in <folder>"
+        assert first.startswith("run "), first
+        rid = first.split()[1]
         deadline = time.monotonic() + 30
-        runs = {}
         while time.monotonic() < deadline:
-            runs = run_processes()
-            if runs and max(len(p) for p in runs.values()) >= 3:  # supervisor, worker, grandchild
+            if len(run_processes(rid).get(rid, [])) >= 3:  # supervisor, worker, grandchild
                 break
             time.sleep(0.1)
-        assert runs, "the run never started"
+        assert len(run_processes(rid).get(rid, [])) >= 3, "the run never started"
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
     finally:
@@ -166,5 +167,4 @@ def test_ctrl_c_in_foreground_cancels_and_leaves_nothing(env, tmp_path):
             proc.kill()
     assert proc.returncode == 130, err
     assert "cancelled" in err
-    for rid in runs:
-        assert not run_processes(rid), "a process survived Ctrl-C"
+    assert not run_processes(rid), "a process survived Ctrl-C"
