@@ -228,6 +228,36 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+#: Exit codes that mean "this rank did its part": other ranks exit 0 with them so that torchrun, which tears
+#: the whole group down (SIGTERM) as soon as one rank exits non-zero, never kills rank 0 while it is still
+#: writing the checkpoint, the adapter or result.json. Values from runner/exitcodes.py (COMPLETED, STOPPED).
+_DONE_CODES = (0, 6)
+
+
+def finish_ranks(exit_code: int) -> int:
+    """Call at the very end of the worker on every rank; returns the exit code this rank should use.
+
+    After "completed" or "stopped" (outcomes all ranks share): waits at a barrier until every rank got here (so
+    rank 0 has written its files before anyone exits), closes the process group, and returns 0 on the other
+    ranks, because torchrun treats any non-zero exit as a failure and SIGTERMs the remaining ranks at once.
+    Failures and single-process runs: ``exit_code`` unchanged, no waiting.
+    """
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return exit_code
+    if not (dist.is_available() and dist.is_initialized()) or exit_code not in _DONE_CODES:
+        # A failure on one rank is not a collective outcome: the others may be inside an all-reduce, and a
+        # barrier here would wait for ddp_timeout. Exit now; torchrun stops the rest.
+        return exit_code
+    try:
+        if dist.get_world_size() > 1:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return exit_code if is_main_process() else 0
+
+
 # --------------------------------------------------------------------------------------------------- engine configs
 
 

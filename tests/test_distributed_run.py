@@ -114,8 +114,10 @@ def test_two_ranks_train_identical_adapters_rank0_writes(manager, tmp_path, tiny
     # Both ranks trained to the same parameters: DDP averages gradients, so the digests agree exactly.
     hashes = _hashes(run_dir)
     assert set(hashes) == {0, 1}, hashes
-    assert hashes[0]["sha256"] == hashes[1]["sha256"] and hashes[0]["step"] == hashes[1]["step"] == 4
-    assert hashes[0]["trainable"] > 0
+    assert hashes[0]["step"] == hashes[1]["step"] == 4 and hashes[0]["trainable"] > 0
+    assert hashes[0]["sha256"] == hashes[1]["sha256"], (
+        "the ranks' adapters differ: the model was not wrapped in DDP (Trainer.evaluate() before train() marks it "
+        "prepared; the recipe must call runner.distributed.prepare_for_training(trainer) before trainer.train())")
     # The data is split between the ranks: a step consumes micro-batch x 2 ranks rows, so after 4 steps
     # 4 * 2 * 2 = 16 of the 20 training rows are seen -> epoch 0.8 (one rank alone would be at 0.4).
     steps = _train_steps(run_dir)
@@ -141,7 +143,11 @@ def test_two_ranks_train_identical_adapters_rank0_writes(manager, tmp_path, tiny
 
 @pytest.mark.slow
 def test_two_ranks_stop_save_then_resume(manager, tmp_path, tiny_model_dir):
-    """SIGUSR1 reaches both ranks; they stop at the same step with a checkpoint; resume finishes the run."""
+    """SIGUSR1 reaches both ranks; they stop at the same step with a checkpoint; resume finishes the run.
+
+    Needs the stop decision shared by the ranks (runner.distributed.any_rank in the stop callback; otherwise the
+    rank that stops first leaves the other waiting in an all-reduce) and runner.distributed.finish_ranks at the
+    worker's exit (otherwise torchrun may SIGTERM rank 0 while it writes the checkpoint)."""
     spec = _spec(tmp_path, tiny_model_dir, max_steps=30, save_steps=100)
     rec = manager.launch(spec)
     run_dir = Path(rec.output_dir)
