@@ -52,7 +52,7 @@ def _as_config_dict(config: Any) -> dict:
     if isinstance(config, dict):
         return validate_config(config)
     if hasattr(config, "to_dict") and hasattr(config, "model_type"):
-        return config.to_dict()
+        return validate_config(config.to_dict(), where=f"{config.model_type} config")
     raise EstimatorError(f"model: expected a catalog entry, a config dict or a PretrainedConfig (got "
                          f"{type(config).__name__})", field="model")
 
@@ -342,9 +342,13 @@ def apply_adapter(config: Any, **knobs):
 
     from peft import get_peft_model
 
+    import torch
+
     model = fresh_meta_model(config)
     peft_config = adapter_config(model, **knobs)
-    with warnings.catch_warnings():
+    # torch.device("meta"): peft creates the adapter matrices directly on meta instead of allocating and
+    # initialising them on CPU first (405B all-linear: tens of seconds of uniform_/zero_ on CPU otherwise).
+    with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")  # fan_in_fan_out and meta-device notices
         peft_model = get_peft_model(model, peft_config)
     # AdaLoRA's ranknum is a frozen Parameter (peft adalora/layer.py); moving it to the meta device re-creates it
@@ -376,30 +380,120 @@ def count_adapter(model_entry_or_config: Any, *, method: str = "lora", rank: int
                                  bool(adalora), total_steps, adapter_dtype, float(dropout))
 
 
+# Layers in the slice that peft is applied to when the decoder stack is homogeneous: two, so that a test can see
+# layer 0 and layer 1 get identical adapters before the count is multiplied out (REFERENCE.md: per-layer figures
+# are linear in the layer count; 405B all-linear on the full meta model costs seconds of peft bookkeeping).
+SLICE_LAYERS = 2
+
+
+def layer_stack(model) -> tuple[str, int] | None:
+    """Module path and length of the model's repeated decoder-layer ``ModuleList`` (None when not found)."""
+    import torch.nn as nn
+
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if not n:
+        return None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return name, n
+    return None
+
+
+def _layer_signature(layer) -> tuple:
+    return tuple((name, type(module).__name__,
+                  tuple((p_name, tuple(p.shape)) for p_name, p in module.named_parameters(recurse=False)))
+                 for name, module in layer.named_modules())
+
+
+def is_homogeneous(model) -> bool:
+    """True when every decoder layer has the same module tree and parameter shapes (so layers can be sliced)."""
+    stack = layer_stack(model)
+    if stack is None:
+        return False
+    layers = model.get_submodule(stack[0])
+    first = _layer_signature(layers[0])
+    return all(_layer_signature(layer) == first for layer in layers[1:])
+
+
+def slice_config(config: Any, num_layers: int) -> dict:
+    """A copy of the config dict with only ``num_layers`` decoder layers (per-layer lists truncated)."""
+    from estimator.catalog import _SIZE_FIELDS
+
+    data = dict(_as_config_dict(config))
+    aliases = [name for name in _SIZE_FIELDS["num_hidden_layers"][0] if name in data]
+    if not aliases:
+        raise EstimatorError("config.json: field num_hidden_layers is missing", field="num_hidden_layers")
+    for name in aliases:
+        data[name] = num_layers
+    for name in ("layer_types",):
+        if isinstance(data.get(name), list):
+            data[name] = data[name][:num_layers]
+    return data
+
+
+def _count_on(peft_model) -> tuple[dict[str, int], dict[str, tuple[int, ...]], list[str], Any]:
+    from peft.utils.save_and_load import get_peft_model_state_dict
+
+    trainable = {name: p.numel() for name, p in peft_model.named_parameters() if p.requires_grad}
+    shapes = {name: tuple(t.shape) for name, t in get_peft_model_state_dict(peft_model).items()}
+    adapted = [name for name, m in peft_model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    return trainable, shapes, adapted, peft_model.peft_config["default"]
+
+
 @functools.lru_cache(maxsize=128)
 def _count_adapter_cached(key, config_json, method, rank, alpha, targets, dora, rslora, adalora, total_steps,
                           adapter_dtype, dropout) -> AdapterCount:
-    from peft.utils.save_and_load import get_peft_model_state_dict
-
     config = json.loads(config_json)
-    peft_model = apply_adapter(config, method=method, rank=rank, alpha=alpha,
-                               targets=list(targets) if isinstance(targets, tuple) else targets,
-                               dora=dora, rslora=rslora, adalora=adalora, total_steps=total_steps, dropout=dropout)
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    state = get_peft_model_state_dict(peft_model)
-    shapes = {name: tuple(t.shape) for name, t in state.items()}
-    peft_cfg = peft_model.peft_config["default"]
-    adapted = sum(1 for _, m in peft_model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A)
+    knobs = dict(method=method, rank=rank, alpha=alpha, targets=list(targets) if isinstance(targets, tuple)
+                 else targets, dora=dora, rslora=rslora, adalora=adalora, total_steps=total_steps, dropout=dropout)
+    full = build_meta_model(config)
+    stack = layer_stack(full)
+    if stack is not None and stack[1] > SLICE_LAYERS and is_homogeneous(full):
+        resolve_targets(full, knobs["targets"])  # validate the names on the real model first
+        trainable, shapes, adapted, peft_cfg = _count_on(apply_adapter(slice_config(config, SLICE_LAYERS), **knobs))
+        trainable, shapes, adapted = _expand_layers(stack, trainable, shapes, adapted)
+    else:
+        trainable, shapes, adapted, peft_cfg = _count_on(apply_adapter(config, **knobs))
     kind = "adalora" if adalora else "dora" if dora else "rslora" if rslora else "lora"
+    target_modules = peft_cfg.target_modules
     return AdapterCount(
-        trainable_params=trainable,
+        trainable_params=sum(trainable.values()),
         adapter_bytes=safetensors_file_bytes(shapes, adapter_dtype, metadata=_PEFT_SAFETENSORS_METADATA),
         dtype=adapter_dtype,
-        targets=sorted(peft_cfg.target_modules) if not isinstance(peft_cfg.target_modules, str)
-        else [peft_cfg.target_modules],
-        adapted_modules=adapted,
+        targets=[target_modules] if isinstance(target_modules, str) else sorted(target_modules),
+        adapted_modules=len(adapted),
         method=kind,
     )
+
+
+def _expand_layers(stack: tuple[str, int], trainable: dict, shapes: dict, adapted: list):
+    """Turn counts from a SLICE_LAYERS slice into the full stack: layer 0's entries repeated for every layer."""
+    path, n_layers = stack
+    pattern = re.compile(r"(^|\.)" + re.escape(path) + r"\.(\d+)\.")
+
+    def expand(names):
+        out, first, second = [], [], []
+        for name in names:
+            match = pattern.search(name)
+            if match is None:
+                out.append((name, name))
+            elif match.group(2) == "0":
+                first.append(name)
+            else:
+                second.append(name)
+        if len(first) != len(second) and second:
+            raise AssertionError("slice layers differ; cannot extrapolate")  # is_homogeneous rules this out
+        for name in first:
+            match = pattern.search(name)
+            start, end = match.span(2)
+            for i in range(n_layers):
+                out.append((name, name[:start] + str(i) + name[end:]))
+        return out
+
+    new_trainable = {new: trainable[old] for old, new in expand(trainable)}
+    new_shapes = {new: shapes[old] for old, new in expand(shapes)}
+    new_adapted = [new for _, new in expand(adapted)]
+    return new_trainable, new_shapes, new_adapted
 
 
 def safetensors_file_bytes(shapes: dict[str, tuple[int, ...]], dtype: str = "fp32",
