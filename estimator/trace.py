@@ -34,6 +34,7 @@ import copy
 import functools
 import hashlib
 import json
+import logging
 import math
 import threading
 import time
@@ -43,6 +44,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from estimator.errors import EstimatorError
+
+# bitsandbytes' CPU backend logs a warning about an optional kernels package at import (peft imports it);
+# nothing here runs bitsandbytes kernels, so keep the CLI output clean.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 TRACE_VERSION = 4  # bump when the trace changes meaning: old disk caches are ignored
 
