@@ -81,6 +81,9 @@ class ModelEntry(BaseModel):
     params_source: str | None = Field(None, description="where published_params comes from")
     published_params_exact: bool = Field(True, description="False when the published figure is rounded (GPT-3)")
 
+    def __hash__(self) -> int:  # the config dict is not hashable; its canonical hash stands for it
+        return hash((self.id, self.source, self.config_key))
+
     @property
     def config_key(self) -> str:
         """A stable hash of the config contents (the key of every cache built on this model)."""
@@ -312,7 +315,8 @@ def _hub_reachable() -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _from_path(resolved: str) -> ModelEntry:
+def _from_path(resolved: str, mtime_ns: int) -> ModelEntry:
+    """Cached per path and modification time, so an edited or re-uploaded config.json is read again."""
     path = Path(resolved)
     if path.is_dir():
         config_path = path / "config.json"
@@ -365,7 +369,10 @@ def resolve_model(ref: str) -> ModelEntry:
             return entry
     path = Path(ref).expanduser()
     if path.exists():
-        return _from_path(str(path.resolve()))
+        resolved = path.resolve()
+        config_file = resolved / "config.json" if resolved.is_dir() else resolved
+        mtime = config_file.stat().st_mtime_ns if config_file.exists() else 0
+        return _from_path(str(resolved), mtime)
     if ref.endswith(".json") or ref.startswith((".", "/", "~")) or os.sep + os.sep in ref:
         raise EstimatorError(f"model: no such file or folder {ref!r}; check the path ({_suggest(Path(ref).name)})",
                              field="model")

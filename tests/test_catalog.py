@@ -259,3 +259,19 @@ def test_unknown_gpu_suggests_close_matches():
 def test_list_gpus_sorted_by_memory():
     mem = [g.memory_bytes for g in list_gpus()]
     assert mem == sorted(mem)
+
+
+def test_edited_config_file_is_read_again(tmp_path):
+    import os
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(GOOD))
+    assert resolve_model(str(path)).config["num_hidden_layers"] == 2
+    path.write_text(json.dumps(_with(num_hidden_layers=3)))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert resolve_model(str(path)).config["num_hidden_layers"] == 3
+
+
+def test_model_entry_is_hashable_for_caches():
+    assert hash(resolve_model("gpt2")) == hash(resolve_model("openai-community/gpt2"))
+    assert len({resolve_model("gpt2"), resolve_model("llama-2-7b")}) == 2
