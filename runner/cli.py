@@ -457,6 +457,15 @@ def _weights(text: str | None, n: int) -> list[float] | None:
 def cmd_adapters_generate(args) -> int:
     from runner import adapters
 
+    if args.each:  # one base loaded once, switching between the adapters (and the bare base)
+        answers = adapters.generate_each(args.base, args.adapter or [], args.prompt,
+                                         max_new_tokens=args.max_new_tokens)
+        if args.json:
+            print(json.dumps({"base": args.base, "prompt": args.prompt, "outputs": answers}, indent=2))
+        else:
+            for name, text in answers.items():
+                print(f"[{name}]\n{text}\n")
+        return 0
     text = adapters.generate(args.base, args.adapter or [], args.prompt,
                              weights=_weights(args.weights, len(args.adapter or [])),
                              max_new_tokens=args.max_new_tokens)
@@ -482,7 +491,7 @@ def cmd_adapters_combine(args) -> int:
     if len(args.adapter) < 2:
         raise UserError("adapter: combine needs at least two --adapter folders", field="adapter")
     weights = _weights(args.weights, len(args.adapter)) or [1.0 / len(args.adapter)] * len(args.adapter)
-    out = adapters.combine(args.base, args.adapter, weights, args.output)
+    out = adapters.combine(args.base, args.adapter, weights, args.output, combination_type=args.combination)
     print(json.dumps({"output": str(out)}) if args.json else f"combined adapter saved to {out}")
     return 0
 
@@ -543,6 +552,7 @@ def register(subparsers) -> None:
     gen.add_argument("--weights", help="comma-separated weights when several adapters are given")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--each", action="store_true", help="answer with the base and with each adapter in turn")
     gen.add_argument("--json", action="store_true")
     gen.set_defaults(func=cmd_adapters_generate)
     merge = asub.add_parser("merge", help="merge an adapter into its base and save a full model")
@@ -555,6 +565,8 @@ def register(subparsers) -> None:
     comb.add_argument("--base", required=True)
     comb.add_argument("--adapter", action="append", required=True, help="adapter folder (repeat)")
     comb.add_argument("--weights", help="comma-separated weights (default: equal)")
+    comb.add_argument("--combination", choices=("cat", "linear"), default=None,
+                      help="cat (exact for any ranks; default) or linear (equal ranks)")
     comb.add_argument("--output", required=True)
     comb.add_argument("--json", action="store_true")
     comb.set_defaults(func=cmd_adapters_combine)

@@ -44,6 +44,11 @@ HEARTBEAT_COPY_S = 5.0
 #: Seconds without a heartbeat after which a live worker is reported as possibly hung (24 missed 5 s beats;
 #: generous because a heavily swapping machine can stall the heartbeat thread for a while).
 HEARTBEAT_STALE_S = 120.0
+
+
+def heartbeat_stale_s() -> float:
+    """``HEARTBEAT_STALE_S``, or ``FTADVISOR_HEARTBEAT_STALE_S`` when set (tests)."""
+    return float(os.environ.get("FTADVISOR_HEARTBEAT_STALE_S", HEARTBEAT_STALE_S))
 #: Seconds a queued row without a registered supervisor is still presumed to be starting (python start-up on a
 #: loaded 2-core machine takes a few seconds; 60 s leaves a wide margin).
 LAUNCH_GRACE_S = 60.0
@@ -306,7 +311,7 @@ class Supervisor:
             if kill_at is not None and time.monotonic() > kill_at:
                 signal_run(self.run_id, signal.SIGKILL, exclude=(os.getpid(),))
                 kill_at = float("inf")
-            if time.monotonic() - last_beat >= HEARTBEAT_COPY_S:
+            if time.monotonic() - last_beat >= min(HEARTBEAT_COPY_S, heartbeat_stale_s() / 2):
                 last_beat = time.monotonic()
                 self._copy_heartbeat()
 
@@ -324,7 +329,7 @@ class Supervisor:
         last = rec.heartbeat_at.timestamp() if rec.heartbeat_at else None
         if self.worker is not None and self.worker.poll() is None and last is not None:
             age = time.time() - last
-            stale = age > HEARTBEAT_STALE_S
+            stale = age > heartbeat_stale_s()
             if stale:
                 self.registry.update(self.run_id, reason=f"no heartbeat for {age:.0f} s: the worker may be hung "
                                      "or the machine is swapping (it is still running)",

@@ -3,7 +3,7 @@
 It follows the worker contract (contracts.md) without torch: heartbeat.json, metrics.jsonl rows, checkpoint-N/
 folders, adapter/, result.json, exit codes, SIGUSR1 = stop and save (exit 6), SIGTERM = exit promptly.
 ``FAKE_STEPS`` (default 20) steps of ``FAKE_STEP_S`` (default 0.1) seconds. ``FAKE_MODE``: ``ok``; ``oom`` (exit 5
-with result.json oom_step at step 3); ``child`` (also starts a grandchild in its own session, as torchrun does
+with result.json oom_step at step 3); ``hang`` (stops beating at step 3 but stays alive); ``child`` (also starts a grandchild in its own session, as torchrun does
 with its ranks, to test that cancel leaves no orphans).
 """
 
@@ -48,6 +48,8 @@ with open(run_dir / "metrics.jsonl", "a") as metrics:
                                                             "time": time.time()}))
         if step % 5 == 0 or stop["flag"]:
             (run_dir / f"checkpoint-{step}").mkdir(exist_ok=True)
+        if mode == "hang" and step == 3:  # alive but silent: no more heartbeats
+            time.sleep(600)
         if mode == "oom" and step == 3:
             print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", flush=True)
             result("failed", "oom_step", "out of memory at step 3", "lower micro_batch_size")

@@ -192,3 +192,13 @@ def test_missing_dataset_is_refused_before_anything_is_written(manager, spec):
     with pytest.raises(RunnerError, match="dataset.path"):
         manager.launch(bad)
     assert manager.list() == []
+
+
+def test_silent_worker_is_reported_by_heartbeat_but_left_running(manager, spec, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", "hang")
+    monkeypatch.setenv("FTADVISOR_HEARTBEAT_STALE_S", "1.5")
+    rec = manager.launch(spec)
+    assert _wait_for(lambda: (manager.get(rec.id).reason or "").startswith("no heartbeat"), timeout_s=30)
+    hung = manager.get(rec.id)
+    assert hung.status == "running" and hung.step == 3 and "still running" in hung.reason
+    assert manager.cancel(rec.id).status == "cancelled"

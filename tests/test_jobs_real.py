@@ -75,6 +75,7 @@ def test_real_tiny_run_through_the_cli(tiny_model_dir, dataset, tmp_path):
     assert not run_processes(rec["id"])
 
 
+
 @pytest.mark.slow
 def test_real_sigkill_mid_run_queue_and_resume(tiny_model_dir, dataset, tmp_path):
     manager = JobManager(tmp_path / "runs")
@@ -169,3 +170,30 @@ def test_real_rank_sweep_table(tiny_model_dir, dataset, tmp_path):
     for row in rows:  # fp32 LoRA weights + a small safetensors JSON header
         assert 0 < row.adapter_bytes - 4 * row.trainable_params < 4096
         assert row.final_eval_loss > 0 and row.train_seconds > 0
+
+
+@pytest.mark.slow
+def test_real_adapters_commands(tiny_model_dir, dataset, tmp_path):
+    """``ftadvisor adapters generate|merge|combine`` on adapters trained by two real runs (ranks 2 and 4)."""
+    from ftadvisor.cli import main
+
+    manager = JobManager(tmp_path / "runs")
+    records = manager.rank_sweep(_spec(tiny_model_dir, dataset, max_steps=2), [2, 4])
+    done = [manager.wait(r.id, timeout_s=300) for r in records]
+    assert [d.status for d in done] == ["completed", "completed"]
+    a, b = (str(d.run_dir / "adapter") for d in done)
+    assert main(["adapters", "generate", "--base", str(tiny_model_dir), "--adapter", a, "--adapter", b,
+                 "--each", "--prompt", "Label: great!", "--max-new-tokens", "3", "--json"]) == 0
+    merged = tmp_path / "merged"
+    assert main(["adapters", "merge", "--base", str(tiny_model_dir), "--adapter", a, "--output", str(merged)]) == 0
+    assert (merged / "config.json").is_file() and list(merged.glob("*.safetensors"))
+    combined = tmp_path / "combined"
+    assert main(["adapters", "combine", "--base", str(tiny_model_dir), "--adapter", a, "--adapter", b,
+                 "--weights", "0.5,0.5", "--output", str(combined)]) == 0
+    config = json.loads((combined / "adapter_config.json").read_text())
+    assert config["r"] == 2 + 4  # "cat" concatenates the two adapters: rank 2 + rank 4 (peft)
+    assert main(["adapters", "combine", "--base", str(tiny_model_dir), "--adapter", a,
+                 "--output", str(tmp_path / "c")]) == 2  # combining needs two adapters
+    assert main(["adapters", "combine", "--base", str(tiny_model_dir), "--adapter", a, "--adapter", b,
+                 "--weights", "1", "--output", str(tmp_path / "c")]) == 2  # one weight per adapter
+
