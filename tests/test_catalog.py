@@ -275,3 +275,15 @@ def test_edited_config_file_is_read_again(tmp_path):
 def test_model_entry_is_hashable_for_caches():
     assert hash(resolve_model("gpt2")) == hash(resolve_model("openai-community/gpt2"))
     assert len({resolve_model("gpt2"), resolve_model("llama-2-7b")}) == 2
+
+
+@pytest.mark.timeout(20)
+def test_unreachable_hub_fails_fast_as_offline(monkeypatch):
+    # Nothing listens on port 9 of localhost: the probe is refused at once instead of huggingface_hub's
+    # five retries with backoff (about 25 s).
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(EstimatorError) as err:
+        resolve_model("someone/some-model-7b")
+    assert "offline" in str(err.value) and err.value.field == "model"
