@@ -224,20 +224,18 @@ class Supervisor:
     def _first_in_line(self) -> bool:
         """True when no live queued run was queued before this one."""
         now = time.time()
-        queued = self.registry.list(statuses=frozenset({"queued"}))
-        me = next((r for r in queued if r.id == self.run_id), None)
-        if me is None:
+        with self.registry._connect() as conn:
+            queued = conn.execute("SELECT id, pid, queued_at FROM runs WHERE status = 'queued'"
+                                  " ORDER BY queued_at, id").fetchall()
+        ids = [row["id"] for row in queued]
+        if self.run_id not in ids:
             return False
-        for rec in queued:
-            if rec.id == self.run_id:
-                continue
-            if (rec.queued_at, rec.id) >= (me.queued_at, me.id):
-                continue
-            if rec.pid is None and now - rec.queued_at.timestamp() < LAUNCH_GRACE_S:
+        for row in queued[: ids.index(self.run_id)]:
+            if row["pid"] is None and now - row["queued_at"] < LAUNCH_GRACE_S:
+                return False  # its supervisor is still starting
+            if is_run_process(row["pid"], row["id"]) or run_processes(row["id"]):
                 return False
-            if is_run_process(rec.pid, rec.id) or run_processes(rec.id):
-                return False
-            reconcile(self.registry, rec.id, alive=False)
+            reconcile(self.registry, row["id"], alive=False)
         return True
 
     def _wait_turn(self) -> int | None:

@@ -168,3 +168,32 @@ def test_ctrl_c_in_foreground_cancels_and_leaves_nothing(env, tmp_path):
     assert proc.returncode == 130, err
     assert "cancelled" in err
     assert not run_processes(rid), "a process survived Ctrl-C"
+
+
+def test_cli_killed_during_a_run_does_not_lose_it(env, tmp_path, capsys):
+    """The foreground CLI dies (SIGKILL: no chance to clean up); the run goes on and a new CLI sees it."""
+    env_vars = dict(os.environ, FAKE_STEPS="40", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "ftadvisor.cli"] + _base(env), cwd=REPO, env=env_vars,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        rid = proc.stdout.readline().split()[1]
+        assert proc.stdout.readline().startswith(("running", "step", "queued"))
+    finally:
+        proc.kill()
+        proc.wait()
+    assert main(["runs", "show", rid, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] in ("queued", "running")
+    from runner.jobs import JobManager
+
+    assert JobManager().wait(rid, timeout_s=30).status == "completed"
+
+
+def test_demo_spec_with_overrides(env, capsys):
+    assert main(["run", "--demo", "--max-steps", "3", "--rank", "4", "--detach", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    spec = json.loads((Path(rec["output_dir"]) / "spec.json").read_text())
+    assert spec["model"] == "smollm2-135m" and spec["max_steps"] == 3 and spec["peft"]["r"] == 4
+    assert spec["dataset"]["path"].endswith("demo_sentiment.jsonl")
+    from runner.jobs import JobManager
+
+    assert JobManager().wait(rec["id"], timeout_s=30).status == "completed"  # (stand-in worker)
