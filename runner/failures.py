@@ -172,6 +172,8 @@ def classify(run_dir: Path, returncode: int | None, *, run_id: str = "", request
                        **base)
     if returncode == 0 and (result is None or result.get("status") in (None, "completed")):
         return Outcome(status="completed", **base)
+    if returncode is None and result is not None and result.get("status") == "completed":
+        return Outcome(status="completed", **base)  # nobody saw the exit, but the worker finished its work
     if result is not None and result.get("status") in ("failed", "stopped", "cancelled"):
         return Outcome(status=result["status"], kind=result.get("kind"), reason=result.get("reason"),
                        fix=result.get("fix"), **base)

@@ -202,3 +202,12 @@ def test_silent_worker_is_reported_by_heartbeat_but_left_running(manager, spec, 
     hung = manager.get(rec.id)
     assert hung.status == "running" and hung.step == 3 and "still running" in hung.reason
     assert manager.cancel(rec.id).status == "cancelled"
+
+
+def test_supervisor_killed_alone_the_worker_finishes_and_the_row_follows(manager, spec, monkeypatch):
+    monkeypatch.setenv("FAKE_STEPS", "40")
+    rec = manager.launch(spec)
+    assert _wait_for(lambda: manager.get(rec.id).worker_pid)
+    os.kill(manager.get(rec.id).pid, signal.SIGKILL)  # only the supervisor dies; the worker goes on
+    out = manager.wait(rec.id, timeout_s=30)
+    assert out.status == "completed", out.reason  # reconciled from the worker's result.json

@@ -93,3 +93,9 @@ def test_tail_lines(tmp_path):
     p.write_text("\n".join(str(i) for i in range(100)))
     assert tail_lines(p, 3) == "97\n98\n99"
     assert tail_lines(tmp_path / "none", 3) == ""
+
+
+def test_lost_process_with_a_completed_result_is_completed(tmp_path):
+    assert classify(_run_dir(tmp_path, result={"status": "completed"}), None).status == "completed"
+    lost = classify(_run_dir(tmp_path / "x" if (tmp_path / "x").mkdir() is None else tmp_path), None)
+    assert lost.status == "failed" and lost.kind == "lost"
