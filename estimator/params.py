@@ -310,12 +310,15 @@ def adapter_config(model, *, method: str = "lora", rank: int = 16, alpha: float 
     """The real peft config for these knobs (``LoraConfig`` or ``AdaLoraConfig``), targets resolved on ``model``.
 
     ``method`` is ``lora`` or ``qlora`` (the adapter is the same; quantization is the estimator's business);
-    ``full`` has no adapter and raises. ``alpha`` defaults to 2 x rank. AdaLoRA starts at ``init_r = rank`` and
+    ``adalora`` / ``dora`` / ``rslora`` are accepted as the method too (same as the flag); ``full`` has no
+    adapter and raises. ``alpha`` defaults to 2 x rank. AdaLoRA starts at ``init_r = rank`` and
     prunes to ``target_r = ceil(2/3 rank)`` (peft's default ratio 12 -> 8) over ``total_steps``.
     """
     from peft import AdaLoraConfig, LoraConfig
 
-    if method not in ("lora", "qlora"):
+    if method in ("adalora", "dora", "rslora"):  # the adapter kind given as the method: same as its flag
+        adalora, dora, rslora = adalora or method == "adalora", dora or method == "dora", rslora or method == "rslora"
+    elif method not in ("lora", "qlora"):
         raise EstimatorError(f"method: adapters exist for lora and qlora, not {method!r}", field="method")
     _check_adapter_knobs(rank, alpha, dora, adalora, total_steps)
     names = resolve_targets(model, targets)
