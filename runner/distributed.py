@@ -80,6 +80,27 @@ def estimate_request_fields(spec: RunSpec) -> dict:
     }
 
 
+def estimate_request(spec: RunSpec, gpu: str = "a100-80gb", **extra):
+    """The ``EstimateRequest`` for this spec on ``gpu`` (per-GPU figures for the launched strategy).
+
+    Maps every field the estimator models: method, adapter shape, precision, optimizer, micro-batch, sequence
+    length, recompute, attention, GPU count, sharding, offload. ``extra`` adds or overrides request fields
+    (e.g. ``examples``, ``tokens_per_example``).
+    """
+    from estimator.request import EstimateRequest
+
+    peft = spec.peft
+    fields = dict(
+        model=spec.model, method=spec.method, rank=peft.r, alpha=peft.alpha, targets=peft.target_modules,
+        dora=peft.use_dora, rslora=peft.use_rslora, adalora=peft.variant == "adalora", dtype=spec.precision,
+        optimizer=spec.optimizer, batch_size=spec.micro_batch_size, seq_len=spec.seq_len,
+        grad_checkpointing=spec.gradient_checkpointing, attention=spec.attention, gpu=gpu, epochs=spec.epochs,
+        **estimate_request_fields(spec),
+    )
+    fields.update(extra)
+    return EstimateRequest(**fields)
+
+
 def quant_storage_dtype(spec: RunSpec) -> str | None:
     """``BitsAndBytesConfig(bnb_4bit_quant_storage=...)`` for this spec, or None for bitsandbytes' default (uint8).
 
