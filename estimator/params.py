@@ -376,6 +376,9 @@ def count_adapter(model_entry_or_config: Any, *, method: str = "lora", rank: int
     """
     if adapter_dtype not in _DTYPE_BYTES:
         raise EstimatorError(f"adapter_dtype: use fp32, bf16 or fp16 (got {adapter_dtype!r})", field="adapter_dtype")
+    if method in ("adalora", "dora", "rslora"):  # the adapter kind given as the method: same as its flag
+        adalora, dora, rslora = adalora or method == "adalora", dora or method == "dora", rslora or method == "rslora"
+        method = "lora"
     data = _as_config_dict(model_entry_or_config)
     tkey = targets if isinstance(targets, str) else tuple(targets)
     return _count_adapter_cached(config_key(data), json.dumps(data, sort_keys=True), method, rank,
