@@ -3,7 +3,8 @@
 The work is done by ``runner.jobs.JobManager`` (runs), ``runner.sweep`` (rank sweeps) and ``runner.adapters``
 (generate / merge / combine); this module turns flags into a RunSpec and typed results into lines.
 Exit status: 0 success (a foreground run: only when training completed), 1 the run failed or was cancelled,
-2 bad input (naming the field; also a spec or dataset the worker rejected), 130 interrupted with Ctrl-C (the run is cancelled, nothing left running).
+2 bad input (naming the field; also a spec or dataset the worker rejected), 130 interrupted with Ctrl-C (the
+run is cancelled, nothing left running).
 """
 
 from __future__ import annotations

@@ -36,6 +36,8 @@ __all__ = ["JobManager", "RunRecord"]
 
 #: Seconds between status checks in ``wait``.
 WAIT_POLL_S = 0.5
+#: Seconds ``wait`` gives a finished run's supervisor to exit after recording the outcome (it only closes files).
+EXIT_WAIT_S = 5.0
 #: Statuses a run can be resumed from.
 RESUMABLE = frozenset({"failed", "stopped", "cancelled"})
 
@@ -165,7 +167,14 @@ class JobManager:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             rec = self.get(run_id)
-            if rec.status in TERMINAL or (deadline is not None and time.monotonic() >= deadline):
+            if rec.status in TERMINAL:
+                # The supervisor records the outcome, then exits: give it a moment, so that "finished" also
+                # means "no process of the run left" for the caller.
+                exit_by = time.monotonic() + EXIT_WAIT_S
+                while run_processes(rec.id).get(rec.id) and time.monotonic() < exit_by:
+                    time.sleep(0.05)
+                return rec
+            if deadline is not None and time.monotonic() >= deadline:
                 return rec
             time.sleep(WAIT_POLL_S)
 

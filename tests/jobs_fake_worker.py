@@ -3,7 +3,8 @@
 It follows the worker contract (contracts.md) without torch: heartbeat.json, metrics.jsonl rows, checkpoint-N/
 folders, adapter/, result.json, exit codes, SIGUSR1 = stop and save (exit 6), SIGTERM = exit promptly.
 ``FAKE_STEPS`` (default 20) steps of ``FAKE_STEP_S`` (default 0.1) seconds. ``FAKE_MODE``: ``ok``; ``oom`` (exit 5
-with result.json oom_step at step 3); ``hang`` (stops beating at step 3 but stays alive); ``child`` (also starts a grandchild in its own session, as torchrun does
+with result.json oom_step at step 3); ``hang`` (stops beating at step 3 but stays alive); ``child`` (also starts
+a grandchild in its own session, as torchrun does
 with its ranks, to test that cancel leaves no orphans).
 """
 

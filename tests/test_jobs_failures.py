@@ -97,5 +97,7 @@ def test_tail_lines(tmp_path):
 
 def test_lost_process_with_a_completed_result_is_completed(tmp_path):
     assert classify(_run_dir(tmp_path, result={"status": "completed"}), None).status == "completed"
-    lost = classify(_run_dir(tmp_path / "x" if (tmp_path / "x").mkdir() is None else tmp_path), None)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    lost = classify(_run_dir(empty), None)
     assert lost.status == "failed" and lost.kind == "lost"
