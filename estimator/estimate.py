@@ -139,17 +139,26 @@ def _matches(name: str, targets: list[str]) -> bool:
 
 
 def _build_inventory(entry, req: EstimateRequest) -> tuple[Inventory, Any, list[str]]:
-    """Every parameter as trained: base (frozen or not, NF4 for QLoRA) + adapter tensors, from the meta model.
+    """Every parameter as trained: base (frozen or not, NF4 for QLoRA) + adapter tensors.
 
-    Adapter shapes follow peft's LoRA layer (``lora_A``: r x in, ``lora_B``: out x r, DoRA magnitude: out);
-    ``tests/test_estimate.py`` checks the count against ``params.count_adapter`` (the real peft on meta).
+    Read from the meta model of the traced slice (2 or 3 layers) and replicated for the other layers (each
+    layer after the first has the same tensors as its slice twin), so a 405B estimate never builds 126 layers.
+    Adapter shapes follow peft's LoRA layer (``lora_A``: r x in, ``lora_B``: out x r, DoRA magnitude: out,
+    AdaLoRA ``lora_E``: r x 1); ``tests/test_estimate.py`` checks the counts against the full meta model and
+    ``params.count_adapter`` (the real peft on meta).
+    Returns the inventory, the slice meta model and the resolved target names.
     """
     import torch.nn as nn
     from transformers.pytorch_utils import Conv1D
 
     from estimator.params import build_meta_model, resolve_targets
+    from estimator.trace import _layer_types, layer_map, slice_config, slice_layer_count
 
-    model = build_meta_model(entry)
+    config = entry.hf_config()
+    num_layers = _num_layers(config)
+    types = _layer_types(config)
+    n_slice = min(slice_layer_count(types), num_layers)
+    model = build_meta_model(slice_config(config, n_slice))
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     targets: list[str] = []
     if req.method != "full":
@@ -182,9 +191,39 @@ def _build_inventory(entry, req: EstimateRequest) -> tuple[Inventory, Any, list[
             if req.dora:
                 tensors.append(TensorInfo(name=f"{mod_name}.lora_magnitude_vector", shape=(d_out,), trainable=True,
                                           layer=layer))
-    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    layers = _num_layers(model.config)
-    return Inventory(tensors=tensors, buffer_bytes=buffers, num_layers=layers), model, targets
+    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+    mapping = layer_map(types, num_layers, n_slice)
+    by_layer: dict[int, list[TensorInfo]] = {}
+    for t in tensors:
+        if t.layer is not None:
+            by_layer.setdefault(t.layer, []).append(t)
+    for i in range(n_slice, num_layers):
+        j = mapping[i]
+        for t in by_layer.get(j, []):
+            name = _LAYER_RE.sub(lambda m: m.group(0).replace(f".{j}.", f".{i}."), "." + t.name, count=1)[1:]
+            tensors.append(t.model_copy(update={"name": name, "layer": i}))
+    return Inventory(tensors=tensors, buffer_bytes=buffer_bytes, num_layers=num_layers), model, targets
+
+
+def _breakdown(model, config, num_layers: int):
+    """``ParamBreakdown`` of the full model from its slice: slice counts + the replicated layers' counts."""
+    from estimator.params import ParamBreakdown, _moe_sizes, count_parameters
+    from estimator.trace import _decoder_layers, _layer_types, layer_map
+
+    sliced = count_parameters(model)
+    layers = _decoder_layers(model)
+    n_slice = len(layers)
+    fields = ("total", "embeddings", "attention", "mlp", "norms", "head", "other", "experts")
+    counts = {f: getattr(sliced, f) for f in fields}
+    per_layer = [count_parameters(layer) for layer in layers]
+    for j in layer_map(_layer_types(config), num_layers, n_slice)[n_slice:]:
+        for f in fields:
+            counts[f] += getattr(per_layer[j], f)
+    n_exp, top_k = _moe_sizes(config)
+    active = counts["total"]
+    if counts["experts"] and n_exp and top_k:
+        active = counts["total"] - counts["experts"] + counts["experts"] * top_k // n_exp
+    return ParamBreakdown(active=active, **counts)
 
 
 def _num_layers(config) -> int:
@@ -279,12 +318,11 @@ def _estimate_cached(req_json: str) -> Estimate:
 def _model_facts(req_json: str):
     """Inventory and parameter counts (depend on the model and adapter knobs only)."""
     from estimator.catalog import resolve_model
-    from estimator.params import count_parameters
 
     req = EstimateRequest.model_validate_json(req_json)
     entry = resolve_model(req.model)
     inv, model, targets = _build_inventory(entry, req)
-    breakdown = count_parameters(model)
+    breakdown = _breakdown(model, entry.hf_config(), inv.num_layers)
     return entry, inv, breakdown, targets
 
 

@@ -1,0 +1,82 @@
+"""Speed of the estimator, as a table: cold and cached estimates against the cost of building the meta model.
+
+Targets (issue 2 and the app): a first LoRA estimate of llama-3.1-405b within 2x the time needed just to
+build its meta model (measured in the same run); a repeated (cached) estimate under 50 ms; a first estimate
+of llama-3.1-70b under 3 s. Runs in a private FTADVISOR_HOME so that no disk trace cache helps the cold runs.
+
+    .venv/bin/python benchmarks/bench_estimator.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - start, value
+
+
+def main() -> int:
+    os.environ["FTADVISOR_HOME"] = tempfile.mkdtemp(prefix="ftadvisor-bench-")
+    warnings.filterwarnings("ignore")
+    from estimator import params
+    from estimator.catalog import resolve_model
+    from estimator.estimate import clear_caches, estimate
+    from estimator.request import EstimateRequest
+    from estimator.trace import clear_memory_cache
+
+    def cold():
+        clear_caches()
+        clear_memory_cache()
+        params._build_meta_cached.cache_clear()
+
+    # warm the imports (torch, transformers, peft) so that they are not charged to either side
+    estimate(EstimateRequest(model="smollm2-135m", method="lora"))
+    rows = []
+    entry = resolve_model("llama-3.1-405b")
+    cold()
+    t_build, _ = _timed(lambda: params.build_meta_model(entry))
+    rows.append(("build llama-3.1-405b meta model (baseline)", t_build, "1.00x", ""))
+    cold()
+    req = EstimateRequest(model="llama-3.1-405b", method="lora", rank=16, batch_size=1, seq_len=2048,
+                          gpu="h100-80gb", num_gpus=8, sharding="zero3", tokens=10**9)
+    t_first, est = _timed(lambda: estimate(req))
+    ratio = t_first / t_build
+    rows.append(("first LoRA estimate llama-3.1-405b", t_first, f"{ratio:.2f}x",
+                 "target <= 2x: " + ("ok" if ratio <= 2 else "MISSED")))
+    t_again, _ = _timed(lambda: estimate(req))
+    rows.append(("repeated estimate (cached)", t_again, f"{t_again / t_build:.4f}x",
+                 "target < 50 ms: " + ("ok" if t_again < 0.05 else "MISSED")))
+    t_trace = est.trace_seconds or 0.0
+    rows.append(("  of which: 2-layer trace of 405b", t_trace, f"{t_trace / t_build:.2f}x", ""))
+    cold()
+    req70 = EstimateRequest(model="llama-3.1-70b", method="qlora", rank=16, batch_size=4, seq_len=1024,
+                            gpu="a100-80gb", tokens=10**8)
+    t70, est70 = _timed(lambda: estimate(req70))
+    rows.append(("first QLoRA estimate llama-3.1-70b", t70, "",
+                 "app target < 3 s: " + ("ok" if t70 < 3 else "MISSED")))
+    width = max(len(r[0]) for r in rows)
+    print(f"{'what':<{width}}  {'seconds':>9}  {'ratio':>8}  note")
+    print(f"{'-' * width}  {'-' * 9}  {'-' * 8}  {'-' * 24}")
+    for name, seconds, ratio_s, note in rows:
+        print(f"{name:<{width}}  {seconds:>9.3f}  {ratio_s:>8}  {note}")
+    print()
+    gib = 1024**3
+    print(f"405b LoRA zero3 x8 H100: peak {est.memory.peak_bytes / gib:.1f} GiB/GPU at {est.memory.peak_phase}, "
+          f"fits={est.fits}")
+    print(f"70b QLoRA A100-80GB b4 s1024: peak {est70.memory.peak_bytes / gib:.1f} GiB at "
+          f"{est70.memory.peak_phase}, fits={est70.fits}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
