@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Spinning OpenMP threads starve each other on the shared 2-core machine (see runner/worker.py); set before
+# torch is first imported in this test session.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import json
 
 import pytest
