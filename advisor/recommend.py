@@ -270,6 +270,7 @@ def _request(ctx: _Context, method: str, s: dict[str, Any], gpu, num_gpus: int):
         targets=s["target_modules"] or "attention-qv",
         dora=s["dora"],
         rslora=s["rslora"],
+        dropout=s["dropout"] if s["dropout"] is not None else 0.05,
         dtype=_dtype_for(gpu),
         optimizer=s["optimizer"],
         batch_size=s["micro_batch_size"],
@@ -286,7 +287,7 @@ def _request(ctx: _Context, method: str, s: dict[str, Any], gpu, num_gpus: int):
 
 def _evaluate(ctx: _Context, rung: str, method: str, s: dict[str, Any], gpu, num_gpus: int) -> tuple[Candidate, Any]:
     """Ask the estimator about one configuration; judge memory and budget; say why in ``verdict``."""
-    from estimator import estimate
+    from estimator.estimate import estimate
     from estimator.errors import EstimatorError
 
     req = _request(ctx, method, s, gpu, num_gpus)
@@ -464,11 +465,9 @@ def recommend(answers: Answers | dict[str, Any]) -> Recommendation:
         warnings.append(f"The {gpu.name} has no bf16: the run uses fp16 mixed precision (seed: 'fp16=True,  # For "
                         f"older GPUs'), which can overflow; watch for NaN losses.")
 
-    from estimator import storage_for_tasks
+    from estimator.estimate import storage_for_tasks
 
-    estimate_json = est.to_json()
-    estimate_json["memory_breakdown"] = est.memory.model_dump(mode="json")
-    estimate_json["notes"] = list(getattr(est, "notes", []) or [])
+    estimate_json = _estimate_json(est)
     storage = storage_for_tasks(est, answers.num_tasks)
     alternatives = _alternatives(ctx, method, wanted, tried, chosen)
     req = chosen.request
@@ -504,6 +503,17 @@ def recommend(answers: Answers | dict[str, Any]) -> Recommendation:
         decision_path=_decision_path(nodes, method_rule, book, tried, chosen),
         answers=answers,
     )
+
+
+def _estimate_json(est) -> dict[str, Any]:
+    """``Estimate.to_json()`` (flat, dotted keys) plus the same figures grouped: memory, gpu, compute, model."""
+    data = est.to_json()
+    data["memory"] = est.memory.model_dump(mode="json")
+    data["gpu"] = est.gpu.model_dump(mode="json")
+    data["compute"] = est.compute.model_dump(mode="json") if est.compute is not None else None
+    data["model"] = {k: getattr(est.model, k) for k in ("id", "display_name", "total_params", "trainable_params",
+                                                         "num_layers")}
+    return data
 
 
 def _ladder_reasons(book: RuleBook, tried: list[Candidate], chosen: Candidate | None) -> list[Reason]:
@@ -570,7 +580,7 @@ def _conflicts(nodes: list[TreeNode], method_rule, method: str, wanted: str, tri
 def _alternatives(ctx: _Context, method: str, wanted: str, tried: list[Candidate],
                   chosen: Candidate) -> list[Alternative]:
     """The other methods, each at its base rung on the chosen GPUs, with figures and why not."""
-    from estimator import storage_for_tasks
+    from estimator.estimate import storage_for_tasks
     from estimator.catalog import get_gpu
 
     gpu = get_gpu(chosen.request["gpu"])
@@ -591,7 +601,7 @@ def _alternatives(ctx: _Context, method: str, wanted: str, tried: list[Candidate
             why = cand.verdict
         elif not cand.fits or not cand.within_budget:
             why = "rejected: " + cand.verdict
-            if not cand.fits:
+            if not cand.fits and m == wanted:  # the method the rules asked for: say what it would take
                 why += _lightest_note(ctx, m, s, gpu, count)
         elif LADDER_METHODS.index(m) < LADDER_METHODS.index(wanted):
             why = f"fits ({cand.verdict}), but the rules did not ask for it: {_rules_prefer(wanted, ctx)}"
@@ -630,7 +640,7 @@ def _rules_prefer(wanted: str, ctx: _Context) -> str:
 
 def _storage_bytes(storage: dict, method: str) -> int | None:
     """Disk for all tasks from the estimator's storage dict (keys differ by version: take the method's own)."""
-    keys = ["full_copies_bytes", "full_bytes"] if method == "full" else ["base_plus_adapters_bytes", "adapters_bytes"]
+    keys = ["full_checkpoints_bytes"] if method == "full" else ["base_plus_adapters_bytes"]
     for key in keys:
         if isinstance(storage.get(key), (int, float)):
             return int(storage[key])
@@ -690,7 +700,7 @@ def _nothing_fits(ctx: _Context, wanted: str, tried: list[Candidate], reasons: l
 
 def _what_would_fit(ctx: _Context, cand: Candidate) -> list[str]:
     """For a configuration that does not fit: more of the same GPU with ZeRO-3, or a bigger catalog GPU."""
-    from estimator import estimate, min_gpus
+    from estimator.estimate import estimate, min_gpus
     from estimator.catalog import get_gpu, list_gpus
     from estimator.errors import EstimatorError
     from estimator.request import EstimateRequest
