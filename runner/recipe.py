@@ -88,6 +88,7 @@ def run(spec: RunSpec, run_dir: Path, *, resume: bool = False, stop_flag: thread
     """Train one run end to end; returns the Run (``.stopped`` is True after a stop-and-save request)."""
     state = Run(spec=spec, run_dir=Path(run_dir), resume=resume, stop_flag=stop_flag or threading.Event(),
                 progress=progress or Progress(), is_main=int(os.environ.get("RANK", "0")) == 0)
+    state.run_dir.mkdir(parents=True, exist_ok=True)
     _setup(state)
     _train(state)
     _cleanup(state)
