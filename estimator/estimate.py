@@ -391,10 +391,7 @@ def _adapter_file_bytes(inv: Inventory, targets: list[str]) -> int:
         if ".lora_" in t.name or t.name.endswith(".ranknum"):
             if t.name.endswith(".ranknum"):
                 continue  # AdaLoRA's rank counter is not saved
-            key = "base_model.model." + t.name
-            if key.endswith(".lora_magnitude_vector"):
-                key += ".weight"
-            shapes[key] = t.shape
+            shapes["base_model.model." + t.name] = t.shape
     return safetensors_file_bytes(shapes, "fp32", metadata={"format": "pt"})
 
 
