@@ -121,6 +121,31 @@ def test_edge_deployment_is_qlora_r4_to_8():
     _fits_given_gpus(rec, answers)
 
 
+def test_huge_model_on_limited_hardware_is_qlora_r8_to_16():
+    # Seed, Quick Selection Matrix: "| >100B model, limited hardware | QLoRA | r=8-16, 4-bit |". Llama-3.1-405B on
+    # 4x H200 (not a cluster). Physics: the NF4 base alone is ~200 GiB, so one H200 is not enough even with
+    # checkpointing and micro-batch 1; the last rung shards it over the 4 GPUs with ZeRO-3.
+    answers = Answers(model="llama-3.1-405b", gpu="h200-141gb", num_gpus=4, budget_usd=20_000, examples=2_000,
+                      tokens_per_example=256)
+    rec = recommend(answers)
+    assert rec.method == "qlora" and 8 <= rec.rank <= 16 and rec.quantization == "nf4"
+    assert rec.sharding == "zero3" and rec.num_gpus == 4
+    assert rec.gradient_checkpointing and rec.micro_batch_size == 1
+    assert rec.micro_batch_size * rec.gradient_accumulation_steps == 16  # same effective batch as 4 x 4
+    assert [r.rule for r in rec.reasons if r.kind == "physics"][-1] == "l_more_gpus"
+    _fits_given_gpus(rec, answers)
+
+
+def test_70b_qlora_on_one_48gb_card():
+    # Seed, Advanced Topics / QLoRA: "Train 65B parameter models on a single 48GB GPU!" and "Memory usage: ~40GB for
+    # 70B model". Physics agrees once gradient checkpointing is on (the estimator: ~40 GiB on an RTX A6000).
+    answers = Answers(model="llama-2-70b", gpu="rtx-a6000", budget_usd=1_000, examples=2_000, tokens_per_example=256)
+    rec = recommend(answers)
+    assert rec.method == "qlora" and rec.gradient_checkpointing
+    assert rec.estimate["memory.peak_bytes"] <= 48 * GIB
+    _fits_given_gpus(rec, answers)
+
+
 def test_enterprise_single_critical_task_is_full():
     # Seed, Quick Selection Matrix: "| Enterprise, single critical task | Full Fine-Tuning | All parameters |".
     # A 0.5B model: full fine-tuning fits one A100 80GB.
