@@ -1,0 +1,199 @@
+"""GPU check: measured peak memory of the runner's full, LoRA and QLoRA paths vs the estimator's prediction.
+
+Run on a machine with one CUDA GPU (no network needed):
+
+    python benchmarks/gpu_check.py [--model llama-2-7b] [--layers 2] [--batch 4] [--seq-len 512] [--steps 3]
+
+It builds a 2-layer slice of a real architecture (the catalog model's config.json with ``num_hidden_layers``
+cut to ``--layers``; random weights, fixed seed; a small locally trained tokenizer, whose ids are valid in the
+model's full vocabulary so the logits keep their real size), trains it a few steps with ``runner.recipe.run``
+exactly as the worker does (bf16 autocast, the spec's micro-batch and sequence length, every sequence filled to
+``--seq-len`` tokens), reads ``torch.cuda.max_memory_allocated`` and compares it with
+``estimator.estimate(...)`` for the same spec. The estimator's peak includes the CUDA context and allocator
+overhead, which ``max_memory_allocated`` never sees, so the error is computed on the peak without that overhead;
+both are printed.
+
+Without CUDA it prints "no CUDA device: skipped" and exits 0. ``--smoke`` runs the same pipeline on CPU with a
+tiny model (plumbing check only: CPU has no allocator peak to compare).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+#: Methods the runner implements, each with its own build path in runner/recipe.py.
+METHODS = ("full", "lora", "qlora")
+#: Words for the synthetic training text (any text works: each row is cut to exactly seq_len tokens).
+WORDS = ("the a model data train loss rank adapter memory token review good bad great poor movie service product "
+         "what is of and to in for on with user assistant system plus minus equals").split()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama-2-7b", help="catalog id whose config.json is sliced")
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers kept")
+    parser.add_argument("--batch", type=int, default=4, help="micro-batch (sequences)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per method")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of full,lora,qlora")
+    parser.add_argument("--gpu", default="h200-141gb", help="GPU catalog id for the estimate (memory size only "
+                                                              "matters for 'fits')")
+    parser.add_argument("--smoke", action="store_true", help="CPU plumbing check with a tiny model")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if not args.smoke and not torch.cuda.is_available():
+        print("no CUDA device: skipped")
+        return 0
+    device = "cpu" if args.smoke else "cuda"
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+
+    work = Path(tempfile.mkdtemp(prefix="ftadvisor-gpu-check-"))
+    model_dir = build_slice(work / "model", args.model, args.layers, smoke=args.smoke)
+    data = write_dataset(work / "train.jsonl", rows=max(8, args.batch * (args.steps + 1)),
+                         words_per_row=args.seq_len * 2)
+    rows = []
+    for method in methods:
+        rows.append(measure(method, model_dir, data, work / f"run-{method}", args, device))
+        print(format_row(rows[-1]), flush=True)
+    print()
+    print(format_table(rows, args, device))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def build_slice(folder: Path, model_id: str, layers: int, *, smoke: bool) -> Path:
+    """A model folder: the catalog config cut to ``layers`` decoder layers, random weights, local tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ftadvisor.paths import DATA_DIR
+    from runner.tinymodel import build_tiny_model, build_tokenizer
+
+    if smoke:
+        return build_tiny_model(folder, arch="llama", layers=layers)
+    config_path = DATA_DIR / "models" / model_id / "config.json"
+    if not config_path.is_file():
+        raise SystemExit(f"--model: no catalog config at {config_path}")
+    raw = json.loads(config_path.read_text())
+    raw["num_hidden_layers"] = layers
+    raw.pop("quantization_config", None)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(raw))
+    config = AutoConfig.from_pretrained(folder)
+    tokenizer = build_tokenizer()
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    del model
+    gc.collect()
+    return folder
+
+
+def write_dataset(path: Path, rows: int, words_per_row: int) -> Path:
+    """Plain-text rows longer than the sequence length, so every training sequence is exactly seq_len tokens."""
+    rng = random.Random(0)
+    with path.open("w") as fh:
+        for _ in range(rows):
+            fh.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(words_per_row))}) + "\n")
+    return path
+
+
+def make_spec(method: str, model_dir: Path, data: Path, args, device: str):
+    from runner.spec import DatasetSpec, RunSpec
+
+    return RunSpec(model=str(model_dir), method=method, dataset=DatasetSpec(path=str(data), format="text",
+                                                                           eval_fraction=0.0),
+                   max_steps=args.steps, save_steps=10_000, micro_batch_size=args.batch, seq_len=args.seq_len,
+                   precision="bf16", device=device, learning_rate=1e-4, logging_steps=1,
+                   peft={"target_modules": "all-linear"} if method != "full" else {})
+
+
+def measure(method: str, model_dir: Path, data: Path, run_dir: Path, args, device: str) -> dict:
+    """Train ``args.steps`` steps in this process and return predicted vs measured bytes."""
+    import torch
+
+    from estimator import estimate
+    from runner import recipe
+    from runner.distributed import estimate_request
+
+    spec = make_spec(method, model_dir, data, args, device)
+    est = estimate(estimate_request(spec, gpu=args.gpu))
+    predicted = est.memory.peak_bytes
+    overhead = est.memory.overhead_bytes
+    gc.collect()
+    measured = reserved = None
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    state = recipe.run(spec, run_dir)
+    seconds = time.perf_counter() - start
+    if device == "cuda":
+        measured = torch.cuda.max_memory_allocated() - base
+        reserved = torch.cuda.max_memory_reserved()
+    row = {
+        "method": method, "batch": args.batch, "seq_len": args.seq_len, "layers": args.layers,
+        "predicted_peak_bytes": predicted, "predicted_overhead_bytes": overhead,
+        "predicted_without_overhead_bytes": predicted - overhead, "peak_phase": est.memory.peak_phase,
+        "activation_source": est.memory.activation_source,
+        "measured_max_allocated_bytes": measured, "measured_max_reserved_bytes": reserved,
+        "error_pct": (100.0 * (predicted - overhead - measured) / measured) if measured else None,
+        "steps": state.trainer.state.global_step if state.trainer else None, "seconds": round(seconds, 1),
+    }
+    del state
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def _gib(value) -> str:
+    return "n/a" if value is None else f"{value / 2**30:.3f}"
+
+
+def format_row(row: dict) -> str:
+    err = "n/a" if row["error_pct"] is None else f"{row['error_pct']:+.1f}%"
+    return (f"{row['method']}: predicted {_gib(row['predicted_without_overhead_bytes'])} GiB (+ overhead "
+            f"{_gib(row['predicted_overhead_bytes'])}), measured {_gib(row['measured_max_allocated_bytes'])} GiB, "
+            f"error {err}, {row['steps']} steps in {row['seconds']} s")
+
+
+def format_table(rows: list[dict], args, device: str) -> str:
+    model = "tiny llama (smoke test)" if args.smoke else args.model
+    head = (f"{model} cut to {args.layers} layers, micro-batch {args.batch} x {args.seq_len} tokens, bf16, "
+            f"device {device}")
+    lines = [head, "",
+             "| method | predicted peak GiB | predicted w/o overhead GiB | measured max allocated GiB "
+             "| max reserved GiB | error % | peak phase | activations |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        err = "n/a" if r["error_pct"] is None else f"{r['error_pct']:+.1f}"
+        lines.append(f"| {r['method']} | {_gib(r['predicted_peak_bytes'])} | "
+                     f"{_gib(r['predicted_without_overhead_bytes'])} | {_gib(r['measured_max_allocated_bytes'])} | "
+                     f"{_gib(r['measured_max_reserved_bytes'])} | {err} | {r['peak_phase']} | "
+                     f"{r['activation_source']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
