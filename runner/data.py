@@ -475,7 +475,8 @@ class Collator:
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
-        self.tokens_seen = 0  # non-padding tokens handed to the model, read by the metrics callback
+        self.tokens_seen = 0  # non-padding training tokens handed to the model, read by the metrics callback
+        self.counting = True  # switched off while evaluating, so eval batches do not count as training
 
     def __call__(self, features: list[dict]) -> dict:
         import torch
@@ -486,7 +487,8 @@ class Collator:
         for f in features:
             n = len(f["input_ids"])
             pad = longest - n
-            self.tokens_seen += n
+            if self.counting:
+                self.tokens_seen += n
             ids.append(list(f["input_ids"]) + [self.pad_token_id] * pad)
             labels.append(list(f["labels"]) + [IGNORE_INDEX] * pad)
             mask.append([1] * n + [0] * pad)

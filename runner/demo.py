@@ -14,12 +14,14 @@ from runner.spec import DatasetSpec, PeftSettings, RunSpec
 DEMO_TRAIN = DATA_DIR / "datasets" / "demo_sentiment.jsonl"
 DEMO_EVAL = DATA_DIR / "datasets" / "demo_sentiment_eval.jsonl"
 
-#: Demo settings, chosen by running it on 2 CPU cores: 40 steps of batch 8 (320 rows = one epoch) take a few
-#: minutes and bring held-out exact match from 0% to most rows. lr 1e-3 is high for LoRA but the task is tiny.
+#: Demo settings, chosen from a real 40-step run on the 2 shared CPU cores (fp32): train loss 2.37 -> 0.01 by
+#: step 10 and flat after, held-out exact match 0/40 -> 40/40, eval loss 2.31 -> 0.0007. 16 steps of batch 8
+#: (128 of the 320 rows, about 55 tokens each) keep the margin; a step took about 17 s on the shared, busy
+#: machine (less on an idle one). lr 1e-3 is high for LoRA but the task is tiny.
 DEMO_DEFAULTS = dict(
     name="demo: SmolLM2-135M sentiment (LoRA)", model=DEMO_MODEL_ID, method="lora",
     peft=PeftSettings(r=8, alpha=16, dropout=0.0, target_modules="attention"),
-    learning_rate=1e-3, lr_scheduler="linear", warmup_ratio=0.05, max_steps=40, micro_batch_size=8,
+    learning_rate=1e-3, lr_scheduler="linear", warmup_ratio=0.05, max_steps=16, micro_batch_size=8,
     gradient_accumulation_steps=1, seq_len=128, precision="fp32", save_steps=20, save_total_limit=2,
     logging_steps=1, seed=42, device="auto",
 )

@@ -294,7 +294,14 @@ def resolve_targets(model, targets) -> list[str] | str:
     except ImportError:
         shared = None
     if shared is not None:
-        return shared(model, targets)
+        from ftadvisor.errors import UserError
+
+        try:
+            return shared(model, targets)
+        except UserError as exc:
+            raise RunnerError(str(exc), field="peft.target_modules", kind="bad_spec",
+                              fix="use a preset (attention-qv, attention, all-linear) or the model's Linear names"
+                              ) from exc
     if isinstance(targets, list):
         return targets
     if targets == "all-linear":
@@ -373,8 +380,24 @@ def training_arguments(r: Run):
     return TrainingArguments(**kwargs)
 
 
-def _build_trainer(r: Run):
+def _trainer_class():
     from transformers import Trainer
+
+    class RunnerTrainer(Trainer):
+        """Trainer whose eval batches do not count as training tokens (tokens/s in metrics.jsonl)."""
+
+        def evaluate(self, *args, **kwargs):
+            self.data_collator.counting = False
+            try:
+                return super().evaluate(*args, **kwargs)
+            finally:
+                self.data_collator.counting = True
+
+    return RunnerTrainer
+
+
+def _build_trainer(r: Run):
+    Trainer = _trainer_class()
 
     spec = r.spec
     tok = r.tokenizer
@@ -447,8 +470,12 @@ def _evaluate(r: Run) -> dict:
     out: dict = {"eval_loss": None, "exact_match": None, "exact_match_rows": 0, "samples": []}
     if not r.eval_rows:
         return out
+    last = r.trainer.state.log_history[-1] if r.trainer.state.log_history else {}
     try:
-        out["eval_loss"] = r.trainer.evaluate()["eval_loss"]
+        if "eval_loss" in last and last.get("step") == r.trainer.state.global_step and r.trainer.state.global_step:
+            out["eval_loss"] = last["eval_loss"]  # the Trainer just evaluated at this step (end of epoch)
+        else:
+            out["eval_loss"] = r.trainer.evaluate()["eval_loss"]
         out.update(exact_match(r.model, r.tokenizer, r.eval_rows, r.fmt))
     except torch.OutOfMemoryError as exc:
         raise _oom("oom_eval", exc) from exc

@@ -23,6 +23,7 @@ import time  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from ftadvisor.errors import UserError  # noqa: E402
 from runner import exitcodes  # noqa: E402
 from runner.callbacks import Heartbeat, Progress, write_json  # noqa: E402
 from runner.errors import RunnerError  # noqa: E402
@@ -111,6 +112,11 @@ def _run(run_dir: Path, resume: bool, stop_flag: threading.Event, progress: Prog
         print(f"worker: {exc.kind}: {exc}\nfix: {exc.fix}", file=sys.stderr, flush=True)
         write_result(run_dir, status, code, exc.kind, str(exc), exc.fix, field=exc.field)
         return code
+    except UserError as exc:  # another package's input error (e.g. the estimator's target names)
+        print(f"worker: bad_spec: {exc}", file=sys.stderr, flush=True)
+        write_result(run_dir, "failed", exitcodes.BAD_SPEC, "bad_spec", str(exc),
+                     "fix the named field of spec.json", field=getattr(exc, "field", None))
+        return exitcodes.BAD_SPEC
     except KeyboardInterrupt:
         write_result(run_dir, "cancelled", CANCEL_EXIT, "cancelled", "interrupted", "resume the run")
         return CANCEL_EXIT
