@@ -12,8 +12,12 @@ MEMORY_PARTS = (
     ("gradients_bytes", "Gradients", "#F58518"),
     ("optimizer_bytes", "Optimizer states", "#E45756"),
     ("activations_bytes", "Activations", "#72B7B2"),
+    ("optimizer_temp_bytes", "Optimizer-step temporaries", "#FF9DA6"),
+    ("gathered_bytes", "Gathered layers (ZeRO-3/FSDP)", "#9D755D"),
     ("overhead_bytes", "CUDA context + allocator", "#BAB0AC"),
 )
+CLIP_OVER_GPU = 2.5  # y-axis stops at 2.5 x the GPU's memory when a bar is far taller (readability only)
+CLIP_TRIGGER = 1.6  # ... and only when the tallest peak exceeds 1.6 x that cap
 _LAYOUT = dict(margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=-0.18), height=380)
 
 
@@ -35,8 +39,19 @@ def memory_bars(columns: dict[str, dict], gpu_bytes: int | None, gpu_label: str 
                     text=[f"peak {p:.1f} GiB" for p in peaks], textposition="top center",
                     customdata=phases, hovertemplate="%{x}<br>peak %{y:.2f} GiB (%{customdata})<extra></extra>")
     if gpu_bytes:
-        fig.add_hline(y=gpu_bytes / GIB, line_dash="dash", line_color="#B22222",
-                      annotation_text=f"{gpu_label}: {fmt_bytes(gpu_bytes)}", annotation_position="top left")
+        fig.add_hline(y=gpu_bytes / GIB, line_dash="dash", line_color="#B22222")
+        fig.add_scatter(name=f"{gpu_label}: {fmt_bytes(gpu_bytes)}", x=[labels[0]], y=[None], mode="lines",
+                        line=dict(dash="dash", color="#B22222"))  # the line's legend entry
+        # One method can dwarf the others (full fine-tuning of 70B: >1 TiB next to QLoRA's 60 GiB). Then the axis
+        # stops at CLIP_OVER_GPU x the GPU's memory and each cut bar carries its peak as text at the top.
+        top = CLIP_OVER_GPU * gpu_bytes / GIB
+        if max(peaks) > top * CLIP_TRIGGER:
+            top = max(top, sorted(peaks)[0] * 1.3)
+            fig.update_yaxes(range=[0, top])
+            for label, peak in zip(labels, peaks):
+                if peak > top:
+                    fig.add_annotation(x=label, y=top, text=f"↑ peak {peak:,.0f} GiB", showarrow=False,
+                                       yanchor="top", font=dict(color="white", size=12), bgcolor="#333")
     fig.update_layout(barmode="stack", yaxis_title="GiB per GPU", **_LAYOUT)
     return fig
 

@@ -8,6 +8,7 @@ import streamlit as st
 
 from ftadvisor.paths import DATA_DIR
 from runner.spec import DatasetSpec
+from ui.warmup import ready
 
 SHIPPED_DIR = DATA_DIR / "datasets"
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -23,6 +24,7 @@ def shipped() -> list[Path]:
 @st.cache_resource(show_spinner=False, max_entries=4)
 def tokenizer(model_ref: str, trust_remote_code: bool = False):
     """The run's tokenizer (resolving the model folder the same way the worker will). Raises RunnerError."""
+    ready()  # before runner.recipe, which imports transformers
     from runner.models import resolve_model_dir
     from runner.recipe import load_tokenizer
 
@@ -32,6 +34,7 @@ def tokenizer(model_ref: str, trust_remote_code: bool = False):
 @st.cache_data(show_spinner=False, max_entries=32)
 def check(ds_json: str, model_ref: str, seq_len: int, mtime_ns: int, trust_remote_code: bool = False):
     """runner.data.check_dataset for a dataset spec (JSON) and model; keyed also by the file's mtime."""
+    ready()
     from runner.data import check_dataset
 
     ds = DatasetSpec.model_validate_json(ds_json)

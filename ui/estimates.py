@@ -8,19 +8,41 @@ from __future__ import annotations
 
 import streamlit as st
 
+import estimator
 from estimator.request import EstimateRequest
+from ui.warmup import ready
 
 METHODS = ("full", "lora", "qlora")
 METHOD_LABELS = {"full": "Full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
 CACHE_ENTRIES = 2048  # estimates are a few KiB each; this keeps a long session's knob history
 
 
-@st.cache_data(show_spinner=False)
-def models():
-    """Catalog models (ModelEntry list, sorted)."""
-    from estimator.catalog import list_models
+def api(name: str):
+    """An estimator function through the package's lazy attribute (``estimator.estimate`` etc.).
 
-    return list_models()
+    Always via the package, never ``import estimator.estimate``: a first import of that submodule binds the
+    package attribute ``estimator.estimate`` to the module, and then ``from estimator import estimate`` (the
+    advisor) would get the module instead of the function.
+    """
+    ready()
+    return getattr(estimator, name)
+
+
+@st.cache_data(show_spinner=False)
+def model_names() -> dict[str, str]:
+    """Catalog id -> display name, sorted by id, for the pickers.
+
+    Read from the catalog's index file itself (``estimator.catalog.CATALOG_FILE``) so the first page does not wait
+    for ``list_models()``, which validates every config against transformers (importing torch: seconds). The
+    model is resolved and validated by the estimator when an estimate is asked for.
+    """
+    import yaml
+
+    from estimator.catalog import CATALOG_FILE
+
+    with open(CATALOG_FILE, encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh)
+    return {model_id: facts["display_name"] for model_id, facts in sorted(raw.items())}
 
 
 @st.cache_data(show_spinner=False)
@@ -33,9 +55,7 @@ def gpus():
 
 @st.cache_data(show_spinner=False, max_entries=CACHE_ENTRIES)
 def _estimate(req_json: str):
-    from estimator import estimate
-
-    return estimate(EstimateRequest.model_validate_json(req_json))
+    return api("estimate")(EstimateRequest.model_validate_json(req_json))
 
 
 def estimate(req: EstimateRequest):
@@ -50,9 +70,7 @@ def for_method(req: EstimateRequest, method: str):
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def _fitting(req_json: str):
-    from estimator import fitting_gpus
-
-    return fitting_gpus(EstimateRequest.model_validate_json(req_json))
+    return api("fitting_gpus")(EstimateRequest.model_validate_json(req_json))
 
 
 def fitting(req: EstimateRequest):
@@ -62,9 +80,7 @@ def fitting(req: EstimateRequest):
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def _min_gpus(req_json: str):
-    from estimator import min_gpus
-
-    return min_gpus(EstimateRequest.model_validate_json(req_json))
+    return api("min_gpus")(EstimateRequest.model_validate_json(req_json))
 
 
 def smallest_gpu_count(req: EstimateRequest):
@@ -74,10 +90,8 @@ def smallest_gpu_count(req: EstimateRequest):
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def _limits(req_json: str) -> tuple[int, int]:
-    from estimator import max_batch_size, max_seq_len
-
     req = EstimateRequest.model_validate_json(req_json)
-    return max_batch_size(req), max_seq_len(req)
+    return api("max_batch_size")(req), api("max_seq_len")(req)
 
 
 def limits(req: EstimateRequest) -> tuple[int, int]:

@@ -9,12 +9,14 @@ from pydantic import ValidationError
 
 from ftadvisor.errors import UserError
 from ui.errors import message_of
+from ui.warmup import ready
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
 def _recommend(answers_json: str):
     from advisor.recommend import NothingFits, recommend
 
+    ready()
     try:
         return recommend(json.loads(answers_json)), None, None
     except NothingFits as exc:

@@ -31,7 +31,7 @@ def estimate_csv(est) -> str:
     writer = csv.writer(buf)
     writer.writerow(["key", "value"])
     for k, v in estimate_rows(est):
-        writer.writerow([k, "" if v is None else v])
+        writer.writerow([k, "" if v is None else ("; ".join(map(str, v)) if isinstance(v, list) else v)])
     return buf.getvalue()
 
 
@@ -42,6 +42,8 @@ def estimate_markdown(est) -> str:
              f"({'fits' if est.fits else 'does not fit'}; peak during {est.memory.peak_phase}).", "",
              "| key | value |", "|---|---|"]
     for k, v in estimate_rows(est):
+        if isinstance(v, list):
+            continue  # the notes, listed below the table
         shown = f"{v:,} ({fmt_bytes(v)})" if k.endswith("_bytes") and isinstance(v, int) else v
         lines.append(f"| {k} | {'' if shown is None else shown} |")
     for note in getattr(est, "notes", []) or []:

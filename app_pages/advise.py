@@ -12,6 +12,7 @@ from ui.format import fmt_bytes, fmt_hours, fmt_params, fmt_usd
 from ui.recommend import recommend_cached
 
 SESSION = "session"
+FORM_WIDTH_PX = 760  # questions read better in a column than stretched across a wide screen
 GROUPS = [
     ("Your model and data", ["model", "examples", "tokens_per_example", "epochs"]),
     ("Your task", ["complexity", "domain", "accuracy_pct"]),
@@ -53,8 +54,8 @@ def _widget(name: str) -> None:
     field = Answers.model_fields[name]
     key, label, help_ = f"adv_{name}", LABELS.get(name, name), field.description
     if name == "model":
-        ids = [m.id for m in estimates.models()]
-        names = {m.id: m.display_name for m in estimates.models()}
+        names = estimates.model_names()
+        ids = list(names)
         st.selectbox(label + " (catalog id, or type a config.json path / model folder)", ids, key=key, help=help_,
                      accept_new_options=True, persist_state=SESSION,
                      format_func=lambda i: f"{names[i]} · {i}" if i in names else i)
@@ -85,7 +86,7 @@ n_steps = len(GROUPS)
 if step < n_steps:
     title, names = GROUPS[step]
     st.progress((step + 1) / (n_steps + 1), text=f"Step {step + 1} of {n_steps}: {title}")
-    with st.container(border=True):
+    with st.container(border=True, width=FORM_WIDTH_PX):
         st.subheader(title)
         for name in names:
             _widget(name)
@@ -97,7 +98,7 @@ if step < n_steps:
     for e in problems:
         loc = ".".join(str(p) for p in e.get("loc", ())) or "answers"
         show(f"{LABELS.get(loc, loc)}: {e.get('msg')} (got {e.get('input')!r})")
-    nav = st.container(horizontal=True)
+    nav = st.container(horizontal=True, width=FORM_WIDTH_PX)
     nav.button("Back", disabled=step == 0, on_click=_go, args=(step - 1,), icon=":material/arrow_back:")
     last = step == n_steps - 1
     nav.button("See the recommendation" if last else "Next", type="primary", disabled=bool(problems),
@@ -176,7 +177,7 @@ with st.expander("Every rule that fired (with the seed's words)"):
                                for r in rec.reasons]), hide_index=True, width="stretch")
 if rec.storage:
     with st.expander("Storage for your tasks"):
-        st.dataframe(pd.DataFrame([{"what": k, "value": fmt_bytes(v) if "bytes" in k and isinstance(v, int) else v}
+        st.dataframe(pd.DataFrame([{"what": k, "value": fmt_bytes(v) if "bytes" in k and isinstance(v, int) else str(v)}
                                    for k, v in rec.storage.items()]), hide_index=True, width="stretch")
 
 st.divider()
@@ -186,5 +187,5 @@ if st.button("Launch this run", type="primary", icon=":material/rocket_launch:",
     ss[state.LAUNCH_SPEC] = spec.model_dump(mode="json")
     ss[state.LAUNCH_SOURCE] = "advisor's recommendation"
     ss[state.LAUNCH_GPU] = rec.gpu
-    st.switch_page("pages/launch.py")
+    st.switch_page("app_pages/launch.py")
 st.caption("Carries these settings to the Launch page, where you pick the dataset and check it before starting.")

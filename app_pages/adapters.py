@@ -12,6 +12,7 @@ from ui import jobs
 from ui.errors import attempt
 from ui.format import fmt_bytes
 from ui.uploads import safe_name
+from ui.warmup import ready
 
 st.title("Adapters")
 st.caption("Adapters from completed LoRA / QLoRA runs (or any folder with adapter_config.json and "
@@ -66,6 +67,7 @@ with gen:
         weights = [cols[i].number_input(names[p], -4.0, 4.0, 1.0 / len(adapter_paths), 0.1, key=f"ad_gw{i}")
                    for i, p in enumerate(adapter_paths)]
     if st.button("Generate", type="primary", icon=":material/chat:", key="ad_generate"):
+        ready()  # the background import of torch/transformers has finished
         from runner import adapters as ra
 
         t0 = time.perf_counter()
@@ -101,6 +103,7 @@ with comb:
               for i, p in enumerate(adapter_paths)]
         out_name = st.text_input("Name of the combined adapter", "combined", key="ad_comb_name")
         if st.button("Combine and save", icon=":material/merge:", key="ad_combine"):
+            ready()  # the background import of torch/transformers has finished
             from runner import adapters as ra
 
             dest = home() / "exports" / safe_name(out_name, "combined")
@@ -115,6 +118,7 @@ with merge:
     which = st.selectbox("Adapter to merge", adapter_paths, format_func=names.get, key="ad_merge_pick")
     out_name = st.text_input("Name of the merged model", safe_name(f"{names[which]}-merged"), key="ad_merge_name")
     if st.button("Merge and export", icon=":material/save:", key="ad_merge"):
+        ready()  # the background import of torch/transformers has finished
         from runner import adapters as ra
 
         dest = home() / "exports" / safe_name(out_name, "merged")

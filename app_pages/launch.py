@@ -279,7 +279,7 @@ with side:
     if last:
         st.success(f"Run `{last}` launched. It keeps running if you close the browser.", icon=":material/check:")
         if st.button("Watch it on the Runs page", icon=":material/monitoring:", key="ln_goto_runs"):
-            st.switch_page("pages/runs.py")
+            st.switch_page("app_pages/runs.py")
 
     if spec is not None:
         st.caption("The same from a terminal (save the spec first):")

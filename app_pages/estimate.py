@@ -17,41 +17,43 @@ from ui.format import fmt_bytes, fmt_flops, fmt_hours, fmt_params, fmt_usd
 from ui.report import estimate_cli, estimate_csv, estimate_markdown, estimate_rows
 
 RANKS = [4, 8, 16, 32, 64, 128, 256]  # the seed's rank guide spans 4-256 ("Comparing LoRA ranks")
-SOURCES = ["Catalog", "config.json", "Local folder", "Hub id"]
+SOURCES = ["Catalog", "Upload", "Folder", "Hub"]  # where the model comes from (short: they go in the URL)
 QP = "query-params"
 
 st.title("Estimate")
 st.caption("Exact parameter counts and per-GPU memory from the real architecture (meta model + traced "
            "activations); time and cost from FLOPs. The URL holds every knob: copy it to share this estimate.")
 
-catalog = estimates.models()
+model_names = estimates.model_names()
+model_ids = list(model_names)
 gpu_list = estimates.gpus()
-model_ids = [m.id for m in catalog]
-model_names = {m.id: m.display_name for m in catalog}
 gpu_ids = [g.id for g in gpu_list]
 gpu_by_id = {g.id: g for g in gpu_list}
 
-inputs, results = st.columns([1, 2.3], gap="large")
+inputs, results = st.columns([1.2, 2], gap="large")
 
 # ---- inputs -------------------------------------------------------------------------------------------------
 with inputs:
     st.subheader("Model")
-    source = st.segmented_control("Model from", SOURCES, default="Catalog", required=True, key="src", bind=QP)
+    source = st.segmented_control("Model from", SOURCES, default="Catalog", required=True, key="src", bind=QP,
+                                  width="stretch")
     model_ref = None
     model_box = st.container()
     if source == "Catalog":
         default_model = "llama-3.1-8b" if "llama-3.1-8b" in model_ids else (model_ids[0] if model_ids else None)
+        # Options are the bare ids (no format_func): a bound widget writes its label into the URL, and an id
+        # keeps shared links short and readable (?model=llama-3.1-70b).
         model_ref = st.selectbox("Catalog model (type to search)", model_ids,
-                                 index=model_ids.index(default_model) if default_model else 0,
-                                 format_func=lambda i: f"{model_names.get(i, i)}  ·  {i}", key="model", bind=QP)
-    elif source == "config.json":
+                                 index=model_ids.index(default_model) if default_model else 0, key="model", bind=QP)
+        st.caption(model_names.get(model_ref, ""))
+    elif source == "Upload":
         up = st.file_uploader("Hugging Face config.json", type=["json"], key="config_upload",
                               max_upload_size=1)
         if up is not None:
             path, _ = attempt(uploads.save_config_upload, up.getvalue(), where=model_box)
             model_ref = str(path) if path else None
         st.caption("An uploaded config is not part of the shareable link; use a catalog id for that.")
-    elif source == "Local folder":
+    elif source == "Folder":
         model_ref = st.text_input("Path to a model folder or config.json", key="path", bind=QP,
                                   placeholder="/models/my-llama") or None
     else:
@@ -61,7 +63,7 @@ with inputs:
 
     st.subheader("Method")
     method = st.segmented_control("Method", list(estimates.METHODS), default="lora", required=True, key="method",
-                                  bind=QP, format_func=estimates.METHOD_LABELS.get)
+                                  bind=QP)
     is_adapter = method != "full"
     with st.container(border=True):
         c1, c2 = st.columns(2)
@@ -92,7 +94,9 @@ with inputs:
     st.subheader("Hardware")
     default_gpu = "a100-80gb" if "a100-80gb" in gpu_ids else (gpu_ids[0] if gpu_ids else None)
     gpu_id = st.selectbox("GPU", gpu_ids, index=gpu_ids.index(default_gpu) if default_gpu else 0, key="gpu",
-                          bind=QP, format_func=lambda g: f"{gpu_by_id[g].name} ({fmt_bytes(gpu_by_id[g].memory_bytes)})")
+                          bind=QP)
+    st.caption(f"{gpu_by_id[gpu_id].name}: {fmt_bytes(gpu_by_id[gpu_id].memory_bytes)}, "
+               f"${gpu_by_id[gpu_id].price_usd_per_hour:.2f} per hour")
     c1, c2 = st.columns(2)
     num_gpus = c1.number_input("GPUs", min_value=1, max_value=65536, value=1, key="n", bind=QP)
     sharding = c2.selectbox("Sharding", ["none", "ddp", "zero1", "zero2", "zero3", "fsdp"], key="shard", bind=QP,
@@ -132,7 +136,9 @@ with results:
     mem = est.memory
     st.subheader(f"{est.model.display_name} · {estimates.METHOD_LABELS[est.method]} · "
                  f"{est.gpu.count} x {est.gpu.name}")
-    m1, m2, m3, m4, m5 = st.columns(5)
+    m1, m2, m5 = st.columns(3)
+    m3, m4, m6 = st.columns(3)
+    m6.metric("Time", fmt_hours(est.compute.hours) if est.compute else "-", help="wall-clock for the data given")
     m1.metric("Peak per GPU", fmt_bytes(mem.peak_bytes), help=f"Peak phase: {mem.peak_phase}")
     m2.metric("GPU memory", fmt_bytes(est.gpu.memory_bytes))
     m3.metric("Parameters", fmt_params(est.model.total_params))
@@ -152,7 +158,7 @@ with results:
                  "micro-batch or more GPUs with sharding.", icon=":material/block:")
 
     tab_names = ["Memory", "Parameters", "Time and cost", "Which GPUs fit", "Ranks", "Storage", "Download"]
-    tabs = st.tabs(tab_names, key="tab", on_change="rerun")
+    tabs = st.tabs(tab_names, key="tab", on_change="rerun", bind=QP)
     t_mem, t_par, t_time, t_fit, t_rank, t_store, t_dl = tabs
 
     def is_open(tab) -> bool:
@@ -241,21 +247,19 @@ with results:
 
     if is_open(t_store):
         with t_store:
-            from estimator import storage_for_tasks
-
+            storage_for_tasks = estimates.api("storage_for_tasks")
             n_tasks = st.number_input("Tasks (one fine-tuned variant each)", min_value=1, max_value=10_000,
                                       value=10, key="tasks", bind=QP)
             s, err = attempt(storage_for_tasks, est, int(n_tasks))
             if s:
-                st.dataframe(pd.DataFrame([{"what": k, "value": fmt_bytes(v) if "bytes" in k else v}
+                st.dataframe(pd.DataFrame([{"what": k.replace("_", " "),
+                                            "value": fmt_bytes(v) if "bytes" in k else (f"{v:,.1f}x" if k == "ratio" and v else str(v))}
                                            for k, v in s.items()]), hide_index=True, width="stretch")
                 ns = sorted({1, max(1, n_tasks // 4), max(1, n_tasks // 2), n_tasks})
                 per = [storage_for_tasks(est, n) for n in ns]
-                full_key = next((k for k in per[0] if "full" in k and "bytes" in k), None)
-                adapt_key = next((k for k in per[0] if ("adapter" in k or "base" in k) and "bytes" in k
-                                  and k != full_key), None)
-                if full_key and adapt_key:
-                    st.plotly_chart(charts.storage_lines(ns, [p[full_key] for p in per], [p[adapt_key] for p in per]),
+                if per[0].get("base_plus_adapters_bytes") is not None:
+                    st.plotly_chart(charts.storage_lines(ns, [p["full_checkpoints_bytes"] for p in per],
+                                                         [p["base_plus_adapters_bytes"] for p in per]),
                                     key="storage_chart")
 
     if is_open(t_dl):

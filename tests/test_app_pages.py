@@ -1,0 +1,213 @@
+"""One AppTest per page: it renders without an exception, and its main interaction changes what it should.
+
+Pages run against the real packages (estimator, advisor, runner) on tiny models; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from runner.spec import DatasetSpec, RunSpec
+from ui import state
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 120  # a page that loads a tiny model or traces a step; normally a few seconds
+
+
+def _page(name: str) -> AppTest:
+    return AppTest.from_file(str(ROOT / "app_pages" / f"{name}.py"), default_timeout=TIMEOUT_S)
+
+
+def _errors(at: AppTest) -> list[str]:
+    return [e.value for e in at.error]
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    """40 prompt/completion rows of small sums (the tiny tokenizer was trained on this kind of text)."""
+    rows = [{"prompt": f"What is {a} plus {b}? ", "completion": f"{a + b}"} for a in range(8) for b in range(5)]
+    path = tmp_path_factory.mktemp("data") / "sums.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def tiny_spec(model_dir, dataset, **kw) -> RunSpec:
+    base = dict(name="app-test", model=str(model_dir), method="lora", max_steps=3, save_steps=2, device="cpu",
+                precision="fp32", seq_len=64, dataset=DatasetSpec(path=str(dataset)))
+    base.update(kw)
+    return RunSpec(**base)
+
+
+# ---- router ----------------------------------------------------------------------------------------------
+def test_router_renders_the_advisor_first(monkeypatch):
+    monkeypatch.setenv("FTADVISOR_WARMUP", "0")  # no background import thread inside the test process
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT_S).run()
+    assert not at.exception
+    assert at.title[0].value == "Advisor"
+    assert any("Data folder" in c.value for c in at.sidebar.caption)
+
+
+@pytest.mark.parametrize("name,title", [("advise", "Advisor"), ("estimate", "Estimate"), ("launch", "Launch"),
+                                        ("runs", "Runs"), ("adapters", "Adapters")])
+def test_every_page_renders_its_title_without_an_exception(name, title):
+    # AppTest reports a page that does not even compile as an empty page, so the title is checked too
+    at = _page(name).run()
+    assert not at.exception, at.exception
+    assert at.title[0].value == title
+
+
+# ---- advisor ---------------------------------------------------------------------------------------------
+def test_advisor_walks_the_groups_and_keeps_answers():
+    at = _page("advise").run()
+    assert not at.exception
+    assert at.get("progress")[0].value == 20  # step 1 of 4 (+ the recommendation) = 1/5
+    at.number_input(key="adv_examples").set_value(777).run()
+    at.button(key="adv_next").click().run()
+    assert not at.exception
+    assert "Step 2 of 4" in at.get("progress")[0].proto.text
+    # the first group's answer is kept in the permanent answers dict while its widget is not shown
+    assert at.session_state[state.ANSWERS]["examples"] == 777
+    at.button[0].click().run()  # Back
+    assert at.number_input(key="adv_examples").value == 777
+
+
+def test_advisor_impossible_answer_shows_an_error_and_blocks_next():
+    at = _page("advise")
+    at.session_state[state.ADVISOR_STEP] = 3  # hardware and budget
+    at.run()
+    at.number_input(key="adv_num_gpus").set_value(0).run()
+    assert any("greater than or equal to 1" in e for e in _errors(at))
+    assert at.button(key="adv_next").disabled
+
+
+# ---- launch ----------------------------------------------------------------------------------------------
+def test_launch_checks_the_dataset_and_launching_creates_a_run(tiny_model_dir, tiny_dataset):
+    from ui.jobs import manager
+
+    at = _page("launch")
+    at.session_state[state.LAUNCH_SPEC] = tiny_spec(tiny_model_dir, tiny_dataset).model_dump(mode="json")
+    at.session_state[state.LAUNCH_SOURCE] = "test"
+    at.run()
+    assert not at.exception, at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Format"] == "prompt_completion" and metrics["Rows"] == "40"
+    before = {r.id for r in manager().list()}
+    at.button(key="ln_launch").click().run()
+    assert not at.exception
+    new = [r for r in manager().list() if r.id not in before]
+    assert len(new) == 1 and new[0].spec.max_steps == 3 and new[0].method == "lora"
+    assert at.session_state[state.LAUNCHED_RUN] == new[0].id
+    manager().cancel(new[0].id)  # the Runs page test trains its own run; do not leave this one running
+
+
+def test_launch_bad_dataset_shows_row_numbers_and_blocks_launch(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n', encoding="utf-8")
+    at = _page("launch")
+    at.session_state[state.LAUNCH_SPEC] = tiny_spec(tiny_model_dir, bad).model_dump(mode="json")
+    at.run()
+    assert not at.exception
+    assert any("problem" in e for e in _errors(at))
+    table = at.dataframe[0].value
+    assert 2 in list(table["row"])  # the second line lacks its completion
+    assert at.button(key="ln_launch").disabled
+
+
+# ---- runs and adapters (one real tiny run shared by both) -------------------------------------------------
+@pytest.fixture(scope="module")
+def completed_run(tiny_model_dir, tiny_dataset):
+    from ui.jobs import manager
+
+    rec = manager().launch(tiny_spec(tiny_model_dir, tiny_dataset, name="finished-run"))
+    rec = manager().wait(rec.id, timeout_s=240)
+    assert rec.status == "completed", manager().log_tail(rec.id)
+    return rec
+
+
+def test_runs_page_shows_a_finished_run(completed_run):
+    at = _page("runs")
+    at.session_state[state.SELECTED_RUN] = completed_run.id
+    at.run()
+    assert not at.exception
+    assert at.get("progress")[0].value == 100
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Loss"] != "-" and metrics["Eval loss after"] != "-"
+    assert at.button(key=f"resume_{completed_run.id}").disabled  # nothing to resume
+    assert at.button(key=f"cancel_{completed_run.id}").disabled
+
+
+def test_adapters_page_generates_with_base_and_adapter(completed_run):
+    at = _page("adapters").run()
+    assert not at.exception
+    assert at.multiselect(key="ad_runs").value == [completed_run.id] or completed_run.id in at.multiselect(key="ad_runs").value
+    at.button(key="ad_generate").click().run()
+    assert not at.exception and not _errors(at)
+    assert len(at.text) >= 2  # the base model's answer and the adapter's answer
+
+
+# ---- estimate --------------------------------------------------------------------------------------------
+def _estimate_page(**query) -> AppTest:
+    at = _page("estimate")
+    for k, v in query.items():
+        at.query_params[k] = v
+    return at.run()
+
+
+def _peak_bytes(at: AppTest) -> int:
+    table = at.dataframe[0].value
+    return int(table.loc[table["part"] == "memory.peak_bytes", "bytes"].iloc[0])
+
+
+def test_estimate_a_larger_model_raises_the_peak():
+    small = _estimate_page(model="qwen2.5-0.5b", method="lora")
+    assert not small.exception and not _errors(small)
+    large = _estimate_page(model="qwen2.5-7b", method="lora")
+    assert not large.exception and not _errors(large)
+    assert _peak_bytes(large) > _peak_bytes(small)
+    # the headline and the table come from the same Estimate: the table's peak is what the metric shows
+    from ui.format import fmt_bytes
+
+    assert {m.label: m.value for m in large.metric}["Peak per GPU"] == fmt_bytes(_peak_bytes(large))
+
+
+def test_estimate_link_sets_the_knobs_and_every_tab_renders():
+    for tab in ["Parameters", "Time and cost", "Which GPUs fit", "Ranks", "Storage", "Download"]:
+        at = _estimate_page(model="qwen2.5-0.5b", method="qlora", gpu="rtx-4090", batch="2", tab=tab)
+        assert not at.exception, (tab, at.exception)
+        assert at.selectbox(key="model").value == "qwen2.5-0.5b"
+        assert at.selectbox(key="gpu").value == "rtx-4090"
+        assert at.number_input(key="batch").value == 2
+    assert len(at.get("download_button")) == 3  # JSON, CSV, Markdown on the last tab
+
+
+def test_estimate_bad_model_path_is_a_readable_error(tmp_path):
+    at = _estimate_page(src="Folder", path=str(tmp_path / "no-such-model"))
+    assert not at.exception
+    assert _errors(at) and "no-such-model" in _errors(at)[0]
+
+
+def test_estimate_impossible_knob_is_a_readable_error():
+    at = _estimate_page(model="qwen2.5-0.5b", seq="1048576", batch="4096")
+    assert not at.exception  # an absurd request is refused with a message, never a traceback
+    assert _errors(at) or {m.label: m.value for m in at.metric}
+
+
+# ---- advisor -> launch -----------------------------------------------------------------------------------
+def test_advisor_recommendation_carries_the_run_to_the_launch_page(monkeypatch):
+    monkeypatch.setenv("FTADVISOR_WARMUP", "0")
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT_S)
+    at.session_state[state.ANSWERS] = {"model": "qwen2.5-0.5b", "gpu": "rtx-4090", "examples": 2000}
+    at.session_state[state.ADVISOR_STEP] = 4
+    at.run()
+    assert not at.exception, at.exception
+    assert not _errors(at)
+    at.button(key="adv_launch").click().run()
+    assert not at.exception
+    spec = RunSpec.model_validate(at.session_state[state.LAUNCH_SPEC])
+    assert spec.model == "qwen2.5-0.5b" and spec.method in ("full", "lora", "qlora")
+    assert at.title[0].value == "Launch"
+    assert at.text_input(key="ln_model").value == "qwen2.5-0.5b"
