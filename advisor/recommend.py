@@ -446,7 +446,7 @@ def recommend(answers: Answers | dict[str, Any]) -> Recommendation:
 
     # 3. physics: walk the ladder from the wanted method
     chosen, est, tried = _walk_ladder(ctx, wanted)
-    ladder_reasons = _ladder_reasons(book, tried, chosen)
+    ladder_reasons = [_budget_reason(answers)] + _ladder_reasons(book, tried, chosen)
     if chosen is None:
         raise _nothing_fits(ctx, wanted, tried, reasons + ladder_reasons)
     method = chosen.method
@@ -514,6 +514,20 @@ def _estimate_json(est) -> dict[str, Any]:
     data["model"] = {k: getattr(est.model, k) for k in ("id", "display_name", "total_params", "trainable_params",
                                                          "num_layers")}
     return data
+
+
+def _budget_reason(answers: Answers) -> Reason:
+    tasks = f" x {answers.num_tasks} tasks" if answers.num_tasks > 1 else ""
+    return Reason(
+        kind="physics",
+        question="How is the budget checked?",
+        answer=f"budget {_usd(answers.budget_usd)}",
+        rule="budget",
+        section="Real Cost Comparison",
+        quote="1× RTX 4090 (24GB) - owned or $2/hour cloud",
+        effect=(f"estimated cost = GPU-hours x the catalog's price per GPU-hour{tasks}; GPUs you own are priced "
+                f"as if rented, as the seed's cost comparison does"),
+    )
 
 
 def _ladder_reasons(book: RuleBook, tried: list[Candidate], chosen: Candidate | None) -> list[Reason]:

@@ -411,7 +411,14 @@ def configure(facts: dict[str, Any], method: str, book: RuleBook | None = None) 
                 rank = max(rank, op.min)
             if op.max is not None:
                 rank = min(rank, op.max)
-            effects.append(f"rank {before} -> {rank}" if before else f"rank = {rank}")
+            if not before:
+                effects.append(f"rank = {rank}")
+            elif before != rank:
+                effects.append(f"rank {before} -> {rank}")
+            else:
+                effects.append(f"rank stays {rank}")
+            if op.range is not None:
+                effects[-1] += f" (range r={op.range[0]}-{op.range[1]})"
         for key, value in rule.set.items():
             values[key] = value
             effects.append(f"{key} = {value}")
