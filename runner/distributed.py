@@ -468,17 +468,46 @@ def write_engine_configs(spec: RunSpec, run_dir: Path, *, config_dir_ref: str | 
     return written
 
 
-def training_args_overrides(spec: RunSpec) -> dict:
+def check_strategy(spec: RunSpec) -> None:
+    """Refuse a strategy this machine cannot run, instead of letting the engine quietly run something else.
+
+    On CPU, accelerate 1.x applies an FSDP plugin only to GPU-like distributed types and otherwise trains plain
+    DDP (accelerate/state.py: the FSDP switch sits under MULTI_GPU/XPU/NPU...; measured here: strategy fsdp on
+    CPU trained as DistributedDataParallel), and DeepSpeed's CPU backend needs oneCCL. ZeRO needs the deepspeed
+    package. Raises RunnerError naming ``distribution.strategy``.
+    """
+    strategy = spec.distribution.strategy
+    if not is_distributed(spec) or strategy == "ddp":
+        return
+    if on_cpu(spec):
+        raise RunnerError(
+            f"distribution.strategy {strategy} needs GPUs: on CPU accelerate would silently train plain DDP "
+            f"({'FSDP' if strategy == 'fsdp' else 'DeepSpeed'} is not run on CPU)",
+            field="distribution.strategy", kind="bad_spec",
+            fix="use strategy ddp on CPU, or run on GPUs (ftadvisor export writes a bundle for a GPU machine)")
+    if strategy in ZERO_STAGE:
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise RunnerError(f"distribution.strategy {strategy} needs DeepSpeed, which is not installed",
+                              field="distribution.strategy", kind="missing_dependency",
+                              fix="pip install deepspeed (it compiles its CUDA ops on first use), or use fsdp")
+
+
+def training_args_overrides(spec: RunSpec, *, check: bool = True) -> dict:
     """Keyword arguments the worker merges into ``TrainingArguments`` (empty for one process).
 
     DDP: ``ddp_backend="gloo"`` on CPU (NCCL needs GPUs), ``ddp_find_unused_parameters=False`` for LoRA/QLoRA
     (every adapter is used each step; the default True costs a graph walk and breaks with recompute).
     FSDP: ``fsdp=True`` + :func:`fsdp_config`; the spec's gradient checkpointing moves into the FSDP config, so
     ``gradient_checkpointing`` is turned off here. DeepSpeed: ``deepspeed=`` the config dict (the same contents
-    as ``ds_config.json``) and ``max_grad_norm`` equal to its clipping value.
+    as ``ds_config.json``) and ``max_grad_norm`` equal to its clipping value. ``check`` (default) first refuses a
+    strategy this machine cannot run (:func:`check_strategy`).
     """
     if not is_distributed(spec):
         return {}
+    if check:
+        check_strategy(spec)
     overrides: dict = {"ddp_timeout": DDP_TIMEOUT_S}
     if on_cpu(spec):
         overrides["ddp_backend"] = "gloo"

@@ -122,7 +122,7 @@ def test_deepspeed_json_matches_the_trainer_arguments(tmp_path, precision):
 
     spec = _spec(micro_batch_size=2, gradient_accumulation_steps=3, precision=precision, optimizer="adamw",
                  distribution=dict(nproc_per_node=2, nnodes=2, strategy="zero3", offload=True))
-    overrides = D.training_args_overrides(spec)
+    overrides = D.training_args_overrides(spec, check=False)  # deepspeed and GPUs are not needed to check
     ds = overrides.pop("deepspeed")
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=spec.micro_batch_size,
                              gradient_accumulation_steps=spec.gradient_accumulation_steps,
@@ -202,7 +202,7 @@ def test_fsdp_config_carries_the_spec(tmp_path, tiny_model_dir):
     assert acc["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
     assert acc["fsdp_config"]["fsdp_offload_params"] is True
     assert acc["fsdp_config"]["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
-    overrides = D.training_args_overrides(spec)
+    overrides = D.training_args_overrides(spec, check=False)
     assert overrides["fsdp"] is True and overrides["fsdp_config"] == fsdp
     # FSDP's own recompute replaces the training argument (which would all-gather twice).
     assert overrides["activation_checkpointing"] is False and overrides["gradient_checkpointing"] is False
@@ -217,7 +217,7 @@ FSDP_PROBE = textwrap.dedent("""
     spec = RunSpec.model_validate_json(sys.argv[1])
     kwargs = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=1, report_to="none",
                   gradient_checkpointing=True)
-    kwargs.update(D.training_args_overrides(spec))
+    kwargs.update(D.training_args_overrides(spec, check=False))  # FSDP itself cannot run on CPU (see below)
     args = TrainingArguments(**kwargs)
     plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
     print(json.dumps({"plugin_args": args.fsdp_plugin_args, "backend": args.ddp_backend,
@@ -255,6 +255,31 @@ def _free_port() -> int:
 
 
 # ------------------------------------------------------------------------------------------------ DDP, QLoRA
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero2", "zero3"])
+def test_sharded_strategies_are_refused_on_cpu(strategy):
+    """accelerate trains plain DDP when given FSDP on CPU (measured in a two-rank run: the model came back
+    wrapped in DistributedDataParallel), so the runner refuses instead of running something else."""
+    spec = _spec(device="cpu", distribution=dict(nproc_per_node=2, strategy=strategy))
+    with pytest.raises(RunnerError) as err:
+        D.training_args_overrides(spec)
+    assert err.value.field == "distribution.strategy" and "ddp" in err.value.fix
+    # One process, or DDP, is always fine.
+    assert D.training_args_overrides(_spec(device="cpu", distribution=dict(strategy=strategy))) == {}
+    assert D.training_args_overrides(_spec(device="cpu", distribution=dict(nproc_per_node=2)))["ddp_backend"] == "gloo"
+
+
+def test_zero_needs_deepspeed_installed(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    monkeypatch.setattr(D, "on_cpu", lambda spec: False)  # as on a GPU machine
+    with pytest.raises(RunnerError) as err:
+        D.training_args_overrides(_spec(distribution=dict(nproc_per_node=2, strategy="zero3")))
+    assert err.value.kind == "missing_dependency" and "pip install deepspeed" in err.value.fix
+    assert D.training_args_overrides(_spec(distribution=dict(nproc_per_node=2, strategy="fsdp")))["fsdp"] is True
 
 
 def test_ddp_overrides_on_cpu():
