@@ -500,54 +500,104 @@ def _smallest_count(req: EstimateRequest, sharding: str) -> int | None:
     return hi
 
 
+def _fits_at(req: EstimateRequest, **changes) -> bool:
+    return estimate(_with(req, **changes)).fits
+
+
+def _confirm(req: EstimateRequest, knob: str, guess: int, step: int, lo: int, hi: int) -> int:
+    """Largest value of ``knob`` (a multiple of ``step`` in [lo, hi]) that fits, starting from a model's
+    ``guess``: a few real estimates around it, then bisection if the guess was far off."""
+    guess = max(lo, min(hi, guess - guess % step))
+    if _fits_at(req, **{knob: guess}):
+        for _ in range(4):
+            if guess + step > hi or not _fits_at(req, **{knob: guess + step}):
+                return guess
+            guess += step
+        good, bad = guess, hi + step
+    else:
+        for _ in range(4):
+            guess -= step
+            if guess < lo:
+                return 0
+            if _fits_at(req, **{knob: guess}):
+                return guess
+        good, bad = lo - step, guess
+        if not _fits_at(req, **{knob: lo}):
+            return 0
+        good = lo
+    while bad - good > step:
+        mid = good + ((bad - good) // step // 2) * step
+        if _fits_at(req, **{knob: mid}):
+            good = mid
+        else:
+            bad = mid
+    return good
+
+
+def _solve(points: list[tuple[int, dict[str, int]]], limit: int, degree: int) -> float:
+    """Largest x with every phase's fitted peak(x) <= limit; phases fitted exactly through the points
+    (degree 1: a line through two points; degree 2: a parabola through three)."""
+    best = float("inf")
+    for phase in points[0][1]:
+        xs = [float(x) for x, _ in points]
+        ys = [float(p[phase]) for _, p in points]
+        if degree == 1:
+            slope = (ys[1] - ys[0]) / (xs[1] - xs[0])
+            x = float("inf") if slope <= 0 else xs[0] + (limit - ys[0]) / slope
+        else:
+            (x0, x1, x2), (y0, y1, y2) = xs, ys
+            c = ((y2 - y0) / (x2 - x0) - (y1 - y0) / (x1 - x0)) / (x2 - x1)
+            b = (y1 - y0) / (x1 - x0) - c * (x0 + x1)
+            a = y0 - b * x0 - c * x0 * x0
+            if abs(c) < 1e-12:
+                x = float("inf") if b <= 0 else (limit - a) / b
+            else:
+                disc = b * b - 4 * c * (a - limit)
+                x = float("inf") if disc < 0 and c < 0 else (-b + disc ** 0.5) / (2 * c) if disc >= 0 else 0.0
+        best = min(best, x)
+    return best
+
+
 def max_batch_size(req: EstimateRequest) -> int:
     """Largest micro-batch that fits ``req.gpu`` (0 if batch 1 does not fit).
 
-    Activations are linear in the batch at a fixed length: two traces (batch 1 and 2) give the line, the
-    search runs on it, and the answer is confirmed with a real trace (and stepped down if needed).
+    Activations are linear in the batch at a fixed length: estimates at batch 1 and 2 give each phase's line,
+    the crossing with the GPU memory is the guess, and real estimates around it confirm the answer.
     """
     from estimator.request import MAX_BATCH
 
-    if not estimate(_with(req, batch_size=1)).fits:
+    e1 = estimate(_with(req, batch_size=1))
+    if not e1.fits:
         return 0
-    e1, e2 = estimate(_with(req, batch_size=1)), estimate(_with(req, batch_size=2))
+    e2 = estimate(_with(req, batch_size=2))
     if not e2.fits:
         return 1
-    slope = e2.memory.peak_bytes - e1.memory.peak_bytes
-    room = e1.gpu.memory_bytes - e1.memory.peak_bytes
-    guess = MAX_BATCH if slope <= 0 else min(MAX_BATCH, 1 + room // slope)
-    guess = max(2, int(guess))
-    while guess > 2 and not estimate(_with(req, batch_size=guess)).fits:
-        guess -= max(1, guess // 16)
-    while guess < MAX_BATCH and estimate(_with(req, batch_size=guess + 1)).fits:
-        guess += 1
-    return guess
+    x = _solve([(1, e1.memory.phase_peaks), (2, e2.memory.phase_peaks)], e1.gpu.memory_bytes, 1)
+    guess = MAX_BATCH if x == float("inf") else int(min(MAX_BATCH, x))
+    return _confirm(req, "batch_size", max(2, guess), 1, 1, MAX_BATCH)
 
 
 def max_seq_len(req: EstimateRequest, multiple_of: int = 64) -> int:
     """Longest sequence (a multiple of ``multiple_of``, up to the model's context) that fits ``req.gpu``;
-    0 if ``multiple_of`` tokens do not fit. Bisection on traced estimates (each trace is cached)."""
+    0 if ``multiple_of`` tokens do not fit. Memory is at most quadratic in the length (eager attention), so
+    three estimates give each phase's parabola; real estimates around its crossing confirm the answer."""
     from estimator.catalog import resolve_model
 
     config = resolve_model(req.model).hf_config()
     ctx = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 131072
-    hi_units = max(1, int(ctx) // multiple_of)
-
-    def fits(units: int) -> bool:
-        return estimate(_with(req, seq_len=units * multiple_of)).fits
-
-    if not fits(1):
+    hi = max(multiple_of, (min(int(ctx), 1_048_576) // multiple_of) * multiple_of)
+    if not _fits_at(req, seq_len=multiple_of):
         return 0
-    if fits(hi_units):
-        return hi_units * multiple_of
-    lo, hi = 1, hi_units
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo * multiple_of
+    if _fits_at(req, seq_len=hi):
+        return hi
+    xs = sorted({max(multiple_of, min(hi, v)) for v in (hi // 8, hi // 4, hi // 2)})
+    if len(xs) < 3:
+        xs = [multiple_of, max(2 * multiple_of, hi // 2), hi]
+    points = [(x, estimate(_with(req, seq_len=x)).memory.phase_peaks) for x in xs[:3]]
+    limit = estimate(_with(req, seq_len=multiple_of)).gpu.memory_bytes
+    x = _solve(points, limit, 2)
+    guess = hi if x == float("inf") else int(max(multiple_of, min(hi, x)))
+    return _confirm(req, "seq_len", guess, multiple_of, multiple_of, hi)
 
 
 def fitting_gpus(req: EstimateRequest) -> list[tuple[str, Estimate]]:
