@@ -249,6 +249,14 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+def needs_collective_save(spec: RunSpec) -> bool:
+    """True when the final weights are sharded across ranks (FSDP, ZeRO-3): then every rank must call
+    ``trainer.save_model(out)`` (it gathers the shards and only the main process writes); rank 0 alone calling
+    ``model.save_pretrained`` would save its shard only or wait forever for the others. DDP and ZeRO-2 keep full
+    weights on every rank, so rank 0 saving alone is right."""
+    return is_distributed(spec) and spec.distribution.strategy in ("fsdp", "zero3")
+
+
 #: Exit codes that mean "this rank did its part": other ranks exit 0 with them so that torchrun, which tears
 #: the whole group down (SIGTERM) as soon as one rank exits non-zero, never kills rank 0 while it is still
 #: writing the checkpoint, the adapter or result.json. Values from runner/exitcodes.py (COMPLETED, STOPPED).

@@ -417,3 +417,10 @@ def test_any_rank_and_finish_ranks_with_two_real_ranks(tmp_path):
 def test_sync_helpers_are_identity_without_a_process_group():
     assert D.any_rank(True) is True and D.any_rank(False) is False
     assert D.finish_ranks(6) == 6 and D.finish_ranks(5) == 5
+
+
+@pytest.mark.parametrize("strategy,nproc,expected", [("fsdp", 2, True), ("zero3", 2, True), ("zero2", 2, False),
+                                                    ("ddp", 2, False), ("fsdp", 1, False)])
+def test_collective_save_only_when_weights_are_sharded(strategy, nproc, expected):
+    spec = _spec(distribution=dict(nproc_per_node=nproc, strategy=strategy))
+    assert D.needs_collective_save(spec) is expected
