@@ -87,7 +87,7 @@ def chat_prompt(tokenizer, prompt: str, chat: bool = True) -> tuple[str, bool]:
 def generate(base: str, adapters: list[str | Path], prompt: str, weights: list[float] | None = None,
              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, chat: bool = True) -> str:
     """Greedy answer of base + adapters to ``prompt``. One adapter: that adapter. Several with ``weights``:
-    their weighted combination. Several without weights: the first (use :func:`generate_each` to compare)."""
+    their weighted combination ("cat", exact). Several without weights: the first (use :func:`generate_each` to compare)."""
     from runner.recipe import generate_batch
 
     model, tok, names = load_with_adapters(base, adapters)
@@ -122,10 +122,9 @@ def _add_weighted(model, names: list[str], weights: list[float], new_name: str,
         raise RunnerError(f"give one weight per adapter ({len(names)} adapters, {len(weights)} weights)",
                           field="weights", fix="pass as many --weight values as --adapter folders")
     ranks = {model.peft_config[n].r for n in names}
-    if combination_type is None:
-        # "linear" needs equal ranks (it sums the A and B matrices); "cat" concatenates them (rank = sum of
-        # ranks) and is exact for any ranks: the combined delta is sum_i w_i * B_i A_i (peft docs).
-        combination_type = "linear" if len(ranks) == 1 else "cat"
+    # "cat" concatenates the A and B matrices (rank = sum of ranks): exactly sum_i w_i * B_i A_i for any ranks.
+    # "linear" sums A and B with sqrt-weights (peft's definition), which needs equal ranks and is not that sum.
+    combination_type = combination_type or "cat"
     if combination_type == "linear" and len(ranks) > 1:
         raise RunnerError(f"linear combination needs adapters of equal rank (got ranks {sorted(ranks)})",
                           field="combination_type", fix="use combination_type cat")
