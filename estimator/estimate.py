@@ -279,6 +279,8 @@ class _Activations(BaseModel):
     source: str
     seconds: float | None = None
     note: str | None = None
+    slice_layers: int = 2
+    attention: str = "sdpa"
 
 
 def _activations(config, req: EstimateRequest, num_layers: int, batch_size: int | None = None,
@@ -287,19 +289,28 @@ def _activations(config, req: EstimateRequest, num_layers: int, batch_size: int 
     from estimator.trace import TraceError, extrapolate, trace_slice
 
     settings = trace_settings(req, batch_size, seq_len)
+    note = None
+    if settings.attention == "sdpa" and getattr(config, "attn_logit_softcapping", None):
+        # transformers refuses sdpa with attention-logit softcapping (Gemma-2): the run has to use eager
+        settings = settings.model_copy(update={"attention": "eager"})
+        note = (f"{config.model_type} caps attention logits (attn_logit_softcapping), which sdpa does not "
+                "support: traced with eager attention, as the run must use")
     try:
         trace = trace_slice(config, settings)
         ex = extrapolate(trace, num_layers, list(config.layer_types) if getattr(config, "layer_types", None) else None)
         return _Activations(held=ex.activations_bytes, forward_peak_rel=ex.forward_peak_rel_bytes,
                             backward_peak_rel=ex.backward_peak_rel_bytes, flops=ex.flops, source="traced",
-                            seconds=trace.seconds)
+                            seconds=trace.seconds, note=note, slice_layers=trace.slice_layers,
+                            attention=settings.attention)
     except TraceError as exc:
         b, s = settings.batch_size, settings.seq_len
-        held, fwd, bwd = formula_activations(config, batch_size=b, seq_len=s, attention=req.attention,
+        held, fwd, bwd = formula_activations(config, batch_size=b, seq_len=s, attention=settings.attention,
                                              grad_checkpointing=req.grad_checkpointing, dtype=req.dtype)
+        moe = " (MoE: expert activations depend on the routing and are not in the formula)" if getattr(
+            config, "num_local_experts", None) or getattr(config, "num_experts", None) else ""
         return _Activations(held=held, forward_peak_rel=fwd, backward_peak_rel=bwd, flops=0.0, source="formula",
                             note=f"activations by formula (Korthikanti et al. 2022 + logits): the trace failed "
-                                 f"for this architecture ({str(exc)[:200]})")
+                                 f"for this architecture ({str(exc)[:200]}){moe}", attention=settings.attention)
 
 
 def estimate(req: EstimateRequest) -> Estimate:
@@ -413,10 +424,12 @@ def _notes(req: EstimateRequest, inv: Inventory, acts: _Activations, mem: StepMe
 
     notes = [_method_note(req)]
     if acts.source == "traced":
-        notes.append(f"activations traced: one real forward+loss+backward of a {inv.num_layers}-layer model "
-                     f"replayed from a 2-layer slice on fake tensors (batch {req.batch_size}, seq {req.seq_len}, "
-                     f"{req.attention} attention{', gradient checkpointing' if req.grad_checkpointing else ''}); "
-                     "no padding assumed")
+        notes.append(f"activations traced: one real forward+loss+backward of a {acts.slice_layers}-layer slice on "
+                     f"fake tensors, replayed for all {inv.num_layers} layers (batch {req.batch_size}, seq "
+                     f"{req.seq_len}, {acts.attention} attention"
+                     f"{', gradient checkpointing' if req.grad_checkpointing else ''}); no padding assumed")
+        if acts.note:
+            notes.append(acts.note)
     else:
         notes.append(acts.note or "activations by formula")
     opt_notes = {

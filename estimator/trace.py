@@ -593,6 +593,9 @@ def trace_slice(config, settings: TraceSettings) -> SliceTrace:
             return trace
         except ValueError:
             path.unlink(missing_ok=True)  # a stale or torn cache file: trace again
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    old_level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)  # an op without a fake kernel is reported by our fallback note instead
     try:
         model = build_training_model(sliced, settings)
         trace = run_traced_step(model, settings)
@@ -603,6 +606,8 @@ def trace_slice(config, settings: TraceSettings) -> SliceTrace:
     except (RuntimeError, NotImplementedError, TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
         # unsupported op under fake tensors, data-dependent control flow (MoE routing), ...
         raise TraceError(f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        fake_log.setLevel(old_level)
     _MEMO[key] = trace
     tmp = path.with_suffix(".tmp")
     tmp.write_text(trace.model_dump_json())
