@@ -11,7 +11,7 @@ GIB = 1024**3
 _FLAGS = {
     "model": "--model", "method": "--method", "rank": "--rank", "alpha": "--alpha", "targets": "--targets",
     "dora": "--dora", "rslora": "--rslora", "dtype": "--dtype", "optimizer": "--optimizer",
-    "batch_size": "--batch-size", "seq_len": "--seq-len", "grad_checkpointing": "--grad-checkpointing",
+    "batch_size": "--batch-size", "seq_len": "--seq-len", "grad_checkpointing": "--grad-checkpointing", "grad_accum_steps": "--grad-accum",
     "attention": "--attention", "gpu": "--gpu", "num_gpus": "--num-gpus", "sharding": "--sharding",
     "examples": "--examples", "tokens_per_example": "--tokens-per-example", "epochs": "--epochs",
     "tokens": "--tokens", "mfu": "--mfu", "price": "--price", "offload": "--offload", "dropout": "--dropout",
@@ -47,6 +47,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="micro-batch per GPU (sequences)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
     p.add_argument("--attention", choices=["sdpa", "eager"], default="sdpa")
     p.add_argument("--gpu", default="a100-80gb", help="GPU id (ftadvisor gpus)")
     p.add_argument("--num-gpus", type=int, default=1)
@@ -111,7 +112,8 @@ def build_request(args):
     data = dict(model=args.model, method=args.method, rank=args.rank, alpha=args.alpha, targets=targets,
                 dora=args.dora, rslora=args.rslora, dropout=args.dropout, dtype=args.dtype,
                 optimizer=args.optimizer, batch_size=args.batch_size, seq_len=args.seq_len,
-                grad_checkpointing=args.grad_checkpointing, attention=args.attention, gpu=args.gpu,
+                grad_checkpointing=args.grad_checkpointing, grad_accum_steps=args.grad_accum,
+                attention=args.attention, gpu=args.gpu,
                 num_gpus=args.num_gpus, sharding=args.sharding, offload=args.offload, examples=args.examples,
                 tokens_per_example=args.tokens_per_example, epochs=args.epochs, tokens=args.tokens,
                 mfu=args.mfu, price=args.price)

@@ -352,7 +352,8 @@ def _estimate(req: EstimateRequest) -> Estimate:
     acts = _activations(config, req, inv.num_layers)
     mem = step_memory(inv, method=req.method, optimizer=req.optimizer, sharding=req.sharding,
                       num_gpus=req.num_gpus, offload=req.offload, activations_bytes=acts.held,
-                      forward_peak_rel=acts.forward_peak_rel, backward_peak_rel=acts.backward_peak_rel)
+                      forward_peak_rel=acts.forward_peak_rel, backward_peak_rel=acts.backward_peak_rel,
+                      grad_accum_steps=req.grad_accum_steps)
     notes = _notes(req, inv, acts, mem, targets)
     trainable = inv.trainable_params
     # compute
@@ -462,6 +463,9 @@ def _notes(req: EstimateRequest, inv: Inventory, acts: _Activations, mem: StepMe
             notes.append(f"offload: {mem.offloaded_bytes / GIB:.1f} GiB kept in CPU memory instead of the GPU")
         else:
             notes.append("offload needs --sharding zero1/zero2/zero3/fsdp; ignored")
+    if req.grad_accum_steps > 1:
+        notes.append(f"gradient accumulation over {req.grad_accum_steps} micro-steps: gradients stay allocated "
+                     "during the forward and backward of later micro-steps (counted in both peaks)")
     if req.sharding in ("zero2", "zero3", "fsdp"):
         notes.append("backward peak with sharded gradients: the full-gradient trace minus the gradients other "
                      "GPUs keep (conservative when the peak falls before all gradients exist)")

@@ -186,11 +186,15 @@ def largest_layer_bytes(inv: Inventory, bytes_per_value: int = 2) -> int:
 
 
 def step_memory(inv: Inventory, *, method: str, optimizer: str, sharding: Sharding, num_gpus: int,
-                offload: bool, activations_bytes: int, forward_peak_rel: int, backward_peak_rel: int) -> StepMemory:
+                offload: bool, activations_bytes: int, forward_peak_rel: int, backward_peak_rel: int,
+                grad_accum_steps: int = 1) -> StepMemory:
     """Per-GPU memory of one step from the inventory and the (extrapolated) traced activations.
 
     ``forward_peak_rel`` / ``backward_peak_rel`` are the traced peaks above the step start, for one GPU with
     all gradients local (the backward peak includes the gradients allocated up to that point).
+    With gradient accumulation the gradients of earlier micro-steps are alive through the forward and backward
+    of the next ones: they are added to both (an upper bound for backward, whose trace already counts the
+    gradients it allocates).
     """
     n = max(1, num_gpus) if sharding != "none" else 1
     w_all = weights_bytes(inv, sharding, method)
@@ -221,9 +225,10 @@ def step_memory(inv: Inventory, *, method: str, optimizer: str, sharding: Shardi
     resident = w + s + overhead + gathered
     # the traced backward peak holds every gradient of a single GPU; with sharded gradients only 1/N stays
     grads_in_peak = g_all - g if sharding in ("zero2", "zero3", "fsdp") else 0
+    carried = g if grad_accum_steps > 1 else 0
     phases = {
-        "forward/loss end": resident + forward_peak_rel,
-        "backward": resident + max(backward_peak_rel - grads_in_peak, 0),
+        "forward/loss end": resident + carried + forward_peak_rel,
+        "backward": resident + carried + max(backward_peak_rel - grads_in_peak, 0),
         "optimizer step": resident + g + temp,
     }
     phase = max(phases, key=lambda k: phases[k])

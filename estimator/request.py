@@ -43,6 +43,8 @@ class EstimateRequest(BaseModel):
     batch_size: int = Field(1, ge=1, le=MAX_BATCH, description="micro-batch per GPU (sequences)")
     seq_len: int = Field(512, ge=1, le=MAX_SEQ_LEN, description="tokens per sequence")
     grad_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
+    grad_accum_steps: int = Field(1, ge=1, le=4096, description=(
+        "gradient accumulation steps; above 1 the gradients stay allocated through the next micro-steps"))
     attention: Attention = Field("sdpa", description="attention implementation")
     gpu: str = Field("a100-80gb", description="GPU catalog id (see `ftadvisor gpus`)")
     num_gpus: int = Field(1, ge=1, le=65536, description="number of GPUs")

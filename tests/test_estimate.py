@@ -163,6 +163,13 @@ def test_zero_strategies_shrink_per_gpu_memory_as_deepspeed_says():
     assert z3.memory.peak_bytes < z2.memory.peak_bytes < ddp.memory.peak_bytes
 
 
+def test_gradient_accumulation_keeps_gradients_through_the_forward():
+    one = estimate(EstimateRequest(model="smollm2-135m", method="full", seq_len=256))
+    four = estimate(EstimateRequest(model="smollm2-135m", method="full", seq_len=256, grad_accum_steps=4))
+    fwd = "forward/loss end"
+    assert four.memory.phase_peaks[fwd] - one.memory.phase_peaks[fwd] == one.memory.gradients_bytes
+
+
 def test_offload_moves_states_to_cpu():
     base = dict(model="qwen2.5-0.5b", method="full", batch_size=1, seq_len=256, num_gpus=4, sharding="zero3")
     on = estimate(EstimateRequest(offload=True, **base))
