@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from ftadvisor.cli import main as cli_main
-from ftadvisor.paths import DATA_DIR, REPO_ROOT
+from ftadvisor.paths import DATA_DIR
 from runner import distributed as D
 from runner.errors import RunnerError
 from runner.export import MARKER, export_bundle, module_closure
