@@ -19,7 +19,6 @@ import yaml
 
 from ftadvisor.cli import main as cli_main
 from ftadvisor.paths import DATA_DIR
-from runner import distributed as D
 from runner.errors import RunnerError
 from runner.export import MARKER, export_bundle, module_closure
 from runner.spec import DatasetSpec, DistributionSpec, RunSpec
