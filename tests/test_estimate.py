@@ -216,13 +216,17 @@ def test_min_gpus_and_fitting_gpus():
     assert len(rows) >= 13 and all(e.fits == (e.memory.peak_bytes <= e.gpu.memory_bytes) for _, e in rows)
 
 
-def test_max_batch_size_and_seq_len(tiny_cfg):
+def test_max_batch_size(tiny_cfg):
     req = EstimateRequest(model=tiny_cfg, method="lora", seq_len=256, gpu="t4", dtype="fp16")
     b = max_batch_size(req)
     assert b >= 1
     assert estimate(EstimateRequest(**{**req.model_dump(), "batch_size": b})).fits
     if b < 4096:
         assert not estimate(EstimateRequest(**{**req.model_dump(), "batch_size": b + 1})).fits
+
+
+@pytest.mark.slow  # about 7 traces (20 s on 2 shared cores)
+def test_max_seq_len(tiny_cfg):
     # eager attention at batch 64: the s^2 attention scores make the length the limit below the 4096 context
     long = dict(model=tiny_cfg, method="full", batch_size=64, gpu="t4", dtype="fp16", attention="eager")
     s = max_seq_len(EstimateRequest(**long))

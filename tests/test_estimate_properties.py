@@ -14,7 +14,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from estimator import EstimateRequest, estimate  # noqa: E402
 
-SETTINGS = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @pytest.fixture(scope="module")
