@@ -311,7 +311,8 @@ def _evaluate(ctx: _Context, rung: str, method: str, s: dict[str, Any], gpu, num
         cand.within_budget = True
     label = _label(method, s)
     if not cand.fits:
-        cand.verdict = (f"{label} needs {_gib(cand.peak_bytes)} per GPU ({est.memory.peak_phase}); "
+        on = f" on {num_gpus} GPUs" if num_gpus > 1 else ""
+        cand.verdict = (f"{label} needs {_gib(cand.peak_bytes)} per GPU{on} ({est.memory.peak_phase}); "
                         f"the {gpu.name} has {_gib(cand.gpu_memory_bytes)}")
     elif not cand.within_budget:
         tasks = f" for {ctx.answers.num_tasks} tasks" if ctx.answers.num_tasks > 1 else ""
@@ -337,7 +338,14 @@ def _label(method: str, s: dict[str, Any]) -> str:
 
 
 def _rungs(ctx: _Context, wanted: str) -> list[tuple[str, str, dict[str, Any], list[tuple[Any, int]]]]:
-    """(rung id, method, settings, [(gpu, count), ...]) in ladder order, starting at the wanted method."""
+    """(rung id, method, settings, [(gpu, count), ...]) in ladder order, starting at the wanted method.
+
+    GPUs at hand: the issue's ladder, method first (full -> LoRA -> QLoRA), then memory savers for each method
+    in turn (checkpointing, micro-batch 1, ZeRO-3 over the GPUs at hand).
+    Renting: the hardware is not fixed, so the method the rules want is kept as long as some catalog GPU (1 to 8
+    of them) runs it within the budget: for each method, base -> checkpointing -> micro-batch 1 -> more GPUs with
+    ZeRO-3, before moving to the next method.
+    """
     from estimator.catalog import list_gpus
 
     methods = list(LADDER_METHODS[LADDER_METHODS.index(wanted):])
@@ -348,36 +356,47 @@ def _rungs(ctx: _Context, wanted: str) -> list[tuple[str, str, dict[str, Any], l
     else:
         one = [(ctx.gpu, a.num_gpus)]
         many = [(ctx.gpu, a.num_gpus)] if a.num_gpus > 1 else []
-    out = []
-    for m in methods:
-        out.append((f"l_{m}", m, _settings_dict(ctx.settings[m]), one))
-    for m in methods:
-        s = dict(_settings_dict(ctx.settings[m]), gradient_checkpointing=True)
-        out.append(("l_checkpointing", m, s, one))
-    for m in methods:
-        s = dict(_settings_dict(ctx.settings[m]), gradient_checkpointing=True)
-        if s["micro_batch_size"] > 1:  # same effective batch: micro x accumulation is kept
-            s["gradient_accumulation_steps"] *= s["micro_batch_size"]
-            s["micro_batch_size"] = 1
-            out.append(("l_micro_batch", m, s, one))
-    for m in methods:
-        s = dict(_settings_dict(ctx.settings[m]), gradient_checkpointing=True)
-        s["gradient_accumulation_steps"] *= s["micro_batch_size"]
-        s["micro_batch_size"] = 1
-        if many and s["sharding"] != SHARDED:
-            out.append(("l_more_gpus", m, dict(s, sharding=SHARDED), many))
-    return out
+
+    def variants(m: str):
+        base = _settings_dict(ctx.settings[m])
+        ckpt = dict(base, gradient_checkpointing=True)
+        small = dict(ckpt, micro_batch_size=1,  # same effective batch: micro x accumulation is kept
+                     gradient_accumulation_steps=ckpt["gradient_accumulation_steps"] * ckpt["micro_batch_size"])
+        out = [(f"l_{m}", m, base, one), ("l_checkpointing", m, ckpt, one)]
+        if base["micro_batch_size"] > 1:
+            out.append(("l_micro_batch", m, small, one))
+        if many and small["sharding"] != SHARDED:
+            out.append(("l_more_gpus", m, dict(small, sharding=SHARDED), many))
+        return out
+
+    per_method = {m: variants(m) for m in methods}
+    if a.rent_in_cloud:
+        return [r for m in methods for r in per_method[m]]
+    ordered = [per_method[m][0] for m in methods]
+    for rung in ("l_checkpointing", "l_micro_batch", "l_more_gpus"):
+        ordered += [r for m in methods for r in per_method[m] if r[0] == rung]
+    return ordered
 
 
 def _walk_ladder(ctx: _Context, wanted: str) -> tuple[Candidate | None, Any, list[Candidate]]:
-    """Try rung after rung; for each rung with several GPU choices (renting) take the cheapest that fits."""
+    """Try rung after rung; for a rung with several GPU choices (renting) take the cheapest that fits.
+
+    Renting: GPUs are tried largest first, and once one does not fit (memory), smaller ones of the same count are
+    skipped: the per-GPU peak of one configuration does not depend on which GPU runs it (bf16 and fp16 are both
+    2 bytes), so a smaller card cannot fit what a larger one could not.
+    """
     tried: list[Candidate] = []
     for rung, method, s, choices in _rungs(ctx, wanted):
         best: tuple[Candidate, Any] | None = None
         rung_tried = []
-        for gpu, count in choices:
+        too_small: dict[int, int] = {}  # GPU count -> largest memory (bytes) that did not fit
+        for gpu, count in sorted(choices, key=lambda gc: (gc[1], -gc[0].memory_bytes)):
+            if gpu.memory_bytes <= too_small.get(count, -1):
+                continue
             cand, est = _evaluate(ctx, rung, method, s, gpu, count)
             rung_tried.append(cand)
+            if cand.error is None and not cand.fits:
+                too_small[count] = max(too_small.get(count, -1), gpu.memory_bytes)
             if cand.ok and (best is None or (cand.cost_usd or 0) < (best[0].cost_usd or 0)):
                 best = (cand, est)
         if ctx.answers.rent_in_cloud:  # keep the list short: the best of the rung, or its closest miss
