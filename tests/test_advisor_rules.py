@@ -353,3 +353,37 @@ def test_rules_agree_with_the_matrix_row(book, row_id, method, overrides):
     settings, _ = configure(f, rule.method)
     if row.rank is not None:
         assert row.rank[0] <= settings.rank <= row.rank[1]
+
+
+# ------------------------------------------------------------------------------------------ property (rules only)
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    budget=st.floats(0, 1e6), tasks=st.integers(1, 100), accuracy=st.floats(1, 100), params_b=st.floats(0.1, 500),
+    gpu_gib=st.sampled_from([16, 24, 48, 80, 141]), kind=st.sampled_from(["consumer", "datacenter"]),
+    num_gpus=st.integers(1, 16), rent=st.booleans(), deployment=st.sampled_from(["edge", "cloud", "on-prem"]),
+    rapid=st.booleans(), continual=st.sampled_from(["none", "sequential", "critical"]),
+    complexity=st.sampled_from(["simple", "summarization", "reasoning", "coding"]),
+    domain=st.sampled_from(["close", "different"]),
+)
+def test_rules_always_answer_within_the_seeds_ranges(budget, tasks, accuracy, params_b, gpu_gib, kind, num_gpus, rent,
+                                                      deployment, rapid, continual, complexity, domain):
+    f = facts(params_b=params_b, gpu_gib=gpu_gib, kind=kind, budget_usd=budget, num_tasks=tasks, accuracy_pct=accuracy,
+              num_gpus=num_gpus, rent_in_cloud=rent, deployment=deployment, rapid_updates=rapid, continual=continual,
+              complexity=complexity, domain=domain)
+    assert all(n.chosen is not None for n in walk_tree(f))
+    rule, _ = choose_method(f)
+    for method in ("full", "lora", "qlora"):
+        settings_, _ = configure(f, method)
+        lr = settings_.values["learning_rate"]
+        if method == "full":
+            assert settings_.rank is None and 1e-5 <= lr <= 5e-5  # "Full Fine-Tuning: lr = 1e-5 to 5e-5"
+        else:
+            # the seed's ranks run from r=4 (simple, edge) to r=64 (coding, high accuracy, continual)
+            assert 4 <= settings_.rank <= 64 and 1e-4 <= lr <= 3e-4  # "LoRA: lr = 1e-4 to 3e-4"
+            assert settings_.values["alpha_per_rank"] == 2
+            if settings_.rank >= 32 or continual != "none":
+                assert settings_.values.get("rslora")
