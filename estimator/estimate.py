@@ -183,10 +183,12 @@ def _build_inventory(entry, req: EstimateRequest) -> tuple[Inventory, Any, list[
                 d_out, d_in = module.weight.shape
             layer = _layer_of(mod_name + ".")
             r = req.rank
-            tensors.append(TensorInfo(name=f"{mod_name}.lora_A.weight", shape=(r, d_in), trainable=True, layer=layer))
-            tensors.append(TensorInfo(name=f"{mod_name}.lora_B.weight", shape=(d_out, r), trainable=True, layer=layer))
+            # AdaLoRA keeps A, B, E in ParameterDicts: peft saves them without the ".weight" suffix
+            suffix = "" if req.adalora else ".weight"
+            tensors.append(TensorInfo(name=f"{mod_name}.lora_A{suffix}", shape=(r, d_in), trainable=True, layer=layer))
+            tensors.append(TensorInfo(name=f"{mod_name}.lora_B{suffix}", shape=(d_out, r), trainable=True, layer=layer))
             if req.adalora:
-                tensors.append(TensorInfo(name=f"{mod_name}.lora_E.weight", shape=(r, 1), trainable=True, layer=layer))
+                tensors.append(TensorInfo(name=f"{mod_name}.lora_E", shape=(r, 1), trainable=True, layer=layer))
                 tensors.append(TensorInfo(name=f"{mod_name}.ranknum", shape=(1,), trainable=False, layer=layer))
             if req.dora:
                 tensors.append(TensorInfo(name=f"{mod_name}.lora_magnitude_vector", shape=(d_out,), trainable=True,

@@ -37,6 +37,18 @@ def tiny_cfg(tmp_path_factory):
 # ------------------------------------------------------------------------------------------ parameters
 
 
+def test_adalora_counts_and_file_size_match_peft():
+    from estimator.catalog import resolve_model
+    from estimator.params import count_adapter
+
+    est = estimate(EstimateRequest(model="smollm2-135m", method="lora", adalora=True, rank=12, seq_len=64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        real = count_adapter(resolve_model("smollm2-135m"), method="lora", adalora=True, rank=12, total_steps=100)
+    assert est.model.trainable_params == real.trainable_params
+    assert est.adapter_bytes == real.adapter_bytes
+
+
 def test_lora_counts_match_published_llama2_7b():
     # REFERENCE.md / LoRA practice: Llama-2-7B total 6,738,415,616; LoRA on q,v: r=8 4,194,304, r=16 8,388,608
     e8 = estimate(EstimateRequest(model="llama-2-7b", method="lora", rank=8, targets="attention-qv"))
