@@ -435,6 +435,11 @@ def _notes(req: EstimateRequest, inv: Inventory, acts: _Activations, mem: StepMe
             notes.append(acts.note)
     else:
         notes.append(acts.note or "activations by formula")
+    if (req.method in ("full", "lora") and req.dtype != "fp32" and not _weights_16bit(req)
+            and not req.grad_checkpointing):
+        notes.append("autocast keeps the 16-bit copy of every weight that backward needs (about 2 B per Linear "
+                     "weight) until backward: it is part of the traced activations; gradient checkpointing or a "
+                     "16-bit frozen base (LoRA) avoids it")
     opt_notes = {
         "adamw": "AdamW (adamw_torch, foreach): two fp32 moments (8 B per trainable parameter) + one fp32 "
                  "temporary per parameter during the step",
