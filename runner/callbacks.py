@@ -142,14 +142,19 @@ class MetricsCallback(TrainerCallback):
 
 
 class StopOnRequest(TrainerCallback):
-    """When ``flag`` is set (by the SIGUSR1 handler), save a checkpoint at the end of this step and stop."""
+    """When ``flag`` is set (by the SIGUSR1 handler), save a checkpoint at the end of this step and stop.
 
-    def __init__(self, flag: threading.Event):
+    ``agree`` turns this rank's flag into the decision of all ranks (runner.distributed.any_rank: one
+    all-reduce), so every rank stops at the same step; identity when single-process.
+    """
+
+    def __init__(self, flag: threading.Event, agree=None):
         self.flag = flag
+        self.agree = agree or bool
         self.stopped_at: int | None = None
 
     def on_step_end(self, args, state, control, **kw):
-        if self.flag.is_set():
+        if self.agree(self.flag.is_set()):
             control.should_save = True
             control.should_training_stop = True
             self.stopped_at = state.global_step

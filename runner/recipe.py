@@ -81,6 +81,7 @@ class Run:
     train_tokens: int = 0
     stopped: bool = False
     adalora: AdaLoraCallback | None = None
+    stopper: StopOnRequest | None = None
 
 
 def run(spec: RunSpec, run_dir: Path, *, resume: bool = False, stop_flag: threading.Event | None = None,
@@ -346,13 +347,18 @@ def _peft_config(r: Run, model):
 # ------------------------------------------------------------------------------------------------- trainer
 
 
-def _dist_call(name: str, *args):
-    """Call runner.distributed.<name>(*args) when the DIST helper's module provides it; else None."""
+def _dist_fn(name: str):
+    """runner.distributed.<name> (multi-process helpers) when that module provides it; else None."""
     try:
         from runner import distributed
     except ImportError:
         return None
-    fn = getattr(distributed, name, None)
+    return getattr(distributed, name, None)
+
+
+def _dist_call(name: str, *args):
+    """Call runner.distributed.<name>(*args) when available; else None."""
+    fn = _dist_fn(name)
     return fn(*args) if fn else None
 
 
@@ -410,8 +416,9 @@ def _build_trainer(r: Run):
     optimizers = (None, None)
     if spec.method != "full" and spec.peft.variant == "loraplus":
         optimizers = (_loraplus_optimizer(r, args), None)
-    callbacks = [MetricsCallback(r.run_dir / "metrics.jsonl", r.progress, r.collator, write=r.is_main),
-                 StopOnRequest(r.stop_flag)]
+    agree = _dist_fn("any_rank") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    r.stopper = StopOnRequest(r.stop_flag, agree)
+    callbacks = [MetricsCallback(r.run_dir / "metrics.jsonl", r.progress, r.collator, write=r.is_main), r.stopper]
     if spec.method != "full" and spec.peft.variant == "adalora":
         r.adalora = AdaLoraCallback(r.model)
         callbacks.append(r.adalora)
@@ -445,6 +452,7 @@ def _train(r: Run) -> None:
             write_json(baseline, r.before)
     r.progress.update(phase="train")
     tokens_before = r.collator.tokens_seen
+    _dist_call("prepare_for_training", r.trainer)  # DDP wrap even though evaluate() ran first
     start = time.perf_counter()
     try:
         r.trainer.train(resume_from_checkpoint=r.resume_from)
@@ -456,7 +464,7 @@ def _train(r: Run) -> None:
         raise
     r.train_seconds = time.perf_counter() - start
     r.train_tokens = r.collator.tokens_seen - tokens_before
-    r.stopped = r.stop_flag.is_set() and r.trainer.state.global_step < r.trainer.state.max_steps
+    r.stopped = r.stopper.stopped_at is not None and r.trainer.state.global_step < r.trainer.state.max_steps
     if r.stopped:
         return
     r.progress.update(phase="eval_after")
@@ -555,16 +563,19 @@ def _oom(kind: str, exc: BaseException) -> RunnerError:
 
 def _cleanup(r: Run) -> None:
     r.progress.update(phase="save")
-    if r.stopped or not r.is_main:
+    if r.stopped:
         return
-    tok = r.tokenizer
-    if r.spec.method == "full":
-        out = r.run_dir / "model"
+    out = r.run_dir / ("model" if r.spec.method == "full" else "adapter")
+    if _dist_call("needs_collective_save", r.spec):
+        # FSDP / ZeRO-3: weights are sharded, every rank takes part in gathering them; the main process writes
+        r.trainer.save_model(str(out))
+        if r.is_main:
+            (out / "training_args.bin").unlink(missing_ok=True)  # a pickle nobody needs next to the weights
+    elif r.is_main:
         r.model.save_pretrained(out, safe_serialization=True)
-    else:
-        out = r.run_dir / "adapter"
-        r.model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
+    if not r.is_main:
+        return
+    r.tokenizer.save_pretrained(out)
     write_json(r.run_dir / "report.json", report(r, out))
     r.progress.update(phase="done")
 

@@ -94,10 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_term)
     heartbeat = Heartbeat(run_dir / "heartbeat.json", progress).start() if _is_main() else None
     try:
-        return _run(run_dir, args.resume, stop_flag, progress)
+        code = _run(run_dir, args.resume, stop_flag, progress)
     finally:
         if heartbeat:
             heartbeat.stop()
+    try:
+        from runner.distributed import finish_ranks
+    except ImportError:
+        return code
+    return finish_ranks(code)  # multi-process: wait for rank 0's files, then let the other ranks exit 0
 
 
 def _run(run_dir: Path, resume: bool, stop_flag: threading.Event, progress: Progress) -> int:
@@ -125,8 +130,8 @@ def _run(run_dir: Path, resume: bool, stop_flag: threading.Event, progress: Prog
         write_result(run_dir, "failed", exitcodes.ERROR, "error", f"{type(exc).__name__}: {exc}",
                      "see log.txt for the traceback")
         return exitcodes.ERROR
-    if state.stopped or (stop_flag.is_set() and state.trainer is None):
-        step = state.trainer.state.global_step if state.trainer else 0
+    if state.stopped:
+        step = state.trainer.state.global_step
         write_result(run_dir, "stopped", exitcodes.STOPPED, "stopped",
                      f"stopped on request at step {step}; checkpoint-{step} saved",
                      "resume the run to continue", step=step)
