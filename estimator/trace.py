@@ -318,7 +318,8 @@ def build_training_model(config, settings: TraceSettings):
         # the runner (and peft's prepare_model_for_kbit_training) do this with gradient checkpointing:
         # the embedding output requires grad so that checkpointed layers get gradients.
         model.enable_input_require_grads()
-    peft_model = get_peft_model(model, _lora_config(model, settings))
+    with torch.device("meta"):  # adapter tensors straight on meta: no CPU allocation or random init
+        peft_model = get_peft_model(model, _lora_config(model, settings))
     if sixteen:
         peft_model.to(half)  # DeepSpeed / FSDP cast the whole module, adapters included
     if settings.method == "qlora":
