@@ -36,6 +36,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import threading
 import time
 import weakref
@@ -318,7 +319,10 @@ def build_training_model(config, settings: TraceSettings):
         # the runner (and peft's prepare_model_for_kbit_training) do this with gradient checkpointing:
         # the embedding output requires grad so that checkpointed layers get gradients.
         model.enable_input_require_grads()
-    with torch.device("meta"):  # adapter tensors straight on meta: no CPU allocation or random init
+    import warnings
+
+    with torch.device("meta"), warnings.catch_warnings():  # adapters straight on meta: no CPU allocation
+        warnings.simplefilter("ignore")  # peft/transformers deprecation and meta-device notices
         peft_model = get_peft_model(model, _lora_config(model, settings))
     if sixteen:
         peft_model.to(half)  # DeepSpeed / FSDP cast the whole module, adapters included
@@ -610,7 +614,7 @@ def trace_slice(config, settings: TraceSettings) -> SliceTrace:
     finally:
         fake_log.setLevel(old_level)
     _MEMO[key] = trace
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")  # concurrent writers never share one
     tmp.write_text(trace.model_dump_json())
     tmp.replace(path)
     return trace
