@@ -95,19 +95,22 @@ def test_qlora_without_bitsandbytes_exit_4(tmp_path, tiny_model_dir, dataset):
 
 def test_stop_and_save_then_resume_then_refuse(tmp_path, tiny_model_dir, dataset):
     run_dir = tmp_path / "run"
-    spec = _spec(tiny_model_dir, dataset, max_steps=400)
+    spec = _spec(tiny_model_dir, dataset, max_steps=4000)
     proc = _start(run_dir, spec)
     deadline = time.time() + 120
     while time.time() < deadline and not any(m["type"] == "train" and m["step"] >= 2 for m in _metrics(run_dir)):
         assert proc.poll() is None, (run_dir / "log.txt").read_text()[-2000:]
         time.sleep(0.05)
-    hb = json.loads((run_dir / "heartbeat.json").read_text())
-    assert hb["pid"] == proc.pid and hb["max_steps"] == 400
+    # the heartbeat is rewritten every 5 s (HEARTBEAT_INTERVAL_S): within 7 s it shows the training step
+    until = time.time() + 7
+    while (hb := json.loads((run_dir / "heartbeat.json").read_text()))["step"] < 1 and time.time() < until:
+        time.sleep(0.1)
+    assert hb["pid"] == proc.pid and hb["max_steps"] == 4000 and hb["step"] >= 1 and hb["phase"] == "train"
     proc.send_signal(signal.SIGUSR1)
     assert proc.wait(timeout=60) == exitcodes.STOPPED == 6
     res = json.loads((run_dir / "result.json").read_text())
     step = res["step"]
-    assert res["status"] == "stopped" and 2 <= step < 400
+    assert res["status"] == "stopped" and 2 <= step < 4000
     assert (run_dir / f"checkpoint-{step}" / "trainer_state.json").is_file()
     assert not (run_dir / "adapter").exists()  # stopped runs keep the checkpoint, not a final adapter
 
