@@ -147,12 +147,12 @@ m5.metric("Cost (all tasks)", fmt_usd(rec.cost_usd))
 for w in rec.warnings:
     st.warning(w, icon=":material/warning:")
 
-left, right = st.columns([1.1, 1], gap="large")
+st.subheader("Why: the decision path")
+st.caption("The seed's decision tree: each question, your answer, the branch taken (green) and the others.")
+result = f"{headline}\n{rec.num_gpus} x {rec.gpu}, peak {fmt_bytes(mem.get('peak_bytes'))}"
+st.graphviz_chart(charts.decision_dot([n.model_dump() for n in rec.decision_path], result), width="stretch")
+left, right = st.columns([1, 1.4], gap="large")
 with left:
-    st.subheader("Why: the decision path")
-    result = f"{headline}\n{rec.num_gpus} x {rec.gpu}, peak {fmt_bytes(mem.get('peak_bytes'))}"
-    st.graphviz_chart(charts.decision_dot([n.model_dump() for n in rec.decision_path], result), width="stretch")
-with right:
     st.subheader("Settings")
     settings = {"method": rec.method, "rank r": rec.rank, "alpha": rec.alpha, "dropout": rec.dropout,
                 "target modules": rec.target_modules, "rsLoRA": rec.rslora, "DoRA": rec.dora,
@@ -162,14 +162,17 @@ with right:
                 "gradient checkpointing": rec.gradient_checkpointing, "sequence length": rec.seq_len,
                 "precision": rec.dtype, "sharding": rec.sharding}
     st.dataframe(pd.DataFrame([{"setting": k, "value": str(v)} for k, v in settings.items() if v is not None]),
-                 hide_index=True, width="stretch")
+                 hide_index=True, width="stretch", height="content")
+with right:
     st.subheader("Alternatives and why not")
-    st.dataframe(pd.DataFrame([{"method": estimates.METHOD_LABELS.get(a.method, a.method)
-                                + (f" r={a.rank}" if a.rank else ""),
-                                "peak per GPU": fmt_bytes(a.peak_bytes), "fits": a.fits, "cost": fmt_usd(a.cost_usd),
-                                "why not": a.why_not} for a in rec.alternatives]),
-                 hide_index=True, width="stretch",
-                 column_config={"why not": st.column_config.TextColumn(width="large")})
+    for a in rec.alternatives:
+        name = estimates.METHOD_LABELS.get(a.method, a.method) + (f" (r = {a.rank})" if a.rank else "")
+        fit = ":green-badge[fits]" if a.fits else ":red-badge[does not fit]"
+        with st.container(border=True):
+            st.markdown(f"**{name}** {fit} · peak {fmt_bytes(a.peak_bytes)} per GPU"
+                        f"{f' of {fmt_bytes(a.gpu_memory_bytes)}' if a.gpu_memory_bytes else ''} · "
+                        f"cost {fmt_usd(a.cost_usd)}")
+            st.caption(a.why_not)
 
 with st.expander("Every rule that fired (with the seed's words)"):
     st.dataframe(pd.DataFrame([{"kind": r.kind, "question": r.question, "answer": r.answer, "effect": r.effect,

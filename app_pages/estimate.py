@@ -87,9 +87,9 @@ with inputs:
     batch = c1.number_input("Micro-batch per GPU", min_value=1, max_value=4096, value=1, key="batch", bind=QP)
     seq_len = c2.number_input("Sequence length (tokens)", min_value=1, max_value=1_048_576, value=512, step=128,
                               key="seq", bind=QP)
-    c1, c2 = st.columns(2)
-    grad_ckpt = c1.toggle("Gradient checkpointing", key="gc", bind=QP)
-    attention = c2.selectbox("Attention", ["sdpa", "eager"], key="attn", bind=QP)
+    attention = st.selectbox("Attention", ["sdpa", "eager"], key="attn", bind=QP)
+    grad_ckpt = st.toggle("Gradient checkpointing", key="gc", bind=QP,
+                          help="Recompute activations in the backward pass: less memory, about a third more compute")
 
     st.subheader("Hardware")
     default_gpu = "a100-80gb" if "a100-80gb" in gpu_ids else (gpu_ids[0] if gpu_ids else None)
@@ -101,7 +101,8 @@ with inputs:
     num_gpus = c1.number_input("GPUs", min_value=1, max_value=65536, value=1, key="n", bind=QP)
     sharding = c2.selectbox("Sharding", ["none", "ddp", "zero1", "zero2", "zero3", "fsdp"], key="shard", bind=QP,
                             help="With more than one GPU, 'none' means plain data parallel (ddp).")
-    offload = st.toggle("CPU offload (optimizer states; ZeRO-3/FSDP also parameters)", key="offload", bind=QP)
+    offload = st.toggle("CPU offload", key="offload", bind=QP,
+                        help="Optimizer states in CPU memory; with ZeRO-3/FSDP the parameters too")
 
     st.subheader("Data, time and cost")
     c1, c2, c3 = st.columns(3)
@@ -177,7 +178,8 @@ with results:
             st.plotly_chart(charts.memory_bars(columns, est.gpu.memory_bytes, est.gpu.name), key="mem_chart")
             for m, msg in failures.items():
                 st.warning(f"{estimates.METHOD_LABELS[m]}: {msg}")
-            rows = [{"part": k, "per GPU": fmt_bytes(v), "bytes": v} for k, v in estimate_rows(est)
+            rows = [{"part": k.removeprefix("memory.").removesuffix("_bytes").replace("_", " "),
+                     "per GPU": fmt_bytes(v), "bytes": v} for k, v in estimate_rows(est)
                     if k.startswith("memory.") and isinstance(v, int)]
             st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
             for note in getattr(est, "notes", []) or []:

@@ -3,6 +3,7 @@ exact spec, and one button that starts a durable training job."""
 
 import json
 import statistics
+from pathlib import Path
 
 import pandas as pd
 import streamlit as st
@@ -34,7 +35,7 @@ if st.session_state.get(state.LAUNCH_LOADED) != token:
     peft = p["peft"]
     targets = peft["target_modules"]
     values = {
-        "ln_name": p.get("name") or "", "ln_model": p["model"], "ln_method": p["method"],
+        "ln_name": "", "ln_model": p["model"], "ln_method": p["method"],
         "ln_variant": peft["variant"], "ln_r": peft["r"], "ln_alpha": float(peft["alpha"]),
         "ln_dropout": float(peft["dropout"]), "ln_rslora": peft["use_rslora"], "ln_dora": peft["use_dora"],
         "ln_targets": targets if isinstance(targets, str) else ",".join(targets),
@@ -76,7 +77,7 @@ with form:
     c1, c2 = st.columns([2, 1])
     c1.text_input("Model: catalog id (e.g. smollm2-135m) or a local model folder", key="ln_model",
                   persist_state=SESSION)
-    c2.text_input("Run name (optional)", key="ln_name", persist_state=SESSION)
+    c2.text_input("Run name (empty: method, model, rank)", key="ln_name", persist_state=SESSION)
     method = st.segmented_control("Method", ["full", "lora", "qlora"], required=True, key="ln_method",
                                   persist_state=SESSION, format_func=estimates.METHOD_LABELS.get)
     adapter = method != "full"
@@ -112,11 +113,12 @@ with form:
     c2.selectbox("Precision", ["bf16", "fp16", "fp32"], key="ln_prec", persist_state=SESSION)
     c3.selectbox("Attention", ["sdpa", "eager"], key="ln_attn", persist_state=SESSION)
     c4.selectbox("Device", ["auto", "cpu", "cuda"], key="ln_device", persist_state=SESSION)
-    c1, c2, c3, c4 = st.columns(4)
-    c1.toggle("Gradient checkpointing", key="ln_gc", persist_state=SESSION)
-    c2.number_input("Checkpoint every N steps", 1, 10_000_000, key="ln_save", persist_state=SESSION)
-    c3.number_input("Eval every N steps (0 = per epoch)", 0, 10_000_000, key="ln_eval", persist_state=SESSION)
-    c4.number_input("Seed", 0, 2**31 - 1, key="ln_seed", persist_state=SESSION)
+    c1, c2, c3 = st.columns(3)
+    c1.number_input("Checkpoint every N steps", 1, 10_000_000, key="ln_save", persist_state=SESSION)
+    c2.number_input("Eval every N steps (0 = per epoch)", 0, 10_000_000, key="ln_eval", persist_state=SESSION)
+    c3.number_input("Seed", 0, 2**31 - 1, key="ln_seed", persist_state=SESSION)
+    st.toggle("Gradient checkpointing (recompute activations: less memory, slower steps)", key="ln_gc",
+              persist_state=SESSION)
 
     st.subheader("Processes")
     c1, c2, c3 = st.columns(3)
@@ -154,18 +156,21 @@ with form:
             st.caption(f"Stored as `{ds_path}`")
     else:
         ds_path = st.text_input("Path to a JSONL, CSV or Parquet file", key="ln_ds_path", persist_state=SESSION) or None
-    c1, c2, c3, c4 = st.columns(4)
+    c1, c2 = st.columns(2)
     c1.selectbox("Format", ["auto", "text", "prompt_completion", "messages"], key="ln_ds_format",
                  persist_state=SESSION)
     c2.number_input("Eval share", 0.0, 0.9, step=0.05, key="ln_ds_eval", persist_state=SESSION)
-    c3.toggle("Packing", key="ln_ds_pack", persist_state=SESSION)
-    c4.toggle("Loss on completions only", key="ln_ds_completion", persist_state=SESSION)
+    c1, c2 = st.columns(2)
+    c1.toggle("Packing", key="ln_ds_pack", persist_state=SESSION)
+    c2.toggle("Loss on completions only", key="ln_ds_completion", persist_state=SESSION)
 
 ss = st.session_state
 targets_raw = str(ss["ln_targets"] or "attention-qv").strip()
 targets_val = targets_raw if targets_raw in TARGET_PRESETS else [t.strip() for t in targets_raw.split(",") if t.strip()]
+model_ref = ss["ln_model"].strip()
+auto_name = f"{method} {Path(model_ref).name or model_ref}" + (f" r={ss['ln_r']}" if method != "full" else "")
 spec_dict = {
-    "name": ss["ln_name"] or None, "model": ss["ln_model"].strip(), "method": method,
+    "name": ss["ln_name"].strip() or auto_name, "model": model_ref, "method": method,
     "peft": {"variant": ss["ln_variant"], "r": ss["ln_r"], "alpha": ss["ln_alpha"], "dropout": ss["ln_dropout"],
              "target_modules": targets_val, "use_rslora": ss["ln_rslora"], "use_dora": ss["ln_dora"]},
     "optimizer": ss["ln_opt"], "learning_rate": ss["ln_lr"], "lr_scheduler": ss["ln_sched"],
@@ -194,7 +199,7 @@ with side:
                                      datasets.mtime_ns(spec.dataset.path), spec.trust_remote_code)
         if report is not None:
             lengths = report.token_lengths
-            k1, k2, k3 = st.columns(3)
+            k1, k2, k3 = st.columns([1.6, 1, 1])
             k1.metric("Format", report.format or "?")
             k2.metric("Rows", f"{report.rows:,}")
             k3.metric("Truncated", f"{report.truncated_share:.0%}", help=f"rows longer than {spec.seq_len} tokens")

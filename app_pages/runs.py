@@ -104,7 +104,8 @@ def _show_report(report: dict) -> None:
                   delta=f"{after - before:+.4f} vs before" if before is not None else None, delta_color="inverse")
     em_b, em_a = report.get("exact_match_before"), report.get("exact_match_after")
     if em_a is not None:
-        k2.metric("Exact match after", f"{em_a:.0%}", delta=f"{em_a - em_b:+.0%} vs before" if em_b is not None else None)
+        k2.metric("Exact match after", f"{em_a:.0%}",
+                  delta=f"{em_a - em_b:+.0%} vs before" if em_b is not None and em_a != em_b else None)
     k3.metric("Trainable parameters", fmt_params(report.get("trainable_params")))
     k4.metric("Adapter file", fmt_bytes(report.get("adapter_bytes")) if report.get("adapter_bytes") else "-")
     st.caption(f"{report.get('steps', '?')} steps in {fmt_seconds(report.get('train_seconds'))} on "
@@ -136,7 +137,7 @@ if not records:
     st.stop()
 
 ids = [r.id for r in records]
-labels = {r.id: f"{r.name or r.id} · {r.status} · {r.id}" for r in records}
+labels = {r.id: f"{r.name or r.id} · {r.id}" for r in records}  # no status here: it changes, the label would lag
 default = st.session_state.get(state.SELECTED_RUN)
 view, compare, sweep = st.tabs(["Run", "Compare", "Rank sweep"])
 

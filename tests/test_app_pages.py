@@ -159,7 +159,7 @@ def _estimate_page(**query) -> AppTest:
 
 def _peak_bytes(at: AppTest) -> int:
     table = at.dataframe[0].value
-    return int(table.loc[table["part"] == "memory.peak_bytes", "bytes"].iloc[0])
+    return int(table.loc[table["part"] == "peak", "bytes"].iloc[0])
 
 
 def test_estimate_a_larger_model_raises_the_peak():
