@@ -456,7 +456,6 @@ def run_traced_step(model, settings: TraceSettings, *, fake: bool = True) -> Sli
             tracker.track(t)
         base = tracker.live
         b, s = settings.batch_size, settings.seq_len
-        vocab = int(model.config.vocab_size) if hasattr(model, "config") else 2
         layers = _decoder_layers(model)
         n = len(layers)
         handles = []
@@ -511,8 +510,6 @@ def run_traced_step(model, settings: TraceSettings, *, fake: bool = True) -> Sli
         finally:
             for h in handles:
                 h.remove()
-        if vocab <= 0:
-            raise TraceError("vocab_size must be positive")
     segments = [Segment(**seg) for seg in tracker.segments]
     _check_segments(segments, n)
     return SliceTrace(slice_layers=n, layer_types=_layer_types(model.config) if hasattr(model, "config") else None,
