@@ -310,7 +310,11 @@ def build_training_model(config, settings: TraceSettings):
     model.config.use_cache = False
     model.config._attn_implementation = settings.attention
     if settings.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # renamed in transformers 5; same call as the runner
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if settings.method == "full":
         return model
     from peft import get_peft_model
