@@ -155,3 +155,30 @@ def test_nf4_formula_matches_reference():
     assert nf4_linear_bytes(4096 * 4096) == 8_655_940
     # 256 x 256: 32,768 packed + 1,024 absmax + 64 code + 4 offset + 16 nested absmax + 1,024 nested code
     assert nf4_linear_bytes(256 * 256) == 32_768 + 1_024 + 64 + 4 + 16 + 1_024
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_step_peak_matches_pytorch_memtracker_on_a_real_run(attention):
+    """The peak of forward + backward above the weights equals PyTorch's MemTracker on a real CPU step
+    (an independent tracker: torch.distributed._tools.mem_tracker, real tensors, 3-layer model)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from transformers import AutoModelForCausalLM
+
+    from estimator.trace import TraceSettings, extrapolate, trace_slice
+
+    cfg = _config(layers=3)
+    st = TraceSettings(method="full", dtype="fp32", batch_size=BATCH, seq_len=SEQ, attention=attention)
+    ex = extrapolate(trace_slice(cfg, st), 3, None)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.config._attn_implementation = attention
+    model.train()
+    ids = torch.randint(0, 512, (BATCH, SEQ))
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with tracker:
+        model(input_ids=ids, labels=ids).loss.backward()
+    peak = next(iter(tracker.get_tracker_snapshot("peak").values()))["Total"]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers())
+    assert peak - weights == max(ex.forward_peak_rel_bytes, ex.backward_peak_rel_bytes)
