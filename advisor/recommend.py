@@ -451,7 +451,8 @@ def recommend(answers: Answers | dict[str, Any]) -> Recommendation:
     reasons.append(Reason(kind="method", **method_step.model_dump()))
     wanted = method_rule.method
     for row in matrix_rows(facts, book):
-        rank = f", r={row.rank[0]}-{row.rank[1]}" if row.rank else ""
+        rank = "" if not row.rank else (f", r={row.rank[0]}" if row.rank[0] == row.rank[1]
+                                        else f", r={row.rank[0]}-{row.rank[1]}")
         reasons.append(Reason(kind="matrix", question="Which row of the Quick Selection Matrix matches?",
                               answer=row.situation, rule=row.id, section=row.section, quote=row.quote,
                               effect=f"the matrix says {row.method}{rank}"))
