@@ -48,7 +48,7 @@ def _real_step(model, attention: str, dtype: str = "fp32"):
     model.config._attn_implementation = attention
     model.train()
     torch.manual_seed(0)
-    ids = torch.randint(0, 512, (BATCH, SEQ))
+    ids = torch.randint(0, min(512, model.config.vocab_size), (BATCH, SEQ))
     params = list(model.parameters())
     param_ptrs = {p.untyped_storage().data_ptr() for p in params} | {
         b.untyped_storage().data_ptr() for b in model.buffers()}
@@ -182,3 +182,31 @@ def test_step_peak_matches_pytorch_memtracker_on_a_real_run(attention):
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
         b.numel() * b.element_size() for b in model.buffers())
     assert peak - weights == max(ex.forward_peak_rel_bytes, ex.backward_peak_rel_bytes)
+
+
+def test_qlora_step_matches_a_real_bitsandbytes_step(tiny_model_dir):
+    """QLoRA as the runner runs it (NF4 base, prepare_model_for_kbit_training, LoRA, bf16 autocast): the
+    traced activations, gradients and AdamW states equal a real bitsandbytes training step on CPU, whose 4-bit
+    matmul takes the same dequantize + F.linear path as bitsandbytes' CUDA training path."""
+    pytest.importorskip("bitsandbytes")
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from estimator.params import adapter_config
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, quantization_config=quant,
+                                                     attn_implementation="sdpa")
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = get_peft_model(model, adapter_config(model, method="qlora", rank=8, alpha=16,
+                                                     targets="attention-qv", dropout=0.0))
+    real = _real_step(model, "sdpa", "bf16")
+    est = estimate(EstimateRequest(model=str(tiny_model_dir), method="qlora", rank=8, alpha=16, dropout=0.0,
+                                   dtype="bf16", batch_size=BATCH, seq_len=SEQ, attention="sdpa"))
+    assert est.memory.gradients_bytes == real["grads"]
+    assert est.memory.optimizer_bytes == real["states"]
+    assert abs(est.memory.activations_bytes - real["activations"]) <= 0.02 * real["activations"], (
+        est.memory.activations_bytes, real["activations"])
