@@ -101,7 +101,54 @@ def test_launch_checks_the_dataset_and_launching_creates_a_run(tiny_model_dir, t
     new = [r for r in manager().list() if r.id not in before]
     assert len(new) == 1 and new[0].spec.max_steps == 3 and new[0].method == "lora"
     assert at.session_state[state.LAUNCHED_RUN] == new[0].id
-    manager().cancel(new[0].id)  # the Runs page test trains its own run; do not leave this one running
+
+    # the Runs page cancels it (the Runs page test trains its own run; do not leave this one running)
+    runs = _page("runs")
+    runs.session_state[state.SELECTED_RUN] = new[0].id
+    runs.run()
+    assert not runs.exception
+    runs.button(key=f"cancel_{new[0].id}").click().run()
+    assert manager().wait(new[0].id, timeout_s=60).status in ("cancelled", "completed")
+
+
+def test_launch_uploaded_dataset_is_stored_safely_and_checked(tiny_model_dir, tiny_dataset):
+    from ftadvisor.paths import uploads_dir
+
+    at = _page("launch")
+    at.session_state[state.LAUNCH_SPEC] = tiny_spec(tiny_model_dir, "").model_dump(mode="json")
+    at.run()
+    at.button_group(key="ln_ds_src").set_value("Upload").run()
+    at.file_uploader(key="ln_ds_upload").set_value(("../../evil name.jsonl", tiny_dataset.read_bytes(),
+                                                    "application/jsonl")).run()
+    assert not at.exception and not _errors(at)
+    stored = at.session_state["ln_ds_uploaded"]
+    assert stored.startswith(str(uploads_dir() / "datasets")) and stored.endswith("-evil_name.jsonl")
+    assert {m.label: m.value for m in at.metric}["Rows"] == "40"
+
+
+def test_launch_trust_remote_code_is_an_explicit_warned_opt_in(tiny_model_dir, tiny_dataset):
+    at = _page("launch")
+    at.session_state[state.LAUNCH_SPEC] = tiny_spec(tiny_model_dir, tiny_dataset).model_dump(mode="json")
+    at.run()
+    assert at.checkbox(key="ln_trust").value is False
+    assert not [w for w in at.warning if "runs Python code" in w.value]
+    at.checkbox(key="ln_trust").check().run()
+    assert any("runs Python code shipped with the model" in w.value for w in at.warning)
+
+
+def test_launch_refuses_a_spec_that_will_not_fit_unless_told(tiny_model_dir, tiny_dataset):
+    # 4096 sequences x 512 tokens in fp32: the logits alone are b x s x vocab 512 x 4 B = 4 GiB, and with the
+    # loss's copies and the activations the estimator's peak is ~28 GiB, more than an RTX 3090's 24 GiB
+    spec = tiny_spec(tiny_model_dir, tiny_dataset, micro_batch_size=4096, seq_len=512)
+    at = _page("launch")
+    at.session_state[state.LAUNCH_SPEC] = spec.model_dump(mode="json")
+    at.session_state[state.LAUNCH_GPU] = "rtx-3090"
+    at.run()
+    assert not at.exception
+    assert any("Will not fit" in e for e in _errors(at))
+    assert at.button(key="ln_launch").disabled
+    at.checkbox(key="ln_anyway").check().run()
+    assert not at.button(key="ln_launch").disabled
 
 
 def test_launch_bad_dataset_shows_row_numbers_and_blocks_launch(tiny_model_dir, tmp_path):
@@ -190,10 +237,43 @@ def test_estimate_bad_model_path_is_a_readable_error(tmp_path):
     assert _errors(at) and "no-such-model" in _errors(at)[0]
 
 
+def test_estimate_uploaded_config_json_is_estimated(tiny_model_dir):
+    at = _estimate_page(src="Upload")
+    at.file_uploader(key="config_upload").set_value(("config.json", (tiny_model_dir / "config.json").read_bytes(),
+                                                     "application/json")).run()
+    assert not at.exception and not _errors(at)
+    # independent figure: the parameters actually stored in the tiny model's safetensors file
+    from safetensors import safe_open
+
+    from ui.format import fmt_params
+
+    with safe_open(str(tiny_model_dir / "model.safetensors"), "np") as f:
+        stored = sum(f.get_slice(k).get_shape().numel() if hasattr(f.get_slice(k).get_shape(), "numel")
+                     else int(__import__("math").prod(f.get_slice(k).get_shape())) for k in f.keys())
+    assert {m.label: m.value for m in at.metric}["Parameters"] == fmt_params(stored)
+
+
+def test_estimate_hub_id_offline_says_so():
+    at = _estimate_page(src="Hub", hub="someone/unknown-model-7b")  # not a catalog model's hub id
+    assert not at.exception
+    assert _errors(at) and "offline" in _errors(at)[0].lower()
+
+
 def test_estimate_impossible_knob_is_a_readable_error():
     at = _estimate_page(model="qwen2.5-0.5b", seq="1048576", batch="4096")
     assert not at.exception  # an absurd request is refused with a message, never a traceback
     assert _errors(at) or {m.label: m.value for m in at.metric}
+
+
+def test_advisor_impossible_situation_shows_what_it_would_take():
+    at = _page("advise")
+    at.session_state[state.ANSWERS] = {"model": "llama-3.1-405b", "gpu": "t4", "num_gpus": 1, "budget_usd": 1.0,
+                                       "accuracy_pct": 99.0}
+    at.session_state[state.ADVISOR_STEP] = 4
+    at.run()
+    assert not at.exception, at.exception
+    assert _errors(at)  # nothing fits one T4 for $1: said plainly, with the closest option tried
+    assert not [b for b in at.button if b.key == "adv_launch"]
 
 
 # ---- advisor -> launch -----------------------------------------------------------------------------------
