@@ -228,6 +228,19 @@ with results:
                                for g, cells in grid.items()])
             st.caption(f"{num_gpus} GPU(s) each, sharding '{req.sharding}', the knobs on the left.")
             st.dataframe(df, hide_index=True, width="stretch")
+            st.markdown(f"**On {est.gpu.count} x {est.gpu.name} with {estimates.METHOD_LABELS[est.method]}**")
+            with st.spinner("Searching the largest batch and sequence that fit..."):
+                lim, _ = attempt(estimates.limits, req)
+                count, _ = attempt(estimates.smallest_gpu_count, req)
+            if lim is not None:
+                max_batch, max_seq = lim
+                l1, l2, l3 = st.columns(3)
+                l1.metric("Largest micro-batch", f"{max_batch:,}" if max_batch else "none fits",
+                          help=f"at {seq_len:,} tokens per sequence")
+                l2.metric("Longest sequence", f"{max_seq:,} tokens" if max_seq else "none fits",
+                          help=f"at micro-batch {batch}")
+                l3.metric("Fewest GPUs that fit", f"{count:,}" if count else "none",
+                          help="with the sharding on the left (or the best strategy when none is set)")
 
     if is_open(t_rank):
         with t_rank:

@@ -228,6 +228,10 @@ def test_estimate_link_sets_the_knobs_and_every_tab_renders():
         assert at.selectbox(key="model").value == "qwen2.5-0.5b"
         assert at.selectbox(key="gpu").value == "rtx-4090"
         assert at.number_input(key="batch").value == 2
+        if tab == "Which GPUs fit":
+            labels = {m.label for m in at.metric}
+            assert {"Largest micro-batch", "Longest sequence", "Fewest GPUs that fit"} <= labels
+            assert len(at.dataframe[0].value) >= 13  # every catalog GPU has a row
     assert len(at.get("download_button")) == 3  # JSON, CSV, Markdown on the last tab
 
 
