@@ -24,7 +24,7 @@ runs = [r for r in jobs.manager().list() if r.status == "completed" and r.method
 by_id = {r.id: r for r in runs}
 labels = {r.id: f"{r.name or r.id} · r={r.spec.peft.r} · {r.id}" for r in runs}
 
-st.subheader("Adapters")
+st.subheader("Choose adapters")
 picked = st.multiselect("From completed runs", list(by_id), format_func=labels.get, key="ad_runs",
                         default=list(by_id)[:1], persist_state="session")
 extra = st.text_area("Or adapter folders, one per line", key="ad_extra", persist_state="session", height=68)

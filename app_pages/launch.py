@@ -14,7 +14,7 @@ from ftadvisor.errors import UserError
 from runner.spec import DatasetSpec, RunSpec
 from ui import charts, datasets, estimates, jobs, state, uploads
 from ui.errors import attempt, message_of
-from ui.format import fmt_bytes
+from ui.format import fmt_bytes, fmt_hours, fmt_usd
 
 SESSION = "session"  # widget values survive page switches
 TARGET_PRESETS = ["attention-qv", "attention", "all-linear"]
@@ -199,10 +199,11 @@ with side:
                                      datasets.mtime_ns(spec.dataset.path), spec.trust_remote_code)
         if report is not None:
             lengths = report.token_lengths
-            k1, k2, k3 = st.columns([1.6, 1, 1])
-            k1.metric("Format", report.format or "?")
-            k2.metric("Rows", f"{report.rows:,}")
-            k3.metric("Truncated", f"{report.truncated_share:.0%}", help=f"rows longer than {spec.seq_len} tokens")
+            st.markdown(f"Format: **{report.format or 'unknown'}**")
+            k1, k2, k3 = st.columns(3)
+            k1.metric("Rows", f"{report.rows:,}")
+            k2.metric("Truncated", f"{report.truncated_share:.0%}", help=f"rows longer than {spec.seq_len} tokens")
+            k3.metric("Trained tokens", f"{report.trained_tokens:,}", help="tokens with a loss, after truncation")
             if lengths:
                 st.plotly_chart(charts.token_histogram(lengths, spec.seq_len), key="tok_hist")
             if report.errors:
@@ -266,7 +267,7 @@ with side:
                 st.error("Will not fit: " + msg + ". Lower the micro-batch or sequence length, turn on gradient "
                          "checkpointing, switch to QLoRA, or add GPUs with zero3/fsdp.", icon=":material/block:")
             if est.compute and est.compute.hours is not None:
-                st.caption(f"On that GPU: about {est.compute.hours:.2f} h, ${est.compute.cost_usd:,.2f}.")
+                st.caption(f"On that GPU: about {fmt_hours(est.compute.hours)}, {fmt_usd(est.compute.cost_usd)}.")
 
     st.subheader("Launch")
     blocked = spec is None or not ds_path or report is None or bool(report.errors)

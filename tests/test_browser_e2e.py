@@ -227,3 +227,11 @@ def _run_flow(page, url, proc, t0, figures, shots, tiny_model_dir, dataset) -> N
     page.get_by_text(re.compile(r"^completed: \d+ steps")).wait_for(timeout=RUN_BOUND_S * 1000)
     _wait_idle(page)
     _shot(page, shots / "runs.png")
+
+    # ---- the trained adapter answers next to its base model
+    page.get_by_role("link", name="Adapters").click()
+    page.get_by_role("heading", name="Adapters", level=1).wait_for()
+    _wait_idle(page)
+    page.locator(".st-key-ad_generate button").click()
+    page.get_by_text("base model", exact=True).wait_for(timeout=120_000)
+    _shot(page, shots / "adapters.png")
