@@ -295,3 +295,28 @@ def test_advisor_recommendation_carries_the_run_to_the_launch_page(monkeypatch):
     assert spec.model == "qwen2.5-0.5b" and spec.method in ("full", "lora", "qlora")
     assert at.title[0].value == "Launch"
     assert at.text_input(key="ln_model").value == "qwen2.5-0.5b"
+
+
+@pytest.mark.slow
+def test_runs_page_stop_and_save_then_resume(tiny_model_dir, tiny_dataset):
+    """Stop-and-save from the Runs page ends the run 'stopped'; Resume continues it to completion."""
+    import time
+
+    from ui.jobs import manager
+
+    rec = manager().launch(tiny_spec(tiny_model_dir, tiny_dataset, name="stoppable", max_steps=400, save_steps=5))
+    deadline = time.monotonic() + 180
+    while (manager().get(rec.id).step or 0) < 2 and time.monotonic() < deadline:
+        time.sleep(1)  # the heartbeat reports steps every few seconds
+    at = _page("runs")
+    at.session_state[state.SELECTED_RUN] = rec.id
+    at.run()
+    assert not at.button(key=f"stop_{rec.id}").disabled
+    at.button(key=f"stop_{rec.id}").click().run()
+    stopped = manager().wait(rec.id, timeout_s=120)
+    assert stopped.status == "stopped", stopped
+    at.run()
+    assert not at.button(key=f"resume_{rec.id}").disabled
+    at.button(key=f"resume_{rec.id}").click().run()
+    assert manager().get(rec.id).status in ("queued", "running")
+    manager().cancel(rec.id)
