@@ -50,7 +50,7 @@ from estimator.errors import EstimatorError
 # nothing here runs bitsandbytes kernels, so keep the CLI output clean.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-TRACE_VERSION = 4  # bump when the trace changes meaning: old disk caches are ignored
+TRACE_VERSION = 5  # bump when the trace changes meaning: old disk caches are ignored
 
 # bitsandbytes NF4 with double quantization (Dettmers et al. 2023; bitsandbytes 0.50 storage, measured
 # exact in shared/REFERENCE.md): 64 weights per block, 256 blocks per nested block.
@@ -402,6 +402,18 @@ def _nf4_cls():
             self.register_buffer("offset", torch.empty((), dtype=torch.float32, device=meta))
             self.register_buffer("nested_code", torch.empty(256, dtype=torch.float32, device=meta))
             self.bias = bias
+
+        @property
+        def W_q(self):  # noqa: N802 - peft's dequantize_module_weight calls ``dequantize()`` when this exists
+            return self.weight
+
+        def dequantize(self):
+            """What DoRA's weight norm gets from bitsandbytes' ``dequantize_4bit``: the full weight in the dtype
+            it was loaded in (fp32 for the runner), after an fp32 absmax temporary."""
+            scales = torch.empty(self.absmax.shape, dtype=torch.float32, device=self.absmax.device) + self.offset
+            w = torch.empty((self.out_features, self.in_features), dtype=torch.float32, device=self.absmax.device)
+            del scales
+            return w
 
         def forward(self, x):
             inp_dtype = x.dtype
