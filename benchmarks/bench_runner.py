@@ -5,9 +5,10 @@ batch, sequence length, LoRA settings, optimizer and step count, and run as sepa
 environment, alternating (worker, bare, worker, bare, ...) so machine load hits both alike. Throughput is trained
 tokens (non-padding tokens fed to the model) divided by the seconds of ``trainer.train()``. The runner's
 overhead is its callbacks (metrics.jsonl every step, stop-request check) and the heartbeat thread. The target
-is a ratio of at least 0.97 (best of the repeats; the median is printed too).
+is a ratio of at least 0.97, judged on the best-per-step rate (see ``best_step_rate``); whole-run best and median
+are printed too (on a shared machine they swing by 2x between repeats).
 
-Usage: ``python benchmarks/bench_runner.py [--steps 30] [--repeats 5] [--hidden 256] [--layers 4]``
+Usage: ``python benchmarks/bench_runner.py [--steps 60] [--repeats 4] [--hidden 256] [--layers 4]``
 """
 
 from __future__ import annotations
@@ -78,12 +79,26 @@ def bare(model_dir: str, data: str, steps: int, out: str) -> None:
                              lr_scheduler_type="constant", warmup_steps=0.0, logging_steps=1, save_strategy="no",
                              report_to="none", use_cpu=True, seed=42, remove_unused_columns=False,
                              dataloader_num_workers=0, disable_tqdm=True, optim="adamw_torch")
-    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate)
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):  # seconds since train begin at each logged step, as metrics.jsonl has
+        def __init__(self):
+            self.t0, self.elapsed = None, []
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.elapsed.append(time.perf_counter() - self.t0)
+
+    clock = StepClock()
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate, callbacks=[clock])
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
     Path(out, "bare.json").write_text(json.dumps({"train_tokens": seen[0], "train_seconds": seconds,
-                                                  "steps": trainer.state.global_step}))
+                                                  "steps": trainer.state.global_step, "elapsed": clock.elapsed}))
 
 
 def run_worker(model_dir: Path, data: Path, steps: int, run_dir: Path, env: dict) -> dict:
@@ -101,7 +116,19 @@ def run_worker(model_dir: Path, data: Path, steps: int, run_dir: Path, env: dict
     if code != 0:
         raise SystemExit(f"worker failed ({code}); see {run_dir / 'log.txt'}")
     rep = json.loads((run_dir / "report.json").read_text())
-    return {"train_tokens": rep["train_tokens"], "train_seconds": rep["train_seconds"], "steps": rep["steps"]}
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    elapsed = [x["elapsed_s"] for x in lines if x["type"] == "train"]
+    return {"train_tokens": rep["train_tokens"], "train_seconds": rep["train_seconds"], "steps": rep["steps"],
+            "elapsed": elapsed}
+
+
+def best_step_rate(runs: list[dict]) -> float:
+    """Tokens / sum over steps of the fastest repeat of that step. Both sides train the same batches in the
+    same order (same seed and data), so step k is the same work in every repeat; taking each step's fastest
+    repeat removes bursts of load from other processes, which only ever add time."""
+    per_run = [[b - a for a, b in zip([0.0] + r["elapsed"][:-1], r["elapsed"])] for r in runs]
+    best = [min(times) for times in zip(*per_run)]
+    return runs[0]["train_tokens"] / sum(best)
 
 
 def run_bare(model_dir: Path, data: Path, steps: int, out: Path, env: dict) -> dict:
@@ -119,8 +146,8 @@ def main() -> int:
         bare(*sys.argv[2:4], int(sys.argv[4]), sys.argv[5])
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     args = ap.parse_args()
@@ -144,18 +171,21 @@ def main() -> int:
     median = {k: statistics.median(v) for k, v in rates.items()}
     best = {k: max(v) for k, v in rates.items()}
     tokens = {k: {r["train_tokens"] for r in v} for k, v in results.items()}
+    step_rate = {k: best_step_rate(v) for k, v in results.items()}
     print()
     print(f"LoRA r={RANK} on a Llama (hidden {args.hidden}, {args.layers} layers), batch {BATCH}, seq_len {SEQ_LEN}, "
           f"{args.steps} steps, CPU, {args.repeats} alternating repeats")
-    print(f"| {'side':14s} | tokens per run | best tokens/s | median tokens/s |")
-    print(f"|{'-' * 16}|{'-' * 16}|{'-' * 15}|{'-' * 17}|")
+    print(f"| {'side':14s} | tokens per run | best-per-step tokens/s | best run tokens/s | median run tokens/s |")
+    print(f"|{'-' * 16}|{'-' * 16}|{'-' * 24}|{'-' * 19}|{'-' * 21}|")
     for k in results:
-        print(f"| {k:14s} | {'/'.join(map(str, sorted(tokens[k]))):>14s} | {best[k]:13.0f} | {median[k]:15.0f} |")
-    # Best of N is the verdict (like timeit's min): other processes on a shared machine only ever slow a run down.
-    ratio = best["runner worker"] / best["bare Trainer"]
-    ratio_median = median["runner worker"] / median["bare Trainer"]
+        print(f"| {k:14s} | {'/'.join(map(str, sorted(tokens[k]))):>14s} | {step_rate[k]:22.0f} | {best[k]:17.0f} "
+              f"| {median[k]:19.0f} |")
+    # The verdict uses the best-per-step rate (like timeit's min): load from other processes only adds time.
+    ratio = step_rate["runner worker"] / step_rate["bare Trainer"]
     verdict = "meets" if ratio >= TARGET_RATIO else "BELOW"
-    print(f"ratio runner/bare: best {ratio:.3f} ({verdict} the {TARGET_RATIO} target), median {ratio_median:.3f}")
+    print(f"ratio runner/bare: best-per-step {ratio:.3f} ({verdict} the {TARGET_RATIO} target); "
+          f"best run {best['runner worker'] / best['bare Trainer']:.3f}; "
+          f"median run {median['runner worker'] / median['bare Trainer']:.3f}")
     return 0
 
 

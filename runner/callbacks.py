@@ -31,7 +31,7 @@ def memory_bytes() -> int:
     """Memory in use by this process: CUDA allocated bytes on GPU, else resident set size (bytes)."""
     import torch
 
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_initialized():
         return int(torch.cuda.memory_allocated())
     try:
         with open("/proc/self/statm") as fh:

@@ -442,6 +442,7 @@ def tokenize_rows(rows: list[dict], fmt: str, tokenizer, seq_len: int, completio
     raw = Dataset.from_dict({"_json": [json.dumps(r) for r in rows]})
     ds = raw.map(_encode, batched=True, remove_columns=["_json"], desc="tokenize", load_from_cache_file=False)
     ds = ds.filter(lambda ex: any(x != IGNORE_INDEX for x in ex["labels"]), load_from_cache_file=False)
+    ds = ds.flatten_indices()  # a filtered dataset reads rows through an index table on every batch otherwise
     if packing:
         ds = pack(ds, seq_len)
     return ds
