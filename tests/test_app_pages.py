@@ -136,6 +136,30 @@ def test_launch_trust_remote_code_is_an_explicit_warned_opt_in(tiny_model_dir, t
     assert any("runs Python code shipped with the model" in w.value for w in at.warning)
 
 
+def test_launch_strategy_picker_shows_memory_per_gpu(tiny_model_dir, tiny_dataset):
+    from runner.spec import DistributionSpec
+
+    # a catalog model (its tokenizer is not on disk: the dataset check says so, the estimate still runs)
+    spec = tiny_spec(tiny_model_dir, tiny_dataset, model="qwen2.5-0.5b", method="full",
+                     distribution=DistributionSpec(nproc_per_node=2))
+    at = _page("launch")
+    at.session_state[state.LAUNCH_SPEC] = spec.model_dump(mode="json")
+    at.run()
+    assert not at.exception
+    radio = at.radio(key="ln_strategy")
+    assert [o.split(":")[0] for o in radio.options] == ["ddp", "fsdp", "zero2", "zero3"]
+    assert all(" per GPU " in o for o in radio.options)
+    units = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+    per_gpu = {}
+    for o in radio.options:
+        value, unit = o.split(": ", 1)[1].split(" per GPU")[0].split()
+        per_gpu[o.split(":")[0]] = float(value) * units[unit]
+    # ZeRO-3 shards weights, gradients and optimizer states; DDP keeps a full copy on each GPU
+    assert per_gpu["zero3"] < per_gpu["ddp"]
+    radio.set_value("zero3").run()
+    assert RunSpec.model_validate(json.loads(at.code[-1].value)).distribution.strategy == "zero3"
+
+
 def test_launch_refuses_a_spec_that_will_not_fit_unless_told(tiny_model_dir, tiny_dataset):
     # 4096 sequences x 512 tokens in fp32: the logits alone are b x s x vocab 512 x 4 B = 4 GiB, and with the
     # loss's copies and the activations the estimator's peak is ~28 GiB, more than an RTX 3090's 24 GiB
