@@ -251,14 +251,43 @@ def _build_full(r: Run):
     return model
 
 
+# Distribution strategies whose engine manages the weights' dtype itself (FSDP flattens each unit into one
+# dtype; DeepSpeed casts the module to 16-bit with its own fp32 master copy): the LoRA base is loaded in fp32
+# for them, as before. One process or DDP runs the model as loaded.
+_ENGINE_MANAGED_DTYPE = ("fsdp", "zero2", "zero3")
+
+
+def lora_base_dtype(r: Run):
+    """torch dtype the frozen LoRA base is loaded in: the run's 16-bit dtype when it really trains in
+    bf16/fp16 (``r.precision``, after the CPU/GPU fallbacks) on one process or DDP, else fp32."""
+    import torch
+
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(r.precision)
+    sharding = _dist_call("estimator_sharding", r.spec) or "none"
+    if half is None or sharding in _ENGINE_MANAGED_DTYPE:
+        return torch.float32
+    return half
+
+
 def _build_lora(r: Run):
-    """LoRA (rsLoRA/DoRA flags), LoRA+ (optimizer built in the trainer) or AdaLoRA on a full-precision base."""
+    """LoRA (rsLoRA/DoRA flags), LoRA+ (optimizer built in the trainer) or AdaLoRA.
+
+    The frozen base is loaded in the run's 16-bit dtype for bf16/fp16 runs (``lora_base_dtype``: 2 B per
+    weight, no fp32 copy of weights that never train); peft keeps the adapter weights in fp32
+    (``get_peft_model(autocast_adapter_dtype=True)``, its default), so their gradients and AdamW states are
+    fp32, and the Trainer's autocast (bf16=True / fp16=True) still runs the matmuls in 16-bit. fp32 runs load
+    an fp32 base. ``estimator/memory.py`` counts exactly this regime (``tests/test_recipe_lora_dtype.py``).
+    """
+    import torch
     from peft import get_peft_model
 
-    model = _load_model(r)
+    dtype = lora_base_dtype(r)
+    model = _load_model(r, dtype=dtype)
+    if dtype != torch.float32:
+        r.notes.append(f"LoRA base loaded in {str(dtype).removeprefix('torch.')} (frozen); adapters in fp32")
     if r.spec.gradient_checkpointing:
         model.enable_input_require_grads()
-    return get_peft_model(model, _peft_config(r, model))
+    return get_peft_model(model, _peft_config(r, model), autocast_adapter_dtype=True)
 
 
 def _build_qlora(r: Run):
@@ -478,10 +507,11 @@ def _evaluate(r: Run) -> dict:
     out: dict = {"eval_loss": None, "exact_match": None, "exact_match_rows": 0, "samples": []}
     if not r.eval_rows:
         return out
-    last = r.trainer.state.log_history[-1] if r.trainer.state.log_history else {}
+    step = r.trainer.state.global_step
+    done = [h["eval_loss"] for h in r.trainer.state.log_history if "eval_loss" in h and h.get("step") == step]
     try:
-        if "eval_loss" in last and last.get("step") == r.trainer.state.global_step and r.trainer.state.global_step:
-            out["eval_loss"] = last["eval_loss"]  # the Trainer just evaluated at this step (end of epoch)
+        if step and done:
+            out["eval_loss"] = done[-1]  # the Trainer already evaluated at this step (end of epoch / eval_steps)
         else:
             out["eval_loss"] = r.trainer.evaluate()["eval_loss"]
         out.update(exact_match(r.model, r.tokenizer, r.eval_rows, r.fmt))
