@@ -37,7 +37,8 @@ def _run_app(args) -> int:
     app = Path(__file__).resolve().parents[1] / "app.py"
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
            "--server.port", str(args.port), "--browser.gatherUsageStats", "false"]
-    return subprocess.call(cmd)
+    # run from the repo root so .streamlit/config.toml (localhost, upload limit) is read from anywhere
+    return subprocess.call(cmd, cwd=app.parent)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -287,3 +287,12 @@ def test_unreachable_hub_fails_fast_as_offline(monkeypatch):
     with pytest.raises(EstimatorError) as err:
         resolve_model("someone/some-model-7b")
     assert "offline" in str(err.value) and err.value.field == "model"
+
+
+@pytest.mark.parametrize("model_id", [m.id for m in list_models()])
+def test_shipped_configs_validate(model_id):
+    """The catalog loads shipped configs without validating them (fast listing); this test does it instead."""
+    from estimator.catalog import MODELS_DIR, validate_config
+
+    path = MODELS_DIR / model_id / "config.json"
+    validate_config(json.loads(path.read_text(encoding="utf-8")), where=str(path))
