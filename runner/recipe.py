@@ -314,12 +314,6 @@ def _build_qlora(r: Run):
     return get_peft_model(model, _peft_config(r, model))
 
 
-def _fp32():
-    import torch
-
-    return torch.float32
-
-
 BUILDERS = {"full": _build_full, "lora": _build_lora, "qlora": _build_qlora}
 
 
