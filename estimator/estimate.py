@@ -185,14 +185,18 @@ def _build_inventory(entry, req: EstimateRequest) -> tuple[Inventory, Any, list[
             r = req.rank
             # AdaLoRA keeps A, B, E in ParameterDicts: peft saves them without the ".weight" suffix
             suffix = "" if req.adalora else ".weight"
-            tensors.append(TensorInfo(name=f"{mod_name}.lora_A{suffix}", shape=(r, d_in), trainable=True, layer=layer))
-            tensors.append(TensorInfo(name=f"{mod_name}.lora_B{suffix}", shape=(d_out, r), trainable=True, layer=layer))
+            tensors.append(TensorInfo(name=f"{mod_name}.lora_A{suffix}", shape=(r, d_in), trainable=True, layer=layer,
+                                      adapter=True))
+            tensors.append(TensorInfo(name=f"{mod_name}.lora_B{suffix}", shape=(d_out, r), trainable=True, layer=layer,
+                                      adapter=True))
             if req.adalora:
-                tensors.append(TensorInfo(name=f"{mod_name}.lora_E", shape=(r, 1), trainable=True, layer=layer))
-                tensors.append(TensorInfo(name=f"{mod_name}.ranknum", shape=(1,), trainable=False, layer=layer))
+                tensors.append(TensorInfo(name=f"{mod_name}.lora_E", shape=(r, 1), trainable=True, layer=layer,
+                                          adapter=True))
+                tensors.append(TensorInfo(name=f"{mod_name}.ranknum", shape=(1,), trainable=False, layer=layer,
+                                          adapter=True))
             if req.dora:
                 tensors.append(TensorInfo(name=f"{mod_name}.lora_magnitude_vector", shape=(d_out,), trainable=True,
-                                          layer=layer))
+                                          layer=layer, adapter=True))
     buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
     mapping = layer_map(types, num_layers, n_slice)
     by_layer: dict[int, list[TensorInfo]] = {}
@@ -262,13 +266,22 @@ def _weights_16bit(req: EstimateRequest) -> bool:
     return req.sharding in ("zero1", "zero2", "zero3", "fsdp") and req.method != "qlora" and req.dtype != "fp32"
 
 
+def _base_dtype(req: EstimateRequest) -> str:
+    """dtype of the frozen base weights: LoRA bf16/fp16 runs on one GPU or DDP load the base in that dtype
+    (``runner/recipe.py`` ``lora_base_dtype``); full fine-tuning keeps fp32 master weights, QLoRA stores NF4,
+    and ZeRO/FSDP cast the module themselves (``_weights_16bit``)."""
+    if req.method == "lora" and req.dtype != "fp32" and req.sharding in ("none", "ddp"):
+        return req.dtype
+    return "fp32"
+
+
 def trace_settings(req: EstimateRequest, batch_size: int | None = None, seq_len: int | None = None):
     from estimator.trace import TraceSettings
 
     targets = req.targets if isinstance(req.targets, str) else tuple(req.targets)
     return TraceSettings(method=req.method, rank=req.rank, alpha=req.effective_alpha, targets=targets,
                          dora=req.dora, rslora=req.rslora, adalora=req.adalora, dropout=req.dropout,
-                         dtype=req.dtype, weights_16bit=_weights_16bit(req),
+                         dtype=req.dtype, weights_16bit=_weights_16bit(req), base_dtype=_base_dtype(req),
                          batch_size=batch_size or req.batch_size, seq_len=seq_len or req.seq_len,
                          grad_checkpointing=req.grad_checkpointing, attention=req.attention)
 
@@ -355,7 +368,7 @@ def _estimate(req: EstimateRequest) -> Estimate:
     mem = step_memory(inv, method=req.method, optimizer=req.optimizer, sharding=req.sharding,
                       num_gpus=req.num_gpus, offload=req.offload, activations_bytes=acts.held,
                       forward_peak_rel=acts.forward_peak_rel, backward_peak_rel=acts.backward_peak_rel,
-                      grad_accum_steps=req.grad_accum_steps)
+                      grad_accum_steps=req.grad_accum_steps, base_dtype=_base_dtype(req))
     notes = _notes(req, inv, acts, mem, targets)
     trainable = inv.trainable_params
     # compute
@@ -419,6 +432,9 @@ def _method_note(req: EstimateRequest) -> str:
                 "optimizer, no autocast")
     if req.dtype == "fp32":
         return f"{req.method}: fp32 weights, fp32 compute"
+    if _base_dtype(req) != "fp32":
+        return (f"{req.method}: frozen base weights in {req.dtype} (2 B each), adapter weights fp32 with fp32 "
+                f"gradients and optimizer states, {req.dtype} autocast (HF Trainer mixed precision)")
     return f"{req.method}: fp32 master weights, {req.dtype} autocast (HF Trainer mixed precision)"
 
 
@@ -435,11 +451,11 @@ def _notes(req: EstimateRequest, inv: Inventory, acts: _Activations, mem: StepMe
             notes.append(acts.note)
     else:
         notes.append(acts.note or "activations by formula")
-    if (req.method in ("full", "lora") and req.dtype != "fp32" and not _weights_16bit(req)
+    if (req.method == "full" and req.dtype != "fp32" and not _weights_16bit(req)
             and not req.grad_checkpointing):
         notes.append("autocast keeps the 16-bit copy of every weight that backward needs (about 2 B per Linear "
-                     "weight) until backward: it is part of the traced activations; gradient checkpointing or a "
-                     "16-bit frozen base (LoRA) avoids it")
+                     "weight) until backward: it is part of the traced activations; gradient checkpointing avoids "
+                     "it (LoRA avoids it by loading its frozen base in 16-bit)")
     opt_notes = {
         "adamw": "AdamW (adamw_torch, foreach): two fp32 moments (8 B per trainable parameter) + one fp32 "
                  "temporary per parameter during the step",

@@ -2,10 +2,16 @@
 
 The regime counted (``runner/recipe.py`` + HF Trainer defaults, read from their source):
 
-* **full / LoRA, one GPU or DDP**: the model is loaded in fp32 (master weights); ``bf16``/``fp16`` runs use
+* **full, one GPU or DDP**: the model is loaded in fp32 (master weights); ``bf16``/``fp16`` runs use
   Trainer's autocast (mixed precision), so every weight is cast to 16-bit inside the forward pass and those
   casts that backward needs stay alive as activations (the trace sees them). Gradients are fp32 (the dtype of
-  the parameters). Adapters are fp32 (peft keeps adapter weights in fp32).
+  the parameters).
+* **LoRA (rsLoRA, DoRA, LoRA+, AdaLoRA), one GPU or DDP**: ``bf16``/``fp16`` runs load the frozen base in that
+  16-bit dtype (2 B per weight, ``runner/recipe.py`` ``lora_base_dtype``; buffers such as RoPE ``inv_freq``
+  stay fp32 as transformers creates them); peft keeps every adapter tensor in fp32 (4 B,
+  ``autocast_adapter_dtype=True``), so gradients and optimizer states are fp32 and of the adapters only. The
+  Trainer still autocasts forward and loss (only the fp32 adapter weights get cast copies). fp32 runs: fp32
+  base, no autocast.
 * **QLoRA**: every Linear but the LM head is NF4 with double quantization (bitsandbytes' exact storage, see
   ``trace.nf4_linear_bytes``); ``prepare_model_for_kbit_training`` leaves every other weight (embeddings, norms,
   LM head) in fp32 (the runner loads them in fp32 already); compute dtype bf16 (fp16 when the run is fp16).
@@ -72,6 +78,7 @@ class TensorInfo(BaseModel):
     trainable: bool
     quantized: bool = False  # stored as NF4 by bitsandbytes (QLoRA)
     layer: int | None = None  # decoder layer index, None outside the layers
+    adapter: bool = False  # a peft adapter tensor (kept fp32 by peft whatever the base dtype)
 
     @property
     def numel(self) -> int:
@@ -112,14 +119,23 @@ class StepMemory(BaseModel):
 # ------------------------------------------------------------------------------------------- weights etc.
 
 
-def weights_bytes(inv: Inventory, sharding: Sharding, method: str) -> int:
-    """Bytes of all weights as stored for the regime (before sharding), buffers included."""
+def weights_bytes(inv: Inventory, sharding: Sharding, method: str, base_dtype: str = "fp32") -> int:
+    """Bytes of all weights as stored for the regime (before sharding), buffers included.
+
+    ``base_dtype`` bf16/fp16: the frozen base tensors are stored in 16 bits (2 B), adapters in fp32 (LoRA).
+    """
     if sharding in ("zero1", "zero2", "zero3") and method != "qlora":
         per = 2  # DeepSpeed keeps the module in bf16/fp16
         return sum(per * t.numel for t in inv.tensors) + inv.buffer_bytes
+    frozen_per = 2 if base_dtype in ("bf16", "fp16") else 4
     total = inv.buffer_bytes
     for t in inv.tensors:
-        total += nf4_linear_bytes(t.numel) if t.quantized else 4 * t.numel
+        if t.quantized:
+            total += nf4_linear_bytes(t.numel)
+        elif t.trainable or t.adapter:
+            total += 4 * t.numel
+        else:
+            total += frozen_per * t.numel
     return total
 
 
@@ -187,17 +203,17 @@ def largest_layer_bytes(inv: Inventory, bytes_per_value: int = 2) -> int:
 
 def step_memory(inv: Inventory, *, method: str, optimizer: str, sharding: Sharding, num_gpus: int,
                 offload: bool, activations_bytes: int, forward_peak_rel: int, backward_peak_rel: int,
-                grad_accum_steps: int = 1) -> StepMemory:
+                grad_accum_steps: int = 1, base_dtype: str = "fp32") -> StepMemory:
     """Per-GPU memory of one step from the inventory and the (extrapolated) traced activations.
 
     ``forward_peak_rel`` / ``backward_peak_rel`` are the traced peaks above the step start, for one GPU with
     all gradients local (the backward peak includes the gradients allocated up to that point).
     With gradient accumulation the gradients of earlier micro-steps are alive through the forward and backward
     of the next ones: they are added to both (an upper bound for backward, whose trace already counts the
-    gradients it allocates).
+    gradients it allocates). ``base_dtype``: dtype of the frozen base weights (see ``weights_bytes``).
     """
     n = max(1, num_gpus) if sharding != "none" else 1
-    w_all = weights_bytes(inv, sharding, method)
+    w_all = weights_bytes(inv, sharding, method, base_dtype)
     g_all = gradient_bytes(inv, sharding, method)
     s_all = optimizer_state_bytes(inv, optimizer, sharding, method)
     temp_all = optimizer_temp_bytes(inv, optimizer)

@@ -19,8 +19,11 @@ How (see ``shared/REFERENCE.md``, "Memory of one training step"):
    the end of the forward pass, the forward/backward peak above the weights, and the FLOPs of one micro-step.
 
 The step traced is the one the runner runs with HF Trainer: weights as stored (fp32 master weights for full
-and LoRA; NF4 + fp32 leftovers for QLoRA after ``prepare_model_for_kbit_training``), forward and loss under
-``torch.autocast(dtype=bf16|fp16)`` when the run dtype is 16-bit, backward outside autocast. CPU autocast is
+fine-tuning; for LoRA the frozen base in the run's dtype (``base_dtype``: bf16/fp16 on one GPU or DDP, fp32
+for fp32 runs) with fp32 adapters, as ``runner/recipe.py`` loads it; NF4 + fp32 leftovers for QLoRA after
+``prepare_model_for_kbit_training``; everything 16-bit under ZeRO/FSDP, ``weights_16bit``), forward and loss
+under ``torch.autocast(dtype=bf16|fp16)`` when the run dtype is 16-bit (also over a 16-bit LoRA base: the
+Trainer autocasts it, which casts the fp32 adapters' weights), backward outside autocast. CPU autocast is
 used for the trace (no CUDA here); for the Llama family the CPU and CUDA autocast op lists agree on every op
 that changes a dtype (norms, softmax and the loss upcast explicitly in transformers).
 
@@ -50,7 +53,7 @@ from estimator.errors import EstimatorError
 # nothing here runs bitsandbytes kernels, so keep the CLI output clean.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-TRACE_VERSION = 5  # bump when the trace changes meaning: old disk caches are ignored
+TRACE_VERSION = 6  # bump when the trace changes meaning: old disk caches are ignored (6: LoRA base_dtype)
 
 # bitsandbytes NF4 with double quantization (Dettmers et al. 2023; bitsandbytes 0.50 storage, measured
 # exact in shared/REFERENCE.md): 64 weights per block, 256 blocks per nested block.
@@ -227,6 +230,9 @@ class TraceSettings(BaseModel):
     weights_16bit: bool = Field(False, description=(
         "weights stored in the 16-bit dtype with no autocast (DeepSpeed ZeRO / FSDP mixed precision) instead of "
         "fp32 master weights + autocast"))
+    base_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description=(
+        "dtype the frozen base weights are stored in (LoRA): the run's 16-bit dtype when the runner loads the "
+        "base in it (one GPU / DDP), adapters stay fp32 (peft autocast_adapter_dtype) and autocast stays on"))
     batch_size: int = 1
     seq_len: int = 512
     grad_checkpointing: bool = False
@@ -306,7 +312,12 @@ def build_training_model(config, settings: TraceSettings):
 
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.dtype)
     sixteen = settings.weights_16bit and half is not None and settings.method != "qlora"
-    model = fresh_meta_model(config, dtype=half if sixteen else torch.float32)
+    base = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.base_dtype)
+    if sixteen:
+        base = half
+    elif base is None or settings.method != "lora":
+        base = torch.float32
+    model = fresh_meta_model(config, dtype=base)
     model.config.use_cache = False
     model.config._attn_implementation = settings.attention
     if settings.grad_checkpointing:
@@ -327,7 +338,8 @@ def build_training_model(config, settings: TraceSettings):
 
     with torch.device("meta"), warnings.catch_warnings():  # adapters straight on meta: no CPU allocation
         warnings.simplefilter("ignore")  # peft/transformers deprecation and meta-device notices
-        peft_model = get_peft_model(model, _lora_config(model, settings))
+        # autocast_adapter_dtype=True (peft's default, as the runner passes it): fp32 adapters on a 16-bit base
+        peft_model = get_peft_model(model, _lora_config(model, settings), autocast_adapter_dtype=True)
     if sixteen:
         peft_model.to(half)  # DeepSpeed / FSDP cast the whole module, adapters included
     if settings.method == "qlora":
