@@ -11,6 +11,7 @@ are tagged with the phase they happened in (load, step, eval). Only rank 0 write
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -116,14 +117,8 @@ def _setup(r: Run) -> None:
     r.max_steps = _max_steps(spec, len(r.train_rows))
     torch.manual_seed(spec.seed)
     r.progress.update(phase="load", max_steps=r.max_steps)
-    try:
+    with _oom_as("oom_load"):
         r.model = BUILDERS[spec.method](r)
-    except torch.OutOfMemoryError as exc:
-        raise _oom("oom_load", exc) from exc
-    except RuntimeError as exc:
-        if _is_oom(exc):
-            raise _oom("oom_load", exc) from exc
-        raise
     r.trainer = _build_trainer(r)
 
 
@@ -483,14 +478,8 @@ def _train(r: Run) -> None:
     tokens_before = r.collator.tokens_seen
     _dist_call("prepare_for_training", r.trainer)  # DDP wrap even though evaluate() ran first
     start = time.perf_counter()
-    try:
+    with _oom_as("oom_step"):
         r.trainer.train(resume_from_checkpoint=r.resume_from)
-    except torch.OutOfMemoryError as exc:
-        raise _oom("oom_step", exc) from exc
-    except RuntimeError as exc:
-        if _is_oom(exc):
-            raise _oom("oom_step", exc) from exc
-        raise
     r.train_seconds = time.perf_counter() - start
     r.train_tokens = r.collator.tokens_seen - tokens_before
     r.stopped = r.stopper.stopped_at is not None and r.trainer.state.global_step < r.trainer.state.max_steps
@@ -509,18 +498,12 @@ def _evaluate(r: Run) -> dict:
         return out
     step = r.trainer.state.global_step
     done = [h["eval_loss"] for h in r.trainer.state.log_history if "eval_loss" in h and h.get("step") == step]
-    try:
+    with _oom_as("oom_eval"):
         if step and done:
             out["eval_loss"] = done[-1]  # the Trainer already evaluated at this step (end of epoch / eval_steps)
         else:
             out["eval_loss"] = r.trainer.evaluate()["eval_loss"]
         out.update(exact_match(r.model, r.tokenizer, r.eval_rows, r.fmt))
-    except torch.OutOfMemoryError as exc:
-        raise _oom("oom_eval", exc) from exc
-    except RuntimeError as exc:
-        if _is_oom(exc):
-            raise _oom("oom_eval", exc) from exc
-        raise
     return out
 
 
@@ -575,7 +558,22 @@ def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, ad
     return outputs
 
 
+@contextlib.contextmanager
+def _oom_as(kind: str):
+    """Turn an out-of-memory error raised inside the block into a RunnerError of ``kind`` (with its fix)."""
+    try:
+        yield
+    except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError; CPU allocators raise plain ones
+        if _is_oom(exc):
+            raise _oom(kind, exc) from exc
+        raise
+
+
 def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
     text = str(exc).lower()
     return "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text
 
