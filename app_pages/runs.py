@@ -8,7 +8,7 @@ import streamlit as st
 
 from ui import charts, jobs, state
 from ui.errors import attempt
-from ui.format import fmt_bytes, fmt_params, fmt_seconds
+from ui.format import fmt_bytes, fmt_params, fmt_seconds, last_user_turn
 
 st.title("Runs")
 jm = jobs.manager()
@@ -113,7 +113,10 @@ def _show_report(report: dict) -> None:
                f"{fmt_bytes(report.get('peak_memory_bytes'))}; output `{report.get('output', '')}`")
     samples = [s for s in report.get("samples") or [] if isinstance(s, dict)]
     if samples:
-        st.dataframe(pd.DataFrame(samples), hide_index=True, width="stretch")
+        table = pd.DataFrame(samples)
+        if "prompt" in table:  # chat prompts: show the last user turn, not the template's system preamble
+            table["prompt"] = table["prompt"].map(last_user_turn)
+        st.dataframe(table, hide_index=True, width="stretch")
     for note in report.get("notes") or []:
         st.caption(f"· {note}")
 

@@ -68,3 +68,11 @@ def fmt_flops(x: float | None) -> str:
         if x >= div:
             return f"{x / div:.2f} {suffix}"
     return f"{x:.3g} FLOP"
+
+
+def last_user_turn(prompt: str) -> str:
+    """The text of the last user turn of a ChatML-rendered prompt (the prompt itself when it is plain text)."""
+    marker = "<|im_start|>user\n"
+    if marker not in prompt:
+        return prompt
+    return prompt.rsplit(marker, 1)[1].split("<|im_end|>", 1)[0].strip()
