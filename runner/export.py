@@ -217,6 +217,17 @@ def requirements(spec: RunSpec, modules: list[str]) -> str:
 # --------------------------------------------------------------------------------------------------- scripts
 
 
+# Shared by launch.sh and slurm.sbatch once HERE is known: the vendored runner on the path, the run folder with
+# its spec.json (kept on resume).
+_RUN_DIR_SETUP = """cd "$HERE"
+export PYTHONPATH="$HERE/src${PYTHONPATH:+:$PYTHONPATH}"
+export FTADVISOR_HOME="${FTADVISOR_HOME:-$HERE/home}"
+RUN_DIR="${RUN_DIR:-$HERE/run}"
+mkdir -p "$RUN_DIR"
+[ -f "$RUN_DIR/spec.json" ] || cp "$HERE/spec.json" "$RUN_DIR/spec.json"
+"""
+
+
 def launch_script(spec: RunSpec) -> str:
     """The bash launcher: one process, torchrun, or accelerate launch, from the bundle folder.
 
@@ -230,13 +241,7 @@ def launch_script(spec: RunSpec) -> str:
 #        ./launch.sh --resume   continue from the last checkpoint in the run folder
 set -euo pipefail
 HERE="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
-cd "$HERE"
-export PYTHONPATH="$HERE/src${{PYTHONPATH:+:$PYTHONPATH}}"
-export FTADVISOR_HOME="${{FTADVISOR_HOME:-$HERE/home}}"
-RUN_DIR="${{RUN_DIR:-$HERE/run}}"
-mkdir -p "$RUN_DIR"
-[ -f "$RUN_DIR/spec.json" ] || cp "$HERE/spec.json" "$RUN_DIR/spec.json"
-PYTHON="${{PYTHON:-python}}"
+{_RUN_DIR_SETUP}PYTHON="${{PYTHON:-python}}"
 """
     if not distributed.is_distributed(spec):
         return head + 'exec "$PYTHON" -m runner.worker "$RUN_DIR" "$@"\n'
@@ -274,13 +279,7 @@ def slurm_script(spec: RunSpec) -> str:
 #SBATCH --output=slurm-%j.out
 set -euo pipefail
 HERE="${{SLURM_SUBMIT_DIR:-$(pwd)}}"
-cd "$HERE"
-export PYTHONPATH="$HERE/src${{PYTHONPATH:+:$PYTHONPATH}}"
-export FTADVISOR_HOME="${{FTADVISOR_HOME:-$HERE/home}}"
-RUN_DIR="${{RUN_DIR:-$HERE/run}}"
-mkdir -p "$RUN_DIR"
-[ -f "$RUN_DIR/spec.json" ] || cp "$HERE/spec.json" "$RUN_DIR/spec.json"
-export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+{_RUN_DIR_SETUP}export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 export MASTER_PORT="${{MASTER_PORT:-{DEFAULT_RDZV_PORT}}}"
 export RUN_DIR
 # Add --resume at the end of the torchrun line to continue from the last checkpoint.
