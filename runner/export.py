@@ -42,7 +42,7 @@ ENTRY_MODULE = "runner.worker"
 
 #: Always pinned, whatever the AST walk finds: the training stack (the issue's list) plus the tokenizer and
 #: weight formats transformers loads. deepspeed is handled separately (see :func:`requirements`).
-CORE_REQUIREMENTS = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "trl",
+CORE_REQUIREMENTS = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets",
                      "tokenizers", "safetensors", "pydantic", "pyyaml")
 
 #: Imports whose distribution name differs from the module name and that ``packages_distributions`` may miss.

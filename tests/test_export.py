@@ -24,7 +24,7 @@ from runner.export import MARKER, export_bundle, module_closure
 from runner.spec import DatasetSpec, DistributionSpec, RunSpec
 
 #: The training stack the issue asks to pin (plus what the copied modules import).
-PINNED = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "trl")
+PINNED = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets")
 
 
 @pytest.fixture
