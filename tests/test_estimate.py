@@ -25,10 +25,10 @@ GIB = 1024**3
 @pytest.fixture(scope="module")
 def tiny_cfg(tmp_path_factory):
     """A 4-layer tiny Llama config.json (traces in well under a second)."""
-    from transformers import LlamaConfig
+    from runner.tinymodel import tiny_config
 
-    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    cfg = tiny_config("llama", vocab_size=512, hidden_size=64, layers=4)
+    cfg.max_position_embeddings = 4096
     path = tmp_path_factory.mktemp("tiny-cfg") / "config.json"
     path.write_text(json.dumps(cfg.to_dict()))
     return str(path)

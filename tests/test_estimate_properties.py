@@ -19,10 +19,10 @@ SETTINGS = settings(max_examples=4, deadline=None, suppress_health_check=[Health
 
 @pytest.fixture(scope="module")
 def cfg_path(tmp_path_factory):
-    from transformers import LlamaConfig
+    from runner.tinymodel import tiny_config
 
-    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    cfg = tiny_config("llama", vocab_size=512, hidden_size=64, layers=3)
+    cfg.max_position_embeddings = 2048
     path = tmp_path_factory.mktemp("prop-cfg") / "config.json"
     path.write_text(json.dumps(cfg.to_dict()))
     return str(path)
