@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from advisor.errors import AdvisorError
-from ftadvisor.paths import DATA_DIR
+from ftcore.paths import DATA_DIR
 
 RULES_PATH = DATA_DIR / "rules.yaml"
 MethodName = Literal["full", "lora", "qlora"]

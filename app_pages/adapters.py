@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from ftadvisor.paths import home
+from ftcore.paths import home
 from ui import jobs
 from ui.errors import attempt
 from ui.format import fmt_bytes

@@ -10,7 +10,7 @@ import streamlit as st
 from pydantic import ValidationError
 
 from estimator.request import EstimateRequest
-from ftadvisor.errors import UserError
+from ftcore.errors import UserError
 from ui import charts, estimates, uploads
 from ui.errors import attempt, message_of, show
 from ui.format import fmt_bytes, fmt_flops, fmt_hours, fmt_params, fmt_usd

@@ -10,7 +10,7 @@ import streamlit as st
 from pydantic import ValidationError
 
 from estimator.request import EstimateRequest
-from ftadvisor.errors import UserError
+from ftcore.errors import UserError
 from runner.spec import DatasetSpec, RunSpec
 from ui import charts, datasets, estimates, jobs, state, uploads
 from ui.errors import attempt, message_of

@@ -82,7 +82,7 @@ def build_slice(folder: Path, model_id: str, layers: int, *, smoke: bool) -> Pat
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ftadvisor.paths import DATA_DIR
+    from ftcore.paths import DATA_DIR
     from runner.tinymodel import build_tiny_model, build_tokenizer
 
     if smoke:

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from estimator.errors import EstimatorError
-from ftadvisor.paths import DATA_DIR
+from ftcore.paths import DATA_DIR
 
 MODELS_DIR = DATA_DIR / "models"
 CATALOG_FILE = MODELS_DIR / "catalog.yaml"

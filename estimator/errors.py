@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ftadvisor.errors import UserError
+from ftcore.errors import UserError
 
 
 class EstimatorError(UserError):

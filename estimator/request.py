@@ -1,7 +1,7 @@
 """What an estimate is asked for: one typed, validated request (the contract for CLI, advisor, runner, app).
 
 Every field carries its unit in its name or description. Invalid values raise pydantic's ValidationError,
-whose messages name the field; ``ftadvisor.errors.format_validation_error`` makes them readable.
+whose messages name the field; ``ftcore.errors.format_validation_error`` makes them readable.
 """
 
 from __future__ import annotations

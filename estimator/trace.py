@@ -596,7 +596,7 @@ def _key(config_dict: dict, settings: TraceSettings) -> str:
 
 
 def _cache_file(key: str):
-    from ftadvisor.paths import cache_dir
+    from ftcore.paths import cache_dir
 
     folder = cache_dir() / "traces"
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,1 +1,1 @@
-"""finetune-advisor: command-line entry point and shared error types."""
+"""finetune-advisor: the command-line entry point (`ftadvisor ...`, `python -m ftadvisor ...`)."""

@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from ftadvisor.errors import UserError, format_validation_error
+from ftcore.errors import UserError, format_validation_error
 
 # Modules that expose ``register(subparsers)``; each adds its commands with ``set_defaults(func=...)``.
 COMMAND_MODULES = ("estimator.cli", "advisor.cli", "runner.cli", "runner.export_cli")

@@ -16,7 +16,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ftadvisor.errors import UserError
+from ftcore.errors import UserError
 
 #: Seconds between polls of a followed run's metrics and status.
 FOLLOW_POLL_S = 0.5

@@ -7,7 +7,7 @@ of LoRA training on CPU. The data is made by ``data/datasets/make_demo_sentiment
 
 from __future__ import annotations
 
-from ftadvisor.paths import DATA_DIR
+from ftcore.paths import DATA_DIR
 from runner.models import DEMO_MODEL_ID
 from runner.spec import DatasetSpec, PeftSettings, RunSpec
 

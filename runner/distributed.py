@@ -311,7 +311,7 @@ def transformer_layer_classes(spec: RunSpec) -> list[str] | None:
 
 
 def _model_config(model: str) -> dict | None:
-    from ftadvisor.paths import DATA_DIR
+    from ftcore.paths import DATA_DIR
 
     for candidate in (Path(model).expanduser() / "config.json", Path(model).expanduser(),
                       DATA_DIR / "models" / model / "config.json"):

@@ -29,13 +29,13 @@ import stat
 import sys
 from pathlib import Path
 
-from ftadvisor.paths import DATA_DIR, REPO_ROOT
+from ftcore.paths import DATA_DIR, REPO_ROOT
 from runner import distributed
 from runner.errors import RunnerError
 from runner.spec import RunSpec
 
 #: First-party top-level packages; imports of these are copied into the bundle, everything else is a requirement.
-FIRST_PARTY = ("runner", "ftadvisor", "estimator", "advisor", "ui")
+FIRST_PARTY = ("runner", "ftcore", "ftadvisor", "estimator", "advisor", "ui")
 
 #: The module the bundle runs; its import closure (including imports inside functions) is copied.
 ENTRY_MODULE = "runner.worker"
@@ -51,7 +51,7 @@ MODULE_TO_DIST = {"yaml": "pyyaml", "google": "protobuf", "sklearn": "scikit-lea
 #: Modules that must never become a requirement of a training bundle (UI only).
 NEVER_REQUIRED = {"streamlit", "plotly", "playwright"}
 
-#: Files of the shipped data folder copied next to the modules (ftadvisor.paths.DATA_DIR = src/data).
+#: Files of the shipped data folder copied next to the modules (ftcore.paths.DATA_DIR = src/data).
 SHIPPED_DATA_MAX_BYTES = 50 * 1024 * 1024  # 50 MiB: the catalog and sample datasets are kilobytes; skip anything big
 
 #: Marker file that tells a bundle folder apart, so a re-export may overwrite it.
@@ -132,7 +132,7 @@ def copy_modules(dest: Path) -> list[str]:
         rel = src.relative_to(REPO_ROOT)
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dest / rel)
-    if "ftadvisor.paths" in modules and DATA_DIR.is_dir():
+    if "ftcore.paths" in modules and DATA_DIR.is_dir():
         for path in sorted(DATA_DIR.rglob("*")):
             if path.is_file() and path.stat().st_size <= SHIPPED_DATA_MAX_BYTES and "__pycache__" not in path.parts:
                 target = dest / path.relative_to(REPO_ROOT)

@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from ftadvisor.paths import REPO_ROOT, runs_dir as default_runs_dir
+from ftcore.paths import REPO_ROOT, runs_dir as default_runs_dir
 from runner.errors import RunnerError
 from runner.failures import run_log_tail
 from runner.registry import ACTIVE, TERMINAL, Registry, RunRecord, default_registry_path, new_run_id
@@ -65,7 +65,7 @@ def _check_launchable(spec: RunSpec) -> None:
 
 
 class JobManager:
-    """Runs under ``runs_dir`` (default ``ftadvisor.paths.runs_dir()``), registry in ``runs_dir/registry.sqlite3``.
+    """Runs under ``runs_dir`` (default ``ftcore.paths.runs_dir()``), registry in ``runs_dir/registry.sqlite3``.
 
     Every method reads the registry afresh, so several managers in several processes agree."""
 

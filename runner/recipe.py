@@ -319,7 +319,7 @@ def resolve_targets(model, targets) -> list[str] | str:
     except ImportError:
         shared = None
     if shared is not None:
-        from ftadvisor.errors import UserError
+        from ftcore.errors import UserError
 
         try:
             return shared(model, targets)

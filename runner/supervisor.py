@@ -279,7 +279,7 @@ class Supervisor:
         return cmd + (["--resume"] if resume else [])
 
     def _run_worker(self, lock_fd: int) -> tuple[int, float]:
-        from ftadvisor.paths import REPO_ROOT
+        from ftcore.paths import REPO_ROOT
 
         rec = self.registry.get(self.run_id)
         started = rec.started_at.timestamp() if rec.started_at else time.time()

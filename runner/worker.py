@@ -23,7 +23,7 @@ import time  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from ftadvisor.errors import UserError  # noqa: E402
+from ftcore.errors import UserError  # noqa: E402
 from runner import exitcodes  # noqa: E402
 from runner.callbacks import Heartbeat, Progress, write_json  # noqa: E402
 from runner.errors import RunnerError  # noqa: E402
@@ -46,7 +46,7 @@ def write_result(run_dir: Path, status: str, code: int, kind: str | None = None,
 def _load_spec(run_dir: Path):
     from pydantic import ValidationError
 
-    from ftadvisor.errors import format_validation_error
+    from ftcore.errors import format_validation_error
     from runner.spec import RunSpec
 
     path = run_dir / "spec.json"

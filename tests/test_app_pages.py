@@ -112,7 +112,7 @@ def test_launch_checks_the_dataset_and_launching_creates_a_run(tiny_model_dir, t
 
 
 def test_launch_uploaded_dataset_is_stored_safely_and_checked(tiny_model_dir, tiny_dataset):
-    from ftadvisor.paths import uploads_dir
+    from ftcore.paths import uploads_dir
 
     at = _page("launch")
     at.session_state[state.LAUNCH_SPEC] = tiny_spec(tiny_model_dir, "").model_dump(mode="json")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ftadvisor.paths import uploads_dir
+from ftcore.paths import uploads_dir
 from ui.uploads import (DATASET_SUFFIXES, MAX_CONFIG_BYTES, UploadError, safe_name, save_config_upload,
                         save_upload)
 

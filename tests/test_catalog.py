@@ -19,7 +19,7 @@ from estimator.catalog import (
 )
 from estimator.errors import EstimatorError
 from estimator.params import build_meta_model, count_parameters
-from ftadvisor.errors import UserError
+from ftcore.errors import UserError
 
 # The ids issue 2 requires in the catalog.
 REQUIRED_MODELS = {

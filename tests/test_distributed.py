@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftadvisor.paths import REPO_ROOT
+from ftcore.paths import REPO_ROOT
 from runner import distributed as D
 from runner.errors import RunnerError
 from runner.spec import DatasetSpec, DistributionSpec, RunSpec

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from ftadvisor.cli import main as cli_main
-from ftadvisor.paths import DATA_DIR
+from ftcore.paths import DATA_DIR
 from runner.errors import RunnerError
 from runner.export import MARKER, export_bundle, module_closure
 from runner.spec import DatasetSpec, DistributionSpec, RunSpec
@@ -176,9 +176,9 @@ def test_requirements_are_pinned_to_this_environment(tmp_path, dataset):
 def test_vendored_runner_imports_from_the_bundle_alone(tmp_path, dataset):
     out = export_bundle(_spec(dataset), tmp_path / "bundle")
     modules = module_closure("runner.worker")
-    assert {"runner.worker", "runner.recipe", "runner.distributed", "runner.spec", "ftadvisor.paths"} <= set(modules)
+    assert {"runner.worker", "runner.recipe", "runner.distributed", "runner.spec", "ftcore.paths"} <= set(modules)
     assert "runner.jobs" not in modules and not any(m.startswith(("ui", "advisor")) for m in modules)
-    probe = ("import runner.worker, runner.recipe, runner.distributed, ftadvisor.paths as p; "
+    probe = ("import runner.worker, runner.recipe, runner.distributed, ftcore.paths as p; "
              "print(runner.worker.__file__); print(runner.recipe.__file__); print(p.DATA_DIR)")
     env = dict(os.environ, PYTHONPATH=str(out / "src"))
     res = subprocess.run([sys.executable, "-c", probe], cwd=out, env=env, capture_output=True, text=True,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from ftadvisor.paths import DATA_DIR
+from ftcore.paths import DATA_DIR
 from runner.spec import DatasetSpec
 from ui.warmup import ready
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, TypeVar
 import streamlit as st
 from pydantic import ValidationError
 
-from ftadvisor.errors import UserError, format_validation_error
+from ftcore.errors import UserError, format_validation_error
 
 T = TypeVar("T")
 

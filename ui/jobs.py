@@ -7,7 +7,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from ftadvisor.paths import runs_dir
+from ftcore.paths import runs_dir
 
 # Status badges for Markdown headings (Streamlit's coloured badges + Material icons; no emoji font needed).
 STATUS_BADGES = {"queued": ("gray", "schedule"), "running": ("blue", "autorenew"), "completed": ("green", "check"),

@@ -7,7 +7,7 @@ import json
 import streamlit as st
 from pydantic import ValidationError
 
-from ftadvisor.errors import UserError
+from ftcore.errors import UserError
 from ui.errors import message_of
 from ui.warmup import ready
 

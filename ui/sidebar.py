@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from ftadvisor.paths import home
+from ftcore.paths import home
 
 
 def draw_sidebar() -> None:

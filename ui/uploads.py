@@ -10,8 +10,8 @@ import hashlib
 import re
 from pathlib import Path
 
-from ftadvisor.errors import UserError
-from ftadvisor.paths import uploads_dir
+from ftcore.errors import UserError
+from ftcore.paths import uploads_dir
 
 MAX_DATASET_BYTES = 50 * 1024**2  # 50 MiB: matches server.maxUploadSize in .streamlit/config.toml
 MAX_CONFIG_BYTES = 1024**2  # 1 MiB: a Hugging Face config.json is a few KiB; anything larger is not one
