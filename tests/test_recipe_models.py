@@ -55,7 +55,7 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
     with pytest.raises(RunnerError, match="offline") as err:
         resolve_model_dir("HuggingFaceTB/SmolLM2-135M-Instruct")
     assert err.value.field == "model"
-    with pytest.raises(RunnerError, match="not smollm2-135m, an existing folder or a hub id"):
+    with pytest.raises(RunnerError, match="model folder './no/such/folder' does not exist"):
         resolve_model_dir("./no/such/folder")
 
 
