@@ -8,10 +8,13 @@ Formats (one per file, detected from the columns or given in ``DatasetSpec.forma
 - ``messages``: ``{"messages": [{"role": ..., "content": ...}, ...]}``; rendered with the tokenizer's chat
   template, and with ``completion_only_loss`` only the assistant turns are trained.
 
-Masks come from character spans mapped through the fast tokenizer's offsets, so they hold for any chat template
-that renders earlier turns the same way when later turns are added (every template we ship or test does). We do
-not use trl's ``assistant_only_loss`` because it needs ``{% generation %}`` markers that the ChatML templates of
-SmolLM2 and the tiny test models lack (trl only patches a fixed list of templates).
+Masks are built by construction (torchtune's way): a row is cut into pieces (prompt | completion; for chat data
+the template's text up to each assistant turn | that turn), each piece is tokenized on its own and the ids are
+concatenated, so the trained labels are exactly the ids of the completion / assistant pieces whatever whitespace
+sits at a boundary. This holds for any chat template that renders earlier turns the same way when later turns
+are added (a template that does not is reported by the check, with the row). We do not use trl's
+``assistant_only_loss`` because it needs ``{% generation %}`` markers that the ChatML templates of SmolLM2 and
+the tiny test models lack (trl only patches a fixed list of templates).
 
 ``check_dataset`` is what the app and the worker call first: format, rows, token-length statistics and the share
 truncated at ``seq_len``, rows with no trained tokens, and errors with 1-based row numbers and the column.
@@ -52,6 +55,15 @@ class RowIssue(BaseModel):
         return f"{self.file + ': ' if self.file else ''}{where}{col}: {self.message}"
 
 
+#: Rows of the file shown with the text that carries a loss (``DatasetReport.samples``).
+SAMPLE_ROWS = 3
+
+
+class TrainedSample(BaseModel):
+    row: int = Field(description="1-based row number in the train file")
+    trained_text: str = Field(description="the decoded tokens of the row that carry a loss (after truncation)")
+
+
 class DatasetReport(BaseModel):
     format: str | None = Field(None, description="text | prompt_completion | messages (None if unknown)")
     rows: int = Field(0, description="rows in the train file")
@@ -65,6 +77,8 @@ class DatasetReport(BaseModel):
                                          description="1-based rows with no trained token after truncation")
     trained_tokens: int = Field(0, description="tokens with a loss, summed over train rows after truncation")
     sha256: str | None = Field(None, description="sha256 of the train file (plus eval file) bytes")
+    samples: list[TrainedSample] = Field(default_factory=list,
+                                         description=f"the first {SAMPLE_ROWS} train rows: what is trained")
 
     @property
     def ok(self) -> bool:
@@ -80,7 +94,8 @@ class DatasetReport(BaseModel):
         return {"format": self.format, "rows": self.rows, "eval_rows": self.eval_rows, "ok": self.ok,
                 "token_length": stats, "truncated_share": round(self.truncated_share, 4),
                 "empty_target_rows": len(self.empty_target_rows), "trained_tokens": self.trained_tokens,
-                "errors": [str(e) for e in self.errors], "warnings": self.warnings}
+                "errors": [str(e) for e in self.errors], "warnings": self.warnings,
+                "samples": [s.model_dump() for s in self.samples]}
 
 
 # ---------------------------------------------------------------------------------------------- reading files
@@ -248,23 +263,43 @@ class Encoded:
         return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
 
-def render(row: dict, fmt: str, tokenizer) -> tuple[str, list[tuple[int, int]]]:
-    """The text of one row and the character spans that are trained (completion / assistant turns)."""
+class TemplateError(ValueError):
+    """The chat template renders a conversation's earlier turns differently once later turns are added, so the
+    conversation cannot be cut into per-turn pieces (the check reports it with the row number)."""
+
+
+def segments(row: dict, fmt: str, tokenizer) -> list[tuple[str, bool]]:
+    """One row as consecutive text pieces ``(text, trained)``; joined they are the row's full text.
+
+    prompt_completion: ``[(prompt, False), (completion, True)]``. messages: the chat template's text up to each
+    assistant turn (its generation prompt included) untrained, each assistant turn as the template writes it
+    (content and end-of-turn marker) trained. text: ``[(text, True)]``.
+    """
     if fmt == "text":
-        return row["text"], [(0, len(row["text"]))]
+        return [(row["text"], True)]
     if fmt == "prompt_completion":
-        prompt, completion = row["prompt"], row["completion"]
-        return prompt + completion, [(len(prompt), len(prompt) + len(completion))]
+        return [(row["prompt"], False), (row["completion"], True)]
     msgs = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
     full = _chat(tokenizer, msgs, add_generation_prompt=False)
-    spans = []
+    pieces, done = [], 0
     for i, msg in enumerate(msgs):
         if msg["role"] != "assistant":
             continue
-        start = len(_chat(tokenizer, msgs[:i], add_generation_prompt=True)) if i else 0
-        end = len(_chat(tokenizer, msgs[: i + 1], add_generation_prompt=False))
-        spans.append((start, end))
-    return full, spans
+        start = len(_prefix(full, _chat(tokenizer, msgs[:i], add_generation_prompt=True), i))
+        end = len(_prefix(full, _chat(tokenizer, msgs[: i + 1], add_generation_prompt=False), i + 1))
+        if start < done or end < start:
+            raise TemplateError(f"the chat template renders turn {i + 1} out of order")
+        pieces += [(full[done:start], False), (full[start:end], True)]
+        done = end
+    pieces.append((full[done:], False))
+    return [(text, trained) for text, trained in pieces if text]
+
+
+def _prefix(full: str, head: str, turns: int) -> str:
+    if not full.startswith(head):
+        raise TemplateError(f"the chat template renders the first {turns} message(s) differently once later "
+                            "messages follow, so assistant turns cannot be cut out exactly")
+    return head
 
 
 def _chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -273,23 +308,57 @@ def _chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
+#: Text put before a piece to tokenize it "mid-sequence" when the tokenizer would otherwise add a word-start
+#: marker to it (SentencePiece's dummy prefix: "7" alone becomes "▁7", a space the row never had). The
+#: sentinel's own ids are cut off again (torchtune's SentencePiece tokenizer does the same with "\n").
+_SENTINEL = "\n"
+_WORD_START = "\u2581"  # SentencePiece's word-start marker "▁"
+
+
+def piece_ids(tokenizer, text: str, first: bool) -> list[int]:
+    """Token ids of one piece of a row. The first piece gets the tokenizer's special tokens (BOS); later pieces
+    are tokenized as text that continues a sequence (no special tokens, no added word-start prefix)."""
+    if first:
+        return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if not ids or text[:1].isspace():
+        return ids
+    head = tokenizer.convert_ids_to_tokens(ids[0])
+    if isinstance(head, str) and head.startswith(_WORD_START):  # a prefix the text does not have
+        sentinel = list(tokenizer(_SENTINEL, add_special_tokens=False)["input_ids"])
+        joined = list(tokenizer(_SENTINEL + text, add_special_tokens=False)["input_ids"])
+        if sentinel and joined[: len(sentinel)] == sentinel:
+            return joined[len(sentinel):]
+    return ids
+
+
 def encode(row: dict, fmt: str, tokenizer, completion_only: bool = True) -> Encoded:
-    """Token ids and labels of one row (not truncated). Labels are -100 outside the trained spans."""
-    text, spans = render(row, fmt, tokenizer)
-    add_special = fmt != "messages"  # the chat template already writes its special tokens
-    enc = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    if not completion_only or fmt == "text":
-        labels = list(ids)
-    else:
-        labels = []
-        for tok_id, (start, end) in zip(ids, enc["offset_mapping"]):
-            inside = end > start and any(s <= start < e for s, e in spans)
-            labels.append(tok_id if inside else IGNORE_INDEX)
+    """Token ids and labels of one row (not truncated), built piece by piece (``segments``): each piece is
+    tokenized on its own and the ids are concatenated, so the labels are exactly the ids of the trained pieces
+    (-100 elsewhere) whatever whitespace sits at a boundary: a prompt ending in a space and the completion
+    "7" give ``... "?", " ", "7"`` with "7" trained, never a " 7" token that starts inside the prompt.
+
+    prompt_completion and text rows end with EOS (trained: the model learns to stop). Chat rows carry the
+    template's own special tokens. ``completion_only=False`` trains every token. Raises TemplateError for a
+    chat template that cannot be cut into turns.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    first = fmt != "messages"  # the chat template writes its own special tokens
+    for text, trained in segments(row, fmt, tokenizer):
+        part = piece_ids(tokenizer, text, first)
+        first = False
+        ids += part
+        labels += part if (trained or not completion_only) else [IGNORE_INDEX] * len(part)
     if fmt != "messages" and tokenizer.eos_token_id is not None:  # teach the model to stop after a completion
         ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
     return Encoded(ids, labels)
+
+
+def trained_text(enc: Encoded, tokenizer) -> str:
+    """The decoded tokens that carry a loss (special tokens kept), e.g. ``"7<|im_end|>"``."""
+    return tokenizer.decode([t for t, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE_INDEX])
 
 
 # ------------------------------------------------------------------------------------------------- check
@@ -328,11 +397,10 @@ def check_dataset(ds: DatasetSpec, tokenizer, seq_len: int) -> DatasetReport:
         report.errors.append(RowIssue(row=0, column="messages", message="the model's tokenizer has no chat "
                                       "template; use prompt/completion or text format, or a chat model"))
         return report
-    if not getattr(tokenizer, "is_fast", False):
-        report.errors.append(RowIssue(row=0, message="the tokenizer has no fast (Rust) version, needed for "
-                                      "loss masks; use a model with tokenizer.json"))
-        return report
     _token_stats(report, rows, fmt, tokenizer, seq_len, ds.completion_only_loss)
+    if report.errors:
+        _cap(report)
+        return report
     report.sha256 = file_sha256(ds.path, ds.eval_path)
     if not ds.eval_path and ds.eval_fraction > 0 and int(len(rows) * ds.eval_fraction) < 1:
         report.warnings.append(f"eval_fraction {ds.eval_fraction} of {len(rows)} rows holds out no row; "
@@ -343,12 +411,20 @@ def check_dataset(ds: DatasetSpec, tokenizer, seq_len: int) -> DatasetReport:
 def _token_stats(report, rows, fmt, tokenizer, seq_len, completion_only) -> None:
     truncated = 0
     for row in rows:
-        enc = encode(row, fmt, tokenizer, completion_only)
+        try:
+            enc = encode(row, fmt, tokenizer, completion_only)
+        except TemplateError as exc:
+            report.errors.append(RowIssue(row=row["_row"], column="messages", message=f"{exc}; use a chat model "
+                                          "whose template keeps earlier turns as they are, or prompt/completion"))
+            continue
         report.token_lengths.append(len(enc.input_ids))
         if len(enc.input_ids) > seq_len:
             truncated += 1
-        kept = Encoded(enc.input_ids[:seq_len], enc.labels[:seq_len]).trained
+        cut = Encoded(enc.input_ids[:seq_len], enc.labels[:seq_len])
+        kept = cut.trained
         report.trained_tokens += kept
+        if len(report.samples) < SAMPLE_ROWS:
+            report.samples.append(TrainedSample(row=row["_row"], trained_text=trained_text(cut, tokenizer)))
         if kept == 0:
             report.empty_target_rows.append(row["_row"])
     report.truncated_share = truncated / len(rows) if rows else 0.0

@@ -161,3 +161,78 @@ def test_packing_keeps_examples_apart(tok):
     assert pos == [p for n in lengths for p in range(n)]
     starts = [sum(lengths[:i]) for i in range(len(lengths))]
     assert all(ds[0]["labels"][s] == -100 for s in starts)  # never predict the first token of the next example
+
+
+# --- masks by construction: the first completion / assistant token is trained whatever the boundary looks like
+
+
+def _trained(enc, tok):
+    return [tok.decode([t]) for t, lab in zip(enc.input_ids, enc.labels) if lab != -100]
+
+
+def test_prompt_ending_in_a_space_still_trains_the_first_completion_token(tok):
+    """Issue 9's case. Joined, the byte-level tokenizer writes "? 7" as "?" + " 7": the " 7" token starts inside
+    the prompt span, so a character-offset mask trained only EOS (measured before this change: ['<|im_end|>']).
+    Tokenized piece by piece the completion "7" is its own token and carries the loss."""
+    joined = [tok.decode([t]) for t in tok("What is 3 plus 4? 7")["input_ids"]]
+    assert joined[-1] == " 7"  # the boundary this test is about (the tokenizer's own merge, not ours)
+    enc = rdata.encode({"prompt": "What is 3 plus 4? ", "completion": "7"}, "prompt_completion", tok)
+    assert _trained(enc, tok) == ["7", "<|im_end|>"]
+    # the prompt's ids are those of the prompt tokenized alone, as generation will see it
+    n = len(tok("What is 3 plus 4? ")["input_ids"])
+    assert enc.input_ids[:n] == tok("What is 3 plus 4? ")["input_ids"] and enc.labels[:n] == [-100] * n
+
+
+def test_every_assistant_turn_starts_trained(tok):
+    row = {"messages": [{"role": "user", "content": "What is 3 plus 4? "}, {"role": "assistant", "content": " 7"},
+                        {"role": "user", "content": "and good?"}, {"role": "assistant", "content": "positive"}]}
+    enc = rdata.encode(row, "messages", tok)
+    # ChatML writes each assistant turn as content + <|im_end|> + newline (runner/tinymodel.py CHATML_TEMPLATE)
+    assert tok.decode([t for t, lab in zip(enc.input_ids, enc.labels) if lab != -100]) == \
+        " 7<|im_end|>\npositive<|im_end|>\n"
+    assert tok.decode(enc.input_ids) == tok.apply_chat_template(row["messages"], tokenize=False)
+
+
+def _metaspace_tokenizer():
+    """A SentencePiece-style tokenizer (Metaspace, a "▁" word-start marker prepended to every piece, as
+    Llama-2/Mistral's do): not the byte-level BPE the rest of the suite is built on."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    t.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    corpus = [f"What is {a} plus {b}? {a + b}\nthe answer is positive" for a in range(10) for b in range(10)]
+    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"],
+                                                      show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_sentencepiece_style_tokenizer_adds_no_phantom_space():
+    mtok = _metaspace_tokenizer()
+    alone = mtok.convert_ids_to_tokens(mtok("7", add_special_tokens=False)["input_ids"])
+    assert alone[0].startswith("\u2581")  # tokenized alone, "7" gets a word-start marker (a space it lacks)
+    enc = rdata.encode({"prompt": "What is 3 plus 4?", "completion": "7"}, "prompt_completion", mtok)
+    trained = [mtok.convert_ids_to_tokens(t) for t, lab in zip(enc.input_ids, enc.labels) if lab != -100]
+    assert trained == ["7", "</s>"]  # "7" as a continuation: no "▁", then EOS
+
+
+def test_template_that_rewrites_earlier_turns_is_reported_with_the_row(tmp_path, tok):
+    import copy
+
+    odd = copy.deepcopy(tok)  # renders a marker after the last message only: earlier renderings are not prefixes
+    odd.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{% if loop.last %} END"
+                         "{% endif %}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "good"}]}]
+    rep = _check(_jsonl(tmp_path / "c.jsonl", rows), odd)
+    assert [(e.row, e.column) for e in rep.errors] == [(1, "messages")]
+    assert "differently once later messages follow" in rep.errors[0].message
+
+
+def test_check_lists_what_the_first_rows_train(tmp_path, tok):
+    rows = [{"prompt": "What is 3 plus 4? ", "completion": "7"}, {"prompt": "the movie was", "completion": " good"},
+            {"prompt": "x", "completion": ""}, {"prompt": "y", "completion": " bad"}]
+    rep = _check(_jsonl(tmp_path / "pc.jsonl", rows), tok)
+    assert [(s.row, s.trained_text) for s in rep.samples] == [
+        (1, "7<|im_end|>"), (2, " good<|im_end|>"), (3, "<|im_end|>")]  # row 3: only EOS (empty completion)
+    assert rep.summary()["samples"][0] == {"row": 1, "trained_text": "7<|im_end|>"}
