@@ -494,6 +494,7 @@ def _evaluate(r: Run) -> dict:
     import torch
 
     out: dict = {"eval_loss": None, "exact_match": None, "exact_match_rows": 0, "samples": []}
+    out.update(_general_text_loss(r))  # forgetting: loss on the shipped general text (runner/forgetting.py)
     if not r.eval_rows:
         return out
     step = r.trainer.state.global_step
@@ -505,6 +506,20 @@ def _evaluate(r: Run) -> dict:
             out["eval_loss"] = r.trainer.evaluate()["eval_loss"]
         out.update(exact_match(r.model, r.tokenizer, r.eval_rows, r.fmt))
     return out
+
+
+def _general_text_loss(r: Run) -> dict:
+    """``general_loss`` / ``general_tokens`` of the model on the shipped general text (runner/forgetting.py).
+
+    Skipped (empty) where weights are sharded across ranks (FSDP, ZeRO): one rank cannot run a forward alone.
+    """
+    if (_dist_call("estimator_sharding", r.spec) or "none") not in ("none", "ddp"):
+        return {}
+    from runner.forgetting import general_loss
+
+    with _oom_as("oom_eval"):
+        loss, tokens = general_loss(r.model, r.tokenizer)
+    return {"general_loss": loss, "general_tokens": tokens}
 
 
 def normalize_answer(text: str) -> str:
@@ -646,10 +661,41 @@ def report(r: Run, out: Path) -> dict:
         "output": str(out), "resumed_from": r.resume_from, "peak_memory_bytes": memory_bytes(),
         "notes": r.notes,
     }
+    rep["forgetting"] = _forgetting(r)
+    rep["intruder_dimensions"] = _intruders(r, out)
     if r.adalora is not None:
         rep["adalora_update_calls"] = r.adalora.calls
         rep["adalora_rank_pattern"] = _rank_pattern(r.model)
     return rep
+
+
+def _forgetting(r: Run) -> dict | None:
+    """report.json "forgetting": general-text loss before/after/change (runner/forgetting.py), None if skipped."""
+    from runner.forgetting import forgetting_report
+
+    before, after = r.before.get("general_loss"), r.after.get("general_loss")
+    if before is None and after is None:
+        return None
+    return forgetting_report(before, after, tokens=r.after.get("general_tokens") or 0).model_dump()
+
+
+def _intruders(r: Run, out: Path) -> dict | None:
+    """report.json "intruder_dimensions" (runner/intruder.py): adapter runs from base + adapter files, full runs
+    from the saved weights vs the base over the modules a LoRA run with this spec's targets would adapt."""
+    from runner import intruder
+
+    try:
+        if r.spec.method == "full":
+            targets = resolve_targets(r.model, r.spec.peft.target_modules)
+            suffixes = None if targets == "all-linear" else list(targets)
+            return intruder.full_intruders(r.model_dir, out, suffixes).model_dump()
+        if r.spec.peft.variant == "adalora":
+            r.notes.append("intruder dimensions are not measured for AdaLoRA adapters")
+            return None
+        return intruder.adapter_intruders(r.model_dir, out).model_dump()
+    except RunnerError as exc:  # the run itself succeeded; say why the figure is missing
+        r.notes.append(f"intruder dimensions not measured: {exc}")
+        return None
 
 
 def _rank_pattern(model) -> dict | None:
