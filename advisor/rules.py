@@ -23,9 +23,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from advisor.errors import AdvisorError
-from ftcore.paths import DATA_DIR
+from ftcore.paths import data_path
 
-RULES_PATH = DATA_DIR / "rules.yaml"
+RULES_PATH = data_path("rules.yaml")
 MethodName = Literal["full", "lora", "qlora"]
 
 # Facts a condition may name besides the Answers fields. Derived by advisor.recommend.derive_facts.

@@ -82,12 +82,12 @@ def build_slice(folder: Path, model_id: str, layers: int, *, smoke: bool) -> Pat
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ftcore.paths import DATA_DIR
+    from ftcore.paths import data_path
     from runner.tinymodel import build_tiny_model, build_tokenizer
 
     if smoke:
         return build_tiny_model(folder, arch="llama", layers=layers)
-    config_path = DATA_DIR / "models" / model_id / "config.json"
+    config_path = data_path("models", model_id, "config.json")
     if not config_path.is_file():
         raise SystemExit(f"--model: no catalog config at {config_path}")
     raw = json.loads(config_path.read_text())

@@ -24,11 +24,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from estimator.errors import EstimatorError
-from ftcore.paths import DATA_DIR
+from ftcore.paths import data_path
 
-MODELS_DIR = DATA_DIR / "models"
+MODELS_DIR = data_path("models")
 CATALOG_FILE = MODELS_DIR / "catalog.yaml"
-GPUS_FILE = DATA_DIR / "gpus.csv"
+GPUS_FILE = data_path("gpus.csv")
 
 # Limits on a config's sizes, checked before building a meta model. The largest published dense models stay far
 # below them (Llama-3.1-405B: 126 layers, hidden 16,384, vocab 128,256; Gemma-2: vocab 256,000), so anything beyond

@@ -35,6 +35,9 @@ def _run_app(args) -> int:
     from pathlib import Path
 
     app = Path(__file__).resolve().parents[1] / "app.py"
+    if not app.is_file():
+        raise UserError(f"app: the Streamlit app is not installed here (no {app}); it runs from a checkout of "
+                        "finetune-advisor (`make run`), the command line works from the wheel")
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
            "--server.port", str(args.port), "--browser.gatherUsageStats", "false"]
     # run from the repo root so .streamlit/config.toml (localhost, upload limit) is read from anywhere

@@ -7,12 +7,12 @@ of LoRA training on CPU. The data is made by ``data/datasets/make_demo_sentiment
 
 from __future__ import annotations
 
-from ftcore.paths import DATA_DIR
+from ftcore.paths import data_path
 from runner.models import DEMO_MODEL_ID
 from runner.spec import DatasetSpec, PeftSettings, RunSpec
 
-DEMO_TRAIN = DATA_DIR / "datasets" / "demo_sentiment.jsonl"
-DEMO_EVAL = DATA_DIR / "datasets" / "demo_sentiment_eval.jsonl"
+DEMO_TRAIN = data_path("datasets", "demo_sentiment.jsonl")
+DEMO_EVAL = data_path("datasets", "demo_sentiment_eval.jsonl")
 
 #: Demo settings, chosen from a real 40-step run on the 2 shared CPU cores (fp32): train loss 2.37 -> 0.01 by
 #: step 10 and flat after, held-out exact match 0/40 -> 40/40, eval loss 2.31 -> 0.0007. 16 steps of batch 8

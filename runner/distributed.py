@@ -311,10 +311,10 @@ def transformer_layer_classes(spec: RunSpec) -> list[str] | None:
 
 
 def _model_config(model: str) -> dict | None:
-    from ftcore.paths import DATA_DIR
+    from ftcore.paths import data_path
 
     for candidate in (Path(model).expanduser() / "config.json", Path(model).expanduser(),
-                      DATA_DIR / "models" / model / "config.json"):
+                      data_path("models", model, "config.json")):
         if candidate.is_file() and candidate.name.endswith(".json"):
             try:
                 return json.loads(candidate.read_text(encoding="utf-8"))

@@ -29,7 +29,7 @@ import stat
 import sys
 from pathlib import Path
 
-from ftcore.paths import DATA_DIR, REPO_ROOT
+from ftcore.paths import DATA_PACKAGE, REPO_ROOT, data_path
 from runner import distributed
 from runner.errors import RunnerError
 from runner.spec import RunSpec
@@ -51,7 +51,7 @@ MODULE_TO_DIST = {"yaml": "pyyaml", "google": "protobuf", "sklearn": "scikit-lea
 #: Modules that must never become a requirement of a training bundle (UI only).
 NEVER_REQUIRED = {"streamlit", "plotly", "playwright"}
 
-#: Files of the shipped data folder copied next to the modules (ftcore.paths.DATA_DIR = src/data).
+#: Files of the shipped data package copied next to the modules, as src/ftadvisor_data (ftcore.paths.data_path).
 SHIPPED_DATA_MAX_BYTES = 50 * 1024 * 1024  # 50 MiB: the catalog and sample datasets are kilobytes; skip anything big
 
 #: Marker file that tells a bundle folder apart, so a re-export may overwrite it.
@@ -132,10 +132,11 @@ def copy_modules(dest: Path) -> list[str]:
         rel = src.relative_to(REPO_ROOT)
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dest / rel)
-    if "ftcore.paths" in modules and DATA_DIR.is_dir():
-        for path in sorted(DATA_DIR.rglob("*")):
+    data_root = data_path()
+    if "ftcore.paths" in modules and data_root.is_dir():
+        for path in sorted(data_root.rglob("*")):
             if path.is_file() and path.stat().st_size <= SHIPPED_DATA_MAX_BYTES and "__pycache__" not in path.parts:
-                target = dest / path.relative_to(REPO_ROOT)
+                target = dest / DATA_PACKAGE / path.relative_to(data_root)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, target)
     return modules
@@ -373,7 +374,7 @@ def _portable_model(model: str) -> tuple[str, str | None]:
 
 
 def _catalog_hub_id(model: str) -> str | None:
-    catalog = DATA_DIR / "models" / "catalog.yaml"
+    catalog = data_path("models", "catalog.yaml")
     if not catalog.is_file():
         return None
     import yaml

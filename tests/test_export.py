@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from ftadvisor.cli import main as cli_main
-from ftcore.paths import DATA_DIR
+from ftcore.paths import data_path
 from runner.errors import RunnerError
 from runner.export import MARKER, export_bundle, module_closure
 from runner.spec import DatasetSpec, DistributionSpec, RunSpec
@@ -78,7 +78,7 @@ def test_multinode_zero3_bundle(tmp_path, dataset):
 
     bundled = RunSpec.load(out / "spec.json")
     # The catalog id became its hub id (from the shipped catalog), the dataset a relative copy.
-    catalog = yaml.safe_load((DATA_DIR / "models" / "catalog.yaml").read_text())
+    catalog = yaml.safe_load(data_path("models", "catalog.yaml").read_text())
     assert bundled.model == catalog["llama-2-7b"]["hub_id"]
     assert bundled.dataset.path == "data/qa.jsonl"
     assert (out / "data" / "qa.jsonl").read_bytes() == dataset.read_bytes()
@@ -179,7 +179,7 @@ def test_vendored_runner_imports_from_the_bundle_alone(tmp_path, dataset):
     assert {"runner.worker", "runner.recipe", "runner.distributed", "runner.spec", "ftcore.paths"} <= set(modules)
     assert "runner.jobs" not in modules and not any(m.startswith(("ui", "advisor")) for m in modules)
     probe = ("import runner.worker, runner.recipe, runner.distributed, ftcore.paths as p; "
-             "print(runner.worker.__file__); print(runner.recipe.__file__); print(p.DATA_DIR)")
+             "print(runner.worker.__file__); print(runner.recipe.__file__); print(p.data_path())")
     env = dict(os.environ, PYTHONPATH=str(out / "src"))
     res = subprocess.run([sys.executable, "-c", probe], cwd=out, env=env, capture_output=True, text=True,
                          timeout=120)
@@ -187,7 +187,9 @@ def test_vendored_runner_imports_from_the_bundle_alone(tmp_path, dataset):
     worker_file, recipe_file, data_dir = res.stdout.strip().splitlines()[-3:]
     assert worker_file == str(out / "src" / "runner" / "worker.py")
     assert recipe_file == str(out / "src" / "runner" / "recipe.py")
-    assert data_dir == str(out / "src" / "data") and (out / "src" / "data" / "models" / "catalog.yaml").is_file()
+    shipped = out / "src" / "ftadvisor_data"
+    assert data_dir == str(shipped) and (shipped / "__init__.py").is_file()
+    assert (shipped / "models" / "catalog.yaml").is_file()
 
 
 def test_zip_keeps_every_file_and_the_executable_bit(tmp_path, dataset):

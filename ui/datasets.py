@@ -6,11 +6,11 @@ from pathlib import Path
 
 import streamlit as st
 
-from ftcore.paths import DATA_DIR
+from ftcore.paths import data_path
 from runner.spec import DatasetSpec
 from ui.warmup import ready
 
-SHIPPED_DIR = DATA_DIR / "datasets"
+SHIPPED_DIR = data_path("datasets")
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 

@@ -1,0 +1,97 @@
+"""The built wheel works away from the checkout: installed without -e into a temporary target, run from a
+temporary folder, it finds its catalog, GPU table and rules (package ``ftadvisor_data``) and answers
+``python -m ftadvisor models`` / ``estimate`` with the same figures as the checkout.
+
+The wheel is built from a copy of the working tree through setuptools' PEP 517 hook (what ``pip wheel`` and
+``python -m build`` call), with no network: setuptools is already in the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: Not part of a source tree: environments, caches, build output, run folders, screenshots.
+_NOT_SOURCE = (".venv", ".git", "var", "build", "dist", "*.egg-info", "__pycache__", ".hypothesis",
+               ".pytest_cache", "docs")
+
+#: Llama-2-7B's published total (Touvron et al. 2023; the catalog's published_params).
+LLAMA2_7B_PARAMS = 6_738_415_616
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """A folder holding the wheel installed with ``pip install --no-deps --target`` (no -e, no .pth)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(*_NOT_SOURCE))
+    dist = tmp / "dist"
+    build = subprocess.run([sys.executable, "-c", "import sys; from setuptools import build_meta; "
+                            "print(build_meta.build_wheel(sys.argv[1]))", str(dist)],
+                           cwd=src, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    wheel = dist / build.stdout.strip().splitlines()[-1]
+    assert wheel.is_file(), build.stdout[-2000:]
+    target = tmp / "site"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target",
+                          str(target), str(wheel)], capture_output=True, text=True, timeout=300)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    return target
+
+
+def _run(installed: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python -m ftadvisor ARGS`` with only the installed target added to the path, from an empty folder."""
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir(exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(installed), FTADVISOR_HOME=str(tmp_path / "home"))
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_wheel_ships_every_data_file(installed):
+    shipped = REPO / "data"
+    expected = {p.relative_to(shipped).as_posix() for p in shipped.rglob("*")
+                if p.is_file() and "__pycache__" not in p.parts and (p.suffix != ".py" or p.name == "__init__.py")}
+    got = {p.relative_to(installed / "ftadvisor_data").as_posix()
+           for p in (installed / "ftadvisor_data").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert expected - got == set(), "add the missing file types to [tool.setuptools.package-data] in pyproject"
+    assert "models/llama-2-7b/config.json" in got and "gpus.csv" in got and "rules.yaml" in got
+
+
+def test_installed_packages_are_imported_from_the_target_not_the_checkout(installed, tmp_path):
+    probe = ("import ftadvisor, ftcore.paths as p, estimator, advisor, runner, ftadvisor_data; "
+             "print(ftadvisor.__file__); print(p.__file__); print(estimator.__file__); print(advisor.__file__); "
+             "print(runner.__file__); print(ftadvisor_data.__file__); print(p.data_path()); print(p.is_checkout())")
+    res = _run(installed, tmp_path, "-c", probe)
+    assert res.returncode == 0, res.stderr[-3000:]
+    *files, data_root, checkout = res.stdout.strip().splitlines()
+    assert all(Path(f).is_relative_to(installed) for f in files), files
+    assert Path(data_root) == installed / "ftadvisor_data" and checkout == "False"
+
+
+def test_python_m_ftadvisor_models_from_any_folder(installed, tmp_path):
+    res = _run(installed, tmp_path, "-m", "ftadvisor", "models", "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    models = {m["id"]: m for m in json.loads(res.stdout)}
+    assert models["llama-2-7b"]["published_params"] == LLAMA2_7B_PARAMS
+    catalog = yaml.safe_load((REPO / "data" / "models" / "catalog.yaml").read_text(encoding="utf-8"))
+    assert set(models) == set(catalog)
+
+
+def test_python_m_ftadvisor_estimate_from_any_folder(installed, tmp_path):
+    res = _run(installed, tmp_path, "-m", "ftadvisor", "estimate", "--model", "llama-2-7b", "--method", "lora",
+               "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    est = json.loads(res.stdout)
+    assert est["model.total_params"] == LLAMA2_7B_PARAMS
+    assert est["model.trainable_params"] > 0 and est["memory.peak_bytes"] > est["memory.weights_bytes"] > 0
+    # what the tool writes went to FTADVISOR_HOME, nothing next to the installed packages
+    assert (tmp_path / "home").is_dir() and not (installed / "var").exists()
