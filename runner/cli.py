@@ -255,8 +255,23 @@ def _manager():
     return JobManager()
 
 
+def _model_ready(spec, out) -> None:
+    """Refuse a model the run cannot get before anything is queued (exit 2: offline and not cached, gated,
+    unknown, no room); download a hub model that is not cached here, in the foreground with huggingface_hub's
+    progress bar, so the queued run starts from the local cache."""
+    from runner.models import check_model_available, resolve_model
+
+    resolved = check_model_available(spec.model)
+    if resolved.kind == "hub" and not resolved.ready:
+        print(resolved.describe(), file=out, flush=True)
+        resolved = resolve_model(spec.model)
+    if resolved.kind == "hub":
+        print(f"model: {resolved.describe()}", file=out, flush=True)
+
+
 def cmd_run(args) -> int:
     spec = spec_from_args(args)
+    _model_ready(spec, sys.stderr if args.json else sys.stdout)
     manager = _manager()
     rec = manager.launch(spec)
     if args.detach:
@@ -419,6 +434,7 @@ def cmd_runs_sweep(args) -> int:
         if not args.ranks:
             raise UserError("ranks: give --ranks, e.g. --ranks 4,8,16", field="ranks")
         spec = RunSpec.model_validate(_merge(_load_spec_file(args.spec), _overrides(args)))
+        _model_ready(spec, sys.stderr if _json_wanted(args) else sys.stdout)
         records = manager.rank_sweep(spec, parse_ranks(args.ranks))
         info = sys.stderr if _json_wanted(args) else sys.stdout
         print(f"sweep {records[0].sweep_id}: {len(records)} runs queued "

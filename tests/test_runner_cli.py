@@ -29,11 +29,18 @@ def env(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_STEP_S", "0.05")
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps({"prompt": "1+1=", "completion": "2"}) + "\n")
+    # `run` refuses a model it cannot find before queueing; the stand-in worker never reads the files, so a
+    # folder holding the names runner.models.check_model_dir looks for stands in for a model folder
+    stub = tmp_path / "tiny-model"
+    stub.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (stub / name).write_text("{}")
+    monkeypatch.chdir(tmp_path)
     return data
 
 
 def _base(data):
-    return ["run", "--model", "tiny-model", "--method", "lora", "--dataset", str(data)]
+    return ["run", "--model", str(data.parent / "tiny-model"), "--method", "lora", "--dataset", str(data)]
 
 
 def test_foreground_run_prints_progress_and_exits_0(env, capsys):
@@ -89,8 +96,10 @@ def test_bad_sources_exit_2(env, capsys, tmp_path):
     assert "dataset" in capsys.readouterr().err
     assert main(["run", str(tmp_path / "nope.json")]) == 2
     assert "spec: no such file" in capsys.readouterr().err
-    assert main(["run", "--model", "m", "--dataset", str(tmp_path / "none.jsonl")]) == 2
+    assert main(["run", "--model", "tiny-model", "--dataset", str(tmp_path / "none.jsonl")]) == 2
     assert "dataset.path" in capsys.readouterr().err
+    assert main(["run", "--model", "m", "--dataset", str(env)]) == 2
+    assert "model 'm' is not a catalog id, an existing folder or a hub id" in capsys.readouterr().err
     assert main(["runs", "show", "nope"]) == 2
     assert "run_id" in capsys.readouterr().err
 
