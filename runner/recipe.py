@@ -25,7 +25,7 @@ from runner import data as rdata
 from runner.callbacks import (AdaLoraCallback, MetricsCallback, Progress, StopOnRequest, memory_bytes,
                               write_json)
 from runner.errors import RunnerError
-from runner.models import resolve_model_dir
+from runner.models import log_progress, resolve_model_dir
 from runner.spec import RunSpec
 
 #: Eval rows used for exact match (greedy generation is the slow part of the report on CPU).
@@ -104,7 +104,9 @@ def _setup(r: Run) -> None:
     import torch
 
     spec = r.spec
-    r.model_dir = resolve_model_dir(spec.model)
+    # the same resolution as the CLI and the Launch page: catalog id -> hub id -> local hub cache, else a
+    # safetensors-only download, reported as lines in log.txt (no terminal here for a tqdm bar)
+    r.model_dir = resolve_model_dir(spec.model, progress=log_progress(f"download {spec.model}") if r.is_main else None)
     r.tokenizer = load_tokenizer(r.model_dir, spec.trust_remote_code)
     r.dataset_report = rdata.check_dataset(spec.dataset, r.tokenizer, spec.seq_len)
     if r.is_main:
