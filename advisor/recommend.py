@@ -526,14 +526,9 @@ def recommend(answers: Answers | dict[str, Any]) -> Recommendation:
 
 
 def _estimate_json(est) -> dict[str, Any]:
-    """``Estimate.to_json()`` (flat, dotted keys) plus the same figures grouped: memory, gpu, compute, model."""
-    data = est.to_json()
-    data["memory"] = est.memory.model_dump(mode="json")
-    data["gpu"] = est.gpu.model_dump(mode="json")
-    data["compute"] = est.compute.model_dump(mode="json") if est.compute is not None else None
-    data["model"] = {k: getattr(est.model, k) for k in ("id", "display_name", "total_params", "trainable_params",
-                                                         "num_layers")}
-    return data
+    """``Estimate.to_json()``: the estimate nested as the CLI prints it (``["memory"]["peak_bytes"]``, ``["gpu"]``,
+    ``["compute"]``, ``["model"]``)."""
+    return est.to_json()
 
 
 def _budget_reason(answers: Answers) -> Reason:

@@ -17,6 +17,11 @@ from estimator.errors import EstimatorError
 from estimator.memory import Inventory, StepMemory, TensorInfo, formula_activations, step_memory
 from estimator.request import EstimateRequest
 
+#: Bump when an estimate's figures or fields change meaning in a way the code does not show (a library behaviour
+#: the figures rely on): ``estimator.result_cache`` keys stored estimates by it. Edits to ``estimator/*.py`` and
+#: the shipped tables invalidate stored estimates by themselves (their contents are hashed into the key).
+ESTIMATOR_VERSION = 1
+
 # --------------------------------------------------------------------------------------------- result types
 
 
@@ -86,40 +91,9 @@ class Estimate(BaseModel):
     trace_seconds: float | None = None
 
     def to_json(self) -> dict:
-        """The CLI's ``--json`` object (per-GPU bytes)."""
-        c = self.compute
-        return {
-            "model.id": self.model.id,
-            "model.display_name": self.model.display_name,
-            "model.total_params": self.model.total_params,
-            "model.trainable_params": self.model.trainable_params,
-            "method": self.method,
-            "memory.weights_bytes": self.memory.weights_bytes,
-            "memory.gradients_bytes": self.memory.gradients_bytes,
-            "memory.optimizer_bytes": self.memory.optimizer_bytes,
-            "memory.activations_bytes": self.memory.activations_bytes,
-            "memory.overhead_bytes": self.memory.overhead_bytes,
-            "memory.optimizer_temp_bytes": self.memory.optimizer_temp_bytes,
-            "memory.gathered_bytes": self.memory.gathered_bytes,
-            "memory.peak_bytes": self.memory.peak_bytes,
-            "memory.peak_phase": self.memory.peak_phase,
-            "memory.activation_source": self.memory.activation_source,
-            "gpu.id": self.gpu.id,
-            "gpu.count": self.gpu.count,
-            "gpu.memory_bytes": self.gpu.memory_bytes,
-            "fits": self.fits,
-            "adapter_bytes": self.adapter_bytes,
-            "checkpoint_bytes": self.checkpoint_bytes,
-            "compute.flops_per_token": c.flops_per_token,
-            "compute.tokens": c.tokens,
-            "compute.flops": c.flops,
-            "compute.mfu": c.mfu,
-            "compute.hours": c.hours,
-            "compute.gpu_hours": c.gpu_hours,
-            "compute.cost_usd": c.cost_usd,
-            "sharding": self.request.sharding,
-            "notes": list(self.notes),
-        }
+        """The CLI's ``--json`` object: this model's fields, nested as they are here (``.memory.peak_bytes``,
+        ``.model.total_params``, ``.compute.cost_usd``, ``.request.sharding``), per-GPU bytes."""
+        return self.model_dump(mode="json")
 
 
 # ------------------------------------------------------------------------------------------ inventory

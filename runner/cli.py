@@ -259,12 +259,17 @@ def _model_ready(spec, out) -> None:
     """Refuse a model the run cannot get before anything is queued (exit 2: offline and not cached, gated,
     unknown, no room); download a hub model that is not cached here, in the foreground with huggingface_hub's
     progress bar, so the queued run starts from the local cache."""
+    from runner.errors import RunnerError
     from runner.models import check_model_available, resolve_model
 
-    resolved = check_model_available(spec.model)
-    if resolved.kind == "hub" and not resolved.ready:
-        print(resolved.describe(), file=out, flush=True)
-        resolved = resolve_model(spec.model)
+    try:
+        resolved = check_model_available(spec.model)
+        if resolved.kind == "hub" and not resolved.ready:
+            print(resolved.describe(), file=out, flush=True)
+            resolved = resolve_model(spec.model)
+    except RunnerError as exc:  # the dispatcher prints the message only: carry the fix in it
+        raise RunnerError(f"{exc}\nfix: {exc.fix}" if exc.fix else str(exc), field=exc.field, kind=exc.kind,
+                          fix=exc.fix) from None
     if resolved.kind == "hub":
         print(f"model: {resolved.describe()}", file=out, flush=True)
 

@@ -494,16 +494,18 @@ class Download:
         return self
 
 
-def log_progress(prefix: str = "download", step: float = 0.1, out=None) -> ProgressFn:
-    """A ProgressFn printing one line each ``step`` of the total (for the worker's log.txt, not a terminal)."""
+def log_progress(prefix: str = "download", percent_step: int = 10, out=None) -> ProgressFn:
+    """A ProgressFn printing one line each ``percent_step`` percent of the total (for the worker's log.txt, where
+    no terminal draws a tqdm bar)."""
     import sys
 
-    state = {"next": 0.0}
+    state = {"last": -1}
 
     def report(done: int, total: int) -> None:
-        share = done / total if total else 0.0
-        if share >= state["next"] or done >= total:
-            print(f"{prefix}: {_gib(done)} of {_gib(total)} ({share:.0%})", file=out or sys.stderr, flush=True)
-            state["next"] = share + step
+        percent = 100 * done // total if total else 0
+        mark = percent // percent_step
+        if mark > state["last"]:
+            state["last"] = mark
+            print(f"{prefix}: {_gib(done)} of {_gib(total)} ({percent}%)", file=out or sys.stderr, flush=True)
 
     return report

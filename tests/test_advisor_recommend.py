@@ -42,10 +42,10 @@ def _lora_fits_by_physics(rec: Recommendation, gpu_gib: float, peak_gib: tuple[f
     assert rec.method == "lora" and rec.quantization == "none"
     lora = [r for r in rec.reasons if r.kind == "physics" and r.rule == "l_lora"]
     assert lora and lora[0].effect == "chosen" and "fits" in lora[0].answer and "GiB per GPU" in lora[0].answer
-    peak = rec.estimate["memory.peak_bytes"]
+    peak = rec.estimate["memory"]["peak_bytes"]
     assert peak <= gpu_gib * GIB
     # the bf16 base alone is 2 B per parameter, so the peak can never be below it
-    assert peak > 2 * rec.estimate["model.total_params"]
+    assert peak > 2 * rec.estimate["model"]["total_params"]
     assert peak_gib[0] * GIB <= peak <= peak_gib[1] * GIB, peak / GIB
 
 
@@ -151,7 +151,7 @@ def test_70b_qlora_on_one_48gb_card():
     answers = Answers(model="llama-2-70b", gpu="rtx-a6000", budget_usd=1_000, examples=2_000, tokens_per_example=256)
     rec = recommend(answers)
     assert rec.method == "qlora" and rec.gradient_checkpointing
-    assert rec.estimate["memory.peak_bytes"] <= 48 * GIB
+    assert rec.estimate["memory"]["peak_bytes"] <= 48 * GIB
     _fits_given_gpus(rec, answers)
 
 

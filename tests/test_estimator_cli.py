@@ -8,24 +8,44 @@ import pytest
 
 from ftadvisor.cli import main
 
-JSON_KEYS = [
-    "model.id", "model.total_params", "model.trainable_params", "method", "memory.weights_bytes",
-    "memory.gradients_bytes", "memory.optimizer_bytes", "memory.activations_bytes", "memory.overhead_bytes",
-    "memory.peak_bytes", "memory.peak_phase", "gpu.id", "gpu.count", "gpu.memory_bytes", "fits", "adapter_bytes",
-    "checkpoint_bytes", "compute.flops", "compute.hours", "compute.gpu_hours", "compute.cost_usd",
+# ``--json`` nests its objects with the Estimate model's own field names (README, "Command line").
+JSON_PATHS = [
+    "model.id", "model.total_params", "model.trainable_params", "model.breakdown.embeddings", "method",
+    "memory.weights_bytes", "memory.gradients_bytes", "memory.optimizer_bytes", "memory.activations_bytes",
+    "memory.overhead_bytes", "memory.peak_bytes", "memory.peak_phase", "gpu.id", "gpu.count", "gpu.memory_bytes",
+    "fits", "adapter_bytes", "checkpoint_bytes", "compute.flops", "compute.hours", "compute.gpu_hours",
+    "compute.cost_usd", "request.sharding", "request.rank", "storage.adapter_bytes", "notes",
 ]
 
 
-def test_estimate_json_has_the_contract_keys(capsys):
+def _at(data: dict, path: str):
+    for part in path.split("."):
+        data = data[part]
+    return data
+
+
+def test_estimate_json_nests_the_estimate(capsys):
     rc = main(["estimate", "--model", "smollm2-135m", "--method", "lora", "--rank", "8", "--seq-len", "128",
                "--examples", "1000", "--tokens-per-example", "128", "--epochs", "2", "--gpu", "l4", "--json"])
     assert rc == 0
     data = json.loads(capsys.readouterr().out)
-    assert all(k in data for k in JSON_KEYS), [k for k in JSON_KEYS if k not in data]
-    assert data["model.total_params"] == 134_515_008  # SmolLM2-135M (REFERENCE.md)
-    assert data["gpu.id"] == "l4" and data["fits"] is True
-    assert data["compute.gpu_hours"] > 0 and data["compute.cost_usd"] > 0
-    assert data["memory.peak_phase"] in ("forward/loss end", "backward", "optimizer step")
+    missing = []
+    for path in JSON_PATHS:
+        try:
+            _at(data, path)
+        except (KeyError, TypeError):
+            missing.append(path)
+    assert not missing, missing
+    assert not [k for k in data if "." in k]  # no flat dotted keys left
+    assert data["model"]["total_params"] == 134_515_008  # SmolLM2-135M (REFERENCE.md)
+    assert data["gpu"]["id"] == "l4" and data["fits"] is True
+    assert data["compute"]["gpu_hours"] > 0 and data["compute"]["cost_usd"] > 0
+    assert data["memory"]["peak_phase"] in ("forward/loss end", "backward", "optimizer step")
+    assert data["request"]["rank"] == 8 and data["storage"]["adapter_bytes"] == data["adapter_bytes"]
+    # the same key names as the pydantic model, so the JSON reads back into it
+    from estimator.estimate import Estimate
+
+    assert Estimate.model_validate(data).memory.peak_bytes == data["memory"]["peak_bytes"]
 
 
 def test_estimate_text_is_a_table(capsys):
