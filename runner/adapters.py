@@ -169,3 +169,145 @@ def merge(base: str, adapter: str | Path, out_dir: str | Path) -> Path:
     merged.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
     return out_dir
+
+
+# ------------------------------------------------------------------------------------------ base vs tuned
+
+
+#: Column labels of a comparison: the base is always this word, adapters are "adapter: <name>", so the two
+#: cannot be mixed up in a table or on the terminal.
+BASE_LABEL = "base (no adapter)"
+
+
+def adapter_label(path: str | Path) -> str:
+    path = Path(path)
+    return "adapter: " + (path.parent.name if path.name == "adapter" else path.name)
+
+
+def generate_compare(base: str, adapters: list[str | Path], prompts: list[str],
+                     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, chat: bool = True) -> dict:
+    """The same prompts through the bare base and through each adapter (one loaded base, adapters switched).
+
+    Returns ``{"columns": [{"label", "kind": "base"|"adapter", "path"}], "rows": [{"prompt", "outputs": [...]}]}``
+    with one output per column, in column order; the base column is first and is generated with every adapter
+    disabled (``disable_adapter``).
+    """
+    from runner.recipe import generate_batch
+
+    prompts = [p for p in prompts if p and p.strip()]
+    if not prompts:
+        raise RunnerError("give at least one prompt", field="prompt", fix="pass --prompt TEXT (repeat for several)")
+    model, tok, names = load_with_adapters(base, adapters)
+    texts = [chat_prompt(tok, p, chat) for p in prompts]
+    special = texts[0][1]
+    batch = [t for t, _ in texts]
+    columns = [{"label": BASE_LABEL, "kind": "base", "path": str(resolve_model_dir(base))}]
+    outputs = []
+    with model.disable_adapter():
+        outputs.append(generate_batch(model, tok, batch, max_new_tokens, add_special_tokens=special))
+    labels = [adapter_label(p) for p in adapters]
+    for i, (name, path) in enumerate(zip(names, adapters)):
+        label = labels[i] if labels.count(labels[i]) == 1 else f"{labels[i]} ({i + 1})"
+        columns.append({"label": label, "kind": "adapter", "path": str(check_adapter_dir(path))})
+        model.set_adapter(name)
+        outputs.append(generate_batch(model, tok, batch, max_new_tokens, add_special_tokens=special))
+    rows = [{"prompt": p, "outputs": [col[j] for col in outputs]} for j, p in enumerate(prompts)]
+    return {"columns": columns, "rows": rows}
+
+
+def compare_text(result: dict) -> str:
+    """A comparison as plain text: each prompt, then every column's answer under its label."""
+    lines = []
+    for row in result["rows"]:
+        lines.append(f"=== prompt: {row['prompt']}")
+        for col, out in zip(result["columns"], row["outputs"]):
+            lines.append(f"--- [{col['label']}]")
+            lines.append(out)
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+EXPORT_FORMATS = ("merged", "gguf")
+
+
+def _save_dtype(folder: Path):
+    """torch dtype the base ships in (config.json ``dtype`` / ``torch_dtype``); fp32 when it says nothing."""
+    import torch
+
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name), torch.float32)
+
+
+def merged_model(base: str, adapter: str | Path):
+    """(merged model in fp32, tokenizer, base folder): the adapter merged into the full-precision base.
+
+    A QLoRA adapter is merged the same way: onto the base's full-precision weights reloaded from its folder,
+    never onto 4-bit weights."""
+    from peft import PeftModel
+
+    path = check_adapter_dir(adapter)
+    model, tok = load_base(base)
+    merged = PeftModel.from_pretrained(model, path).merge_and_unload()
+    merged.eval()
+    return merged, tok, resolve_model_dir(base)
+
+
+def export(base: str, adapter: str | Path, fmt: str, output: str | Path, gguf_type: str = "f16",
+           verify: bool = False) -> dict:
+    """Export base + adapter for serving. Returns what was written and how to serve it.
+
+    - ``merged``: a safetensors folder (weights in the base's own dtype, merged in fp32), tokenizer with its chat
+      template, generation config: loads with ``AutoModelForCausalLM.from_pretrained`` and ``vllm serve``.
+    - ``gguf``: ``<output>/<name>.gguf`` (f16 or q8_0, tokenizer and chat template inside) plus an Ollama
+      ``Modelfile``; llama family only (runner/gguf_export.py). ``verify`` reads it back with transformers' GGUF
+      reader and reports the logits difference from the merged model.
+
+    Every export also names the adapter folder as it is for vLLM's LoRA serving and the ``vllm serve`` line.
+    """
+    from runner import gguf_export
+
+    if fmt not in EXPORT_FORMATS:
+        raise RunnerError(f"format must be one of {', '.join(EXPORT_FORMATS)} (got {fmt!r})", field="format",
+                          fix="pass --format merged or --format gguf")
+    if gguf_type not in gguf_export.GGUF_TYPES:
+        raise RunnerError(f"gguf type must be one of {', '.join(gguf_export.GGUF_TYPES)} (got {gguf_type!r})",
+                          field="gguf_type", fix="pass --gguf-type f16 or q8_0")
+    path = check_adapter_dir(adapter)
+    out = Path(output).expanduser()
+    if out.is_file():
+        raise RunnerError(f"output {out} is a file", field="output", fix="pass a folder for --output")
+    info = adapter_info(path)
+    model, tok, base_dir = merged_model(base, path)
+    if fmt == "gguf":
+        gguf_export.check_supported(model.config)  # refuse before writing anything
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"format": fmt, "output": str(out.resolve()), "files": [],
+              "vllm_lora": {"adapter": str(path.resolve()),
+                            "command": gguf_export.vllm_lora_command(str(base_dir), path.resolve(),
+                                                                     name=adapter_label(path).split(": ", 1)[1],
+                                                                     max_rank=info.get("r"))}}
+    if fmt == "merged":
+        dtype = _save_dtype(base_dir)
+        model.to(dtype).save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+        result["dtype"] = str(dtype).removeprefix("torch.")
+        result["serve"] = f"vllm serve {out.resolve()}"
+    else:
+        gguf_file = out / f"{out.name}.gguf"
+        gguf_export.write_gguf(model, tok, gguf_file, gguf_type, name=out.name)
+        (out / "Modelfile").write_text(gguf_export.ollama_modelfile(gguf_file.name, getattr(tok, "chat_template", None),
+                                                                    tok.eos_token), encoding="utf-8")
+        result["gguf_type"] = gguf_type
+        result["serve"] = f"cd {out.resolve()} && ollama create {out.name} -f Modelfile && ollama run {out.name}"
+        if verify:
+            from runner.forgetting import load_texts
+
+            ids = tok(load_texts()[0], return_tensors="pt")["input_ids"]  # a general-text paragraph
+            result["roundtrip"] = gguf_export.gguf_roundtrip_error(model, gguf_file, ids)
+    result["files"] = sorted(f.name for f in out.iterdir() if f.is_file())
+    result["bytes"] = sum((out / f).stat().st_size for f in result["files"])
+    return result
