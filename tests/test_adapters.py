@@ -133,3 +133,38 @@ def test_merge_matches_adapter_logits(tiny_model_dir, trained, tmp_path, which):
 def test_bad_adapter_folder(tmp_path):
     with pytest.raises(RunnerError, match="adapter_model.safetensors"):
         adapters.check_adapter_dir(tmp_path)
+
+
+def test_compare_columns_are_labelled(tiny_model_dir, tmp_path):
+    """Base vs adapter side by side: prompts whose answers differ, each column checked against its own
+    independent source (the plain base model; the merged model), so the labels cannot be swapped."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from runner.recipe import generate_batch
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g))  # a large update: the answers change
+    peft_model.save_pretrained(tmp_path / "loud")
+    prompts = ["What is 3 plus 4?", "the model data"]
+    res = adapters.generate_compare(str(tiny_model_dir), [tmp_path / "loud"], prompts, max_new_tokens=6)
+    assert [c["label"] for c in res["columns"]] == [adapters.BASE_LABEL, "adapter: loud"]
+    assert [c["kind"] for c in res["columns"]] == ["base", "adapter"]
+    tok = adapters.load_base(str(tiny_model_dir))[1]
+    texts = [adapters.chat_prompt(tok, p)[0] for p in prompts]
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    merged = adapters.merge(str(tiny_model_dir), tmp_path / "loud", tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    want_base = generate_batch(plain, tok, texts, 6, add_special_tokens=False)
+    want_tuned = generate_batch(merged, tok, texts, 6, add_special_tokens=False)
+    assert want_base != want_tuned  # the prompts' answers differ, so a swap would be caught
+    assert [r["outputs"][0] for r in res["rows"]] == want_base
+    assert [r["outputs"][1] for r in res["rows"]] == want_tuned
+    assert [r["prompt"] for r in res["rows"]] == prompts
+    text = adapters.compare_text(res)
+    assert text.index("[base (no adapter)]") < text.index("[adapter: loud]")
