@@ -33,13 +33,9 @@ def memory_bytes() -> int:
 
     if torch.cuda.is_initialized():
         return int(torch.cuda.memory_allocated())
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # not Linux
-        import resource
+    import psutil
 
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    return int(psutil.Process().memory_info().rss)
 
 
 class Progress:

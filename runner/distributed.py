@@ -271,10 +271,8 @@ def finish_ranks(exit_code: int) -> int:
     ranks, because torchrun treats any non-zero exit as a failure and SIGTERMs the remaining ranks at once.
     Failures and single-process runs: ``exit_code`` unchanged, no waiting.
     """
-    try:
-        import torch.distributed as dist
-    except ImportError:
-        return exit_code
+    import torch.distributed as dist
+
     if not (dist.is_available() and dist.is_initialized()) or exit_code not in _DONE_CODES:
         # A failure on one rank is not a collective outcome: the others may be inside an all-reduce, and a
         # barrier here would wait for ddp_timeout. Exit now; torchrun stops the rest.

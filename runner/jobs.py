@@ -93,10 +93,8 @@ class JobManager:
 
     @staticmethod
     def _write_engine_configs(spec: RunSpec, run_dir: Path) -> None:
-        try:
-            from runner.distributed import write_engine_configs
-        except ImportError:
-            return
+        from runner.distributed import write_engine_configs
+
         write_engine_configs(spec, run_dir)
 
     def _spawn(self, rec: RunRecord) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner import data as rdata
+from runner import distributed
 from runner.callbacks import (AdaLoraCallback, MetricsCallback, Progress, StopOnRequest, memory_bytes,
                               write_json)
 from runner.errors import RunnerError
@@ -38,15 +39,6 @@ EXACT_MATCH_MAX_NEW_TOKENS = 64
 REPORT_SAMPLES = 4
 #: Generation batch size for exact match (left-padded batches).
 GENERATE_BATCH = 16
-
-#: Target presets -> module names per architecture family, used when estimator.params.resolve_targets is not
-#: available. Names from the transformers modeling files (LlamaAttention q_proj/k_proj/v_proj/o_proj,
-#: GPT2Attention c_attn/c_proj).
-TARGET_PRESETS = {
-    "attention-qv": (["q_proj", "v_proj"], ["c_attn"], ["query_key_value"], ["Wqkv"]),
-    "attention": (["q_proj", "k_proj", "v_proj", "o_proj"], ["c_attn", "attn.c_proj"], ["query_key_value", "dense"],
-                  ["Wqkv", "out_proj"]),
-}
 
 OPTIMIZERS = {"adamw": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit", "paged-adamw-8bit": "paged_adamw_8bit",
               "sgd": "sgd", "adafactor": "adafactor"}
@@ -260,7 +252,7 @@ def lora_base_dtype(r: Run):
     import torch
 
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(r.precision)
-    sharding = _dist_call("estimator_sharding", r.spec) or "none"
+    sharding = distributed.estimator_sharding(r.spec)
     if half is None or sharding in _ENGINE_MANAGED_DTYPE:
         return torch.float32
     return half
@@ -302,7 +294,7 @@ def _build_qlora(r: Run):
     compute = torch.bfloat16 if r.precision == "bf16" else torch.float16 if r.precision == "fp16" else torch.float32
     quant = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                  bnb_4bit_compute_dtype=compute)
-    storage = _dist_call("quant_storage_dtype", r.spec)
+    storage = distributed.quant_storage_dtype(r.spec)
     if storage:
         quant["bnb_4bit_quant_storage"] = storage
     model = _load_model(r, quantization_config=BitsAndBytesConfig(**quant))
@@ -315,35 +307,17 @@ BUILDERS = {"full": _build_full, "lora": _build_lora, "qlora": _build_qlora}
 
 
 def resolve_targets(model, targets) -> list[str] | str:
-    """Module names for a preset (attention-qv, attention, all-linear) or the given list, checked on the model."""
+    """Module names for a preset (attention-qv, attention, all-linear) or the given list, checked on the model:
+    the estimator's resolution (``estimator.params.resolve_targets``), so both count the same modules."""
+    from estimator.params import resolve_targets as shared
+    from ftcore.errors import UserError
+
     try:
-        from estimator.params import resolve_targets as shared
-    except ImportError:
-        shared = None
-    if shared is not None:
-        from ftcore.errors import UserError
-
-        try:
-            return shared(model, targets)
-        except UserError as exc:
-            raise RunnerError(str(exc), field="peft.target_modules", kind="bad_spec",
-                              fix="use a preset (attention-qv, attention, all-linear) or the model's Linear names"
-                              ) from exc
-    if isinstance(targets, list):
-        return targets
-    if targets == "all-linear":
-        return "all-linear"
-    if targets not in TARGET_PRESETS:
-        raise RunnerError(f"target_modules preset must be attention-qv, attention or all-linear (got {targets!r})",
-                          field="peft.target_modules", fix="use a preset or a list of module names")
-    import torch
-
-    names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or "Linear" in type(m).__name__}
-    for candidate in TARGET_PRESETS[targets]:
-        if all(any(n.endswith(c) for n in names) for c in candidate):
-            return candidate
-    raise RunnerError(f"no known attention modules for preset {targets!r} in {type(model).__name__}",
-                      field="peft.target_modules", fix="list the module names, or use all-linear")
+        return shared(model, targets)
+    except UserError as exc:
+        raise RunnerError(str(exc), field="peft.target_modules", kind="bad_spec",
+                          fix="use a preset (attention-qv, attention, all-linear) or the model's Linear names"
+                          ) from exc
 
 
 def _peft_config(r: Run, model):
@@ -373,20 +347,6 @@ def _peft_config(r: Run, model):
 # ------------------------------------------------------------------------------------------------- trainer
 
 
-def _dist_fn(name: str):
-    """runner.distributed.<name> (multi-process helpers) when that module provides it; else None."""
-    try:
-        from runner import distributed
-    except ImportError:
-        return None
-    return getattr(distributed, name, None)
-
-
-def _dist_call(name: str, *args):
-    """Call runner.distributed.<name>(*args) when available; else None."""
-    fn = _dist_fn(name)
-    return fn(*args) if fn else None
-
 
 def training_arguments(r: Run):
     from transformers import TrainingArguments
@@ -408,7 +368,7 @@ def training_arguments(r: Run):
     )
     if spec.gradient_checkpointing:  # non-reentrant checkpointing works with frozen bases (LoRA) too
         kwargs.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
-    kwargs.update(_dist_call("training_args_overrides", spec) or {})
+    kwargs.update(distributed.training_args_overrides(spec))
     return TrainingArguments(**kwargs)
 
 
@@ -442,7 +402,7 @@ def _build_trainer(r: Run):
     optimizers = (None, None)
     if spec.method != "full" and spec.peft.variant == "loraplus":
         optimizers = (_loraplus_optimizer(r, args), None)
-    agree = _dist_fn("any_rank") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    agree = distributed.any_rank if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     r.stopper = StopOnRequest(r.stop_flag, agree)
     callbacks = [MetricsCallback(r.run_dir / "metrics.jsonl", r.progress, r.collator, write=r.is_main), r.stopper]
     if spec.method != "full" and spec.peft.variant == "adalora":
@@ -478,7 +438,7 @@ def _train(r: Run) -> None:
             write_json(baseline, r.before)
     r.progress.update(phase="train")
     tokens_before = r.collator.tokens_seen
-    _dist_call("prepare_for_training", r.trainer)  # DDP wrap even though evaluate() ran first
+    distributed.prepare_for_training(r.trainer)  # DDP wrap even though evaluate() ran first
     start = time.perf_counter()
     with _oom_as("oom_step"):
         r.trainer.train(resume_from_checkpoint=r.resume_from)
@@ -515,7 +475,7 @@ def _general_text_loss(r: Run) -> dict:
 
     Skipped (empty) where weights are sharded across ranks (FSDP, ZeRO): one rank cannot run a forward alone.
     """
-    if (_dist_call("estimator_sharding", r.spec) or "none") not in ("none", "ddp"):
+    if distributed.estimator_sharding(r.spec) not in ("none", "ddp"):
         return {}
     from runner.forgetting import general_loss
 
@@ -611,7 +571,7 @@ def _cleanup(r: Run) -> None:
     if r.stopped:
         return
     out = r.run_dir / ("model" if r.spec.method == "full" else "adapter")
-    if _dist_call("needs_collective_save", r.spec):
+    if distributed.needs_collective_save(r.spec):
         # FSDP / ZeRO-3: weights are sharded, every rank takes part in gathering them; the main process writes
         r.trainer.save_model(str(out))
         if r.is_main:

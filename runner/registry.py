@@ -6,20 +6,21 @@ Several processes read and write it at once (the Streamlit app, ``ftadvisor runs
 read-modify-write inside one ``BEGIN IMMEDIATE`` transaction. One short-lived connection per operation, so a
 ``Registry`` object is safe to share between threads and to use after ``fork``.
 
+All SQL of the project lives in this module; callers get ``RunRecord`` objects and hand back column values.
+
 Times are stored as Unix seconds (float, UTC) and returned as timezone-aware datetimes.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import sqlite3
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 from pydantic import BaseModel, Field
 
@@ -150,7 +151,7 @@ class Registry:
             conn.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
         """A write transaction (``BEGIN IMMEDIATE``: takes the write lock up front, so a read-then-write never
         races another process). Commits on success, rolls back on any exception."""
         with self._connect() as conn:
@@ -208,6 +209,12 @@ class Registry:
         records = [self._record(r) for r in rows]
         return [r for r in records if statuses is None or r.status in statuses]
 
+    def queue(self) -> list[RunRecord]:
+        """The queued runs in the order they get the device: by queue time, then id."""
+        with self._connect() as conn:
+            rows = conn.execute("SELECT * FROM runs WHERE status = 'queued' ORDER BY queued_at, id").fetchall()
+        return [self._record(r) for r in rows]
+
     # -- writes -------------------------------------------------------------------------------------------
     def insert(self, spec: RunSpec, output_dir: Path, *, run_id: str | None = None,
                sweep_id: str | None = None) -> RunRecord:
@@ -216,7 +223,7 @@ class Registry:
             now = time.time()
             rid = run_id or new_run_id(now)
             try:
-                with self.transaction() as conn:
+                with self._transaction() as conn:
                     conn.execute(
                         "INSERT INTO runs (id, name, spec, status, method, model, output_dir, sweep_id, created_at,"
                         " queued_at) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
@@ -234,20 +241,28 @@ class Registry:
         (checked inside the same transaction). Returns True when the row was changed."""
         if not fields:
             return False
-        for key in fields:
-            if key not in _COLUMNS or key == "id":
-                raise KeyError(f"unknown registry column {key!r}")
-        values = [int(v) if isinstance(v, bool) else v for v in fields.values()]
-        sql = f"UPDATE runs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?"
-        params = [*values, run_id]
+        sql, params = _update_sql(run_id, fields)
         if only_if_status is not None:
             sql += f" AND status IN ({', '.join('?' for _ in only_if_status)})"
             params += sorted(only_if_status)
-        with self.transaction() as conn:
+        with self._transaction() as conn:
+            return conn.execute(sql, params).rowcount == 1
+
+    def settle(self, run_id: str, decide: Callable[[RunRecord], dict | None]) -> bool:
+        """Read-modify-write of one run in one ``BEGIN IMMEDIATE`` transaction: ``decide`` gets the run as it
+        is now and returns the columns to set, or None to leave it. Nobody else writes the row in between (a
+        supervisor finishing at the same moment waits). Returns True when the row was changed; an exception in
+        ``decide`` rolls back."""
+        with self._transaction() as conn:
+            row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+            fields = None if row is None else decide(self._record(row))
+            if not fields:
+                return False
+            sql, params = _update_sql(run_id, fields)
             return conn.execute(sql, params).rowcount == 1
 
     def delete(self, run_id: str) -> bool:
-        with self.transaction() as conn:
+        with self._transaction() as conn:
             return conn.execute("DELETE FROM runs WHERE id = ?", (run_id,)).rowcount == 1
 
     def integrity_ok(self) -> bool:
@@ -256,22 +271,15 @@ class Registry:
             return conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
+def _update_sql(run_id: str, fields: dict) -> tuple[str, list]:
+    """``UPDATE runs SET ... WHERE id = ?`` and its parameters; raises KeyError on an unknown column."""
+    for key in fields:
+        if key not in _COLUMNS or key == "id":
+            raise KeyError(f"unknown registry column {key!r}")
+    values = [int(v) if isinstance(v, bool) else v for v in fields.values()]
+    return f"UPDATE runs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?", [*values, run_id]
+
+
 def default_registry_path(runs_root: Path) -> Path:
     return Path(runs_root) / REGISTRY_FILE
 
-
-def pid_exists(pid: int) -> bool:
-    """True when a process with this id exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    state = stat[stat.rfind(b")") + 2: stat.rfind(b")") + 3]
-    return state not in (b"Z", b"X")

@@ -31,7 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-from runner.registry import ACTIVE, Registry, pid_exists
+import psutil
+
+from runner.registry import ACTIVE, Registry, RunRecord
 
 RUN_ENV = "FTADVISOR_RUN_ID"
 #: Replaces the worker command (``python -m runner.worker``) when set; used by tests with a stand-in worker.
@@ -61,43 +63,44 @@ def cancel_grace_s() -> float:
 
 
 # -- processes of a run -----------------------------------------------------------------------------------
-def _environ_has(pid: int, marker: bytes) -> bool:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as fh:
-            return marker in fh.read().split(b"\0")
-    except OSError:
+#: Process states that are gone in all but name (psutil's names for ps's Z and X).
+_DEAD = frozenset({psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD})
+
+
+def pid_alive(pid: int | None) -> bool:
+    """True when a process with this id exists and is not a zombie."""
+    if not pid:
         return False
+    try:
+        return psutil.Process(pid).status() not in _DEAD
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True  # it exists; we may not look at it
 
 
 def is_run_process(pid: int | None, run_id: str) -> bool:
     """True when ``pid`` is alive (not a zombie) and belongs to run ``run_id``."""
-    return bool(pid) and pid_exists(pid) and _environ_has(pid, f"{RUN_ENV}={run_id}".encode())
+    if not pid_alive(pid):
+        return False
+    try:
+        return psutil.Process(pid).environ().get(RUN_ENV) == run_id
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
 
 
 def run_processes(run_id: str | None = None) -> dict[str, list[int]]:
-    """Live processes of each run (or of one run), found by the environment marker. {run_id: [pid, ...]}."""
+    """Live processes of each run (or of one run), found by the environment marker. {run_id: [pid, ...]}.
+
+    Processes of other users, whose environment cannot be read, are not ours and are skipped."""
     found: dict[str, list[int]] = {}
-    prefix = f"{RUN_ENV}=".encode()
     me = os.getpid()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
+    for proc in psutil.process_iter(["environ", "status"], ad_value=None):
+        env, status = proc.info["environ"], proc.info["status"]
+        rid = env.get(RUN_ENV) if env else None
+        if rid is None or proc.pid == me or status in _DEAD or (run_id is not None and rid != run_id):
             continue
-        pid = int(entry.name)
-        if pid == me:
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as fh:
-                env = fh.read()
-        except OSError:
-            continue
-        if prefix not in env:
-            continue
-        for item in env.split(b"\0"):
-            if item.startswith(prefix):
-                rid = item[len(prefix):].decode(errors="replace")
-                if (run_id is None or rid == run_id) and pid_exists(pid):
-                    found.setdefault(rid, []).append(pid)
-                break
+        found.setdefault(rid, []).append(proc.pid)
     return found
 
 
@@ -122,10 +125,10 @@ def worker_processes(run_id: str) -> list[int]:
     pids = []
     for pid in run_processes(run_id).get(run_id, []):
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
+            cmdline = psutil.Process(pid).cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if b"runner.worker" in cmdline and b"torch.distributed.run" not in cmdline and b"launch" not in cmdline:
+        if "runner.worker" in cmdline and "torch.distributed.run" not in cmdline and "launch" not in cmdline:
             pids.append(pid)
     return pids
 
@@ -159,34 +162,33 @@ def reconcile(registry: Registry, run_id: str, alive: bool) -> bool:
 
     if alive:
         return False
-    with registry.transaction() as conn:
-        row = conn.execute("SELECT status, pid, queued_at, started_at, requested, heartbeat_at, step FROM runs"
-                           " WHERE id = ?", (run_id,)).fetchone()
-        if row is None or row["status"] not in ACTIVE:
-            return False
+
+    def decide(rec: RunRecord) -> dict | None:
+        if rec.status not in ACTIVE:
+            return None
         now = time.time()
-        if row["status"] == "queued" and row["pid"] is None and now - row["queued_at"] < LAUNCH_GRACE_S:
-            return False  # its supervisor is still starting
-        run_dir = conn.execute("SELECT output_dir FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
-        if row["status"] == "queued":
-            status, kind = ("cancelled", "cancelled") if row["requested"] == "cancel" else ("failed", "lost")
+        if rec.status == "queued" and rec.pid is None and now - rec.queued_at.timestamp() < LAUNCH_GRACE_S:
+            return None  # its supervisor is still starting
+        if rec.status == "queued":
+            status, kind = ("cancelled", "cancelled") if rec.requested == "cancel" else ("failed", "lost")
             reason = ("cancelled while queued" if status == "cancelled" else
                       "the run's supervisor disappeared while the run was queued (the machine rebooted?)")
             fix = f"resume it: ftadvisor runs resume {run_id}"
             exit_code = None
         else:
-            outcome = classify(Path(run_dir), None, run_id=run_id, requested=row["requested"],
-                               started_at=row["started_at"])
+            started_at = rec.started_at.timestamp() if rec.started_at else None
+            outcome = classify(rec.run_dir, None, run_id=run_id, requested=rec.requested, started_at=started_at)
             status, kind, reason, fix, exit_code = (outcome.status, outcome.kind, outcome.reason, outcome.fix,
                                                     outcome.exit_code)
-            if kind == "lost" and row["heartbeat_at"]:
-                age = now - row["heartbeat_at"]
+            if kind == "lost" and rec.heartbeat_at:
+                age = now - rec.heartbeat_at.timestamp()
                 reason = (f"lost heartbeat: the run's processes disappeared without a result (last heartbeat "
-                          f"{age:.0f} s ago at step {row['step']}); the host may have killed it (out of RAM?) "
+                          f"{age:.0f} s ago at step {rec.step}); the host may have killed it (out of RAM?) "
                           f"or the machine rebooted")
-        conn.execute("UPDATE runs SET status = ?, kind = ?, reason = ?, fix = ?, exit_code = ?, ended_at = ?,"
-                     " requested = NULL WHERE id = ?", (status, kind, reason, fix, exit_code, now, run_id))
-    return True
+        return dict(status=status, kind=kind, reason=reason, fix=fix, exit_code=exit_code, ended_at=now,
+                    requested=None)
+
+    return registry.settle(run_id, decide)
 
 
 # -- the supervisor itself ----------------------------------------------------------------------------------
@@ -224,18 +226,16 @@ class Supervisor:
     def _first_in_line(self) -> bool:
         """True when no live queued run was queued before this one."""
         now = time.time()
-        with self.registry._connect() as conn:
-            queued = conn.execute("SELECT id, pid, queued_at FROM runs WHERE status = 'queued'"
-                                  " ORDER BY queued_at, id").fetchall()
-        ids = [row["id"] for row in queued]
+        queued = self.registry.queue()
+        ids = [rec.id for rec in queued]
         if self.run_id not in ids:
             return False
-        for row in queued[: ids.index(self.run_id)]:
-            if row["pid"] is None and now - row["queued_at"] < LAUNCH_GRACE_S:
+        for rec in queued[: ids.index(self.run_id)]:
+            if rec.pid is None and now - rec.queued_at.timestamp() < LAUNCH_GRACE_S:
                 return False  # its supervisor is still starting
-            if is_run_process(row["pid"], row["id"]) or run_processes(row["id"]):
+            if is_run_process(rec.pid, rec.id) or run_processes(rec.id):
                 return False
-            reconcile(self.registry, row["id"], alive=False)
+            reconcile(self.registry, rec.id, alive=False)
         return True
 
     def _wait_turn(self) -> int | None:
@@ -270,13 +270,9 @@ class Supervisor:
         override = os.environ.get(WORKER_CMD_ENV)
         if override:  # tests: a stand-in worker that follows the same contract
             return [*shlex.split(override), str(self.run_dir)] + (["--resume"] if resume else [])
-        try:
-            from runner.distributed import launch_command
-        except ImportError:  # the distributed module is optional for single-process runs
-            cmd = [sys.executable, "-m", "runner.worker", str(self.run_dir)]
-        else:
-            cmd = launch_command(spec, self.run_dir)
-        return cmd + (["--resume"] if resume else [])
+        from runner.distributed import launch_command
+
+        return launch_command(spec, self.run_dir) + (["--resume"] if resume else [])
 
     def _run_worker(self, lock_fd: int) -> tuple[int, float]:
         from ftcore.paths import REPO_ROOT

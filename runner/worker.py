@@ -68,12 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run_dir = args.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        from runner.distributed import redirect_rank_output
-    except ImportError:
-        redirect_rank_output = None
-    if redirect_rank_output:
-        redirect_rank_output(run_dir)
+    from runner.distributed import finish_ranks, redirect_rank_output
+
+    redirect_rank_output(run_dir)
 
     stop_flag = threading.Event()
     progress = Progress()
@@ -98,10 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if heartbeat:
             heartbeat.stop()
-    try:
-        from runner.distributed import finish_ranks
-    except ImportError:
-        return code
     return finish_ranks(code)  # multi-process: wait for rank 0's files, then let the other ranks exit 0
 
 

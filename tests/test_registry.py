@@ -48,13 +48,40 @@ def test_update_only_if_status_is_atomic_guard(reg, tmp_path):
         reg.update(rec.id, bogus=1)
 
 
-def test_failed_transaction_rolls_back(reg, tmp_path):
+def test_settle_reads_and_writes_in_one_transaction(reg, tmp_path):
     rec = reg.insert(SPEC, tmp_path / "run")
+    seen = []
+
+    def decide(current):
+        seen.append(current.status)
+        return {"status": "failed", "kind": "lost"} if current.status == "queued" else None
+
+    assert reg.settle(rec.id, decide)
+    assert not reg.settle(rec.id, decide)  # already settled: decide sees "failed" and leaves it
+    assert seen == ["queued", "failed"] and reg.get(rec.id).kind == "lost"
+    assert not reg.settle("missing", decide) and seen == ["queued", "failed"]
+    with pytest.raises(KeyError):
+        reg.settle(rec.id, lambda current: {"bogus": 1})
+
+
+def test_failed_settle_rolls_back(reg, tmp_path):
+    rec = reg.insert(SPEC, tmp_path / "run")
+
+    def crash(current):
+        raise RuntimeError("crash in the middle")
+
     with pytest.raises(RuntimeError):
-        with reg.transaction() as conn:
-            conn.execute("UPDATE runs SET status = 'failed' WHERE id = ?", (rec.id,))
-            raise RuntimeError("crash in the middle")
+        reg.settle(rec.id, crash)
     assert reg.get(rec.id).status == "queued"
+    assert reg.update(rec.id, status="running")  # the write lock was released
+
+
+def test_queue_is_in_queue_time_order(reg, tmp_path):
+    first, second, third = (reg.insert(SPEC, tmp_path / name) for name in "abc")
+    reg.update(first.id, queued_at=30.0)
+    reg.update(second.id, queued_at=10.0)
+    reg.update(third.id, status="running")
+    assert [r.id for r in reg.queue()] == [second.id, first.id]
 
 
 def test_prefix_lookup(reg, tmp_path):
