@@ -479,6 +479,14 @@ def _weights(text: str | None, n: int) -> list[float] | None:
 def cmd_adapters_generate(args) -> int:
     from runner import adapters
 
+    prompts = args.prompt
+    if args.compare:  # the same prompts through the bare base and each adapter, in labelled columns
+        result = adapters.generate_compare(args.base, args.adapter or [], prompts, max_new_tokens=args.max_new_tokens)
+        print(json.dumps({"base": args.base, **result}, indent=2) if args.json else adapters.compare_text(result))
+        return 0
+    if len(prompts) > 1:
+        raise UserError("prompt: several --prompt values need --compare", field="prompt")
+    args.prompt = prompts[0]
     if args.each:  # one base loaded once, switching between the adapters (and the bare base)
         answers = adapters.generate_each(args.base, args.adapter or [], args.prompt,
                                          max_new_tokens=args.max_new_tokens)
@@ -504,6 +512,56 @@ def cmd_adapters_merge(args) -> int:
 
     out = adapters.merge(args.base, args.adapter, args.output)
     print(json.dumps({"output": str(out)}) if args.json else f"merged model saved to {out}")
+    return 0
+
+
+def _fix_in_message(fn, *args, **kwargs):
+    """Call fn; a RunnerError comes back with its fix in the message (the dispatcher prints only the message)."""
+    from runner.errors import RunnerError
+
+    try:
+        return fn(*args, **kwargs)
+    except RunnerError as exc:
+        raise RunnerError(f"{exc}\nfix: {exc.fix}" if exc.fix else str(exc), field=exc.field, kind=exc.kind,
+                          fix=exc.fix) from None
+
+
+def cmd_adapters_export(args) -> int:
+    from runner import adapters
+
+    res = _fix_in_message(adapters.export, args.base, args.adapter, args.format, args.output,
+                          gguf_type=args.gguf_type, verify=args.verify)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"{res['format']} export written to {res['output']} ({res['bytes'] / 2**20:.1f} MiB): "
+          + ", ".join(res["files"]))
+    if "roundtrip" in res:
+        rt = res["roundtrip"]
+        print(f"read back by transformers: max |logit difference| {rt['max_abs_diff']:.2e} "
+              f"(largest logit {rt['max_abs_logit']:.1f}), argmax agreement {rt['argmax_agreement']:.0%}")
+    print(f"serve it:          {res['serve']}")
+    print(f"or serve the adapter as it is with vLLM: {res['vllm_lora']['command']}")
+    return 0
+
+
+def cmd_adapters_intruders(args) -> int:
+    from runner import intruder
+
+    if args.top_k < 1:
+        raise UserError(f"top-k: give at least 1 singular vector (got {args.top_k})", field="top_k")
+    if not 0 < args.epsilon <= 1:
+        raise UserError(f"epsilon: a cosine threshold between 0 and 1 (got {args.epsilon})", field="epsilon")
+    rep = intruder.adapter_intruders(args.base, args.adapter, top_k=args.top_k, epsilon=args.epsilon)
+    if args.json:
+        print(json.dumps(rep.model_dump(), indent=2))
+        return 0
+    s = rep.summary
+    print(f"intruder dimensions (top {rep.top_k} singular vectors, max |cos| < {rep.epsilon}; {rep.reference}):")
+    print(f"{s.total} in {s.modules} modules ({s.modules_with_intruders} with any), "
+          f"{s.mean_per_module:.2f} per module, {s.seconds:.1f} s")
+    for m in rep.per_module:
+        print(f"  {m.module:<48} {m.intruders:>2}   ||dW||/||W|| {m.delta_norm_ratio:.4f}")
     return 0
 
 
@@ -572,9 +630,11 @@ def register(subparsers) -> None:
     gen.add_argument("--base", required=True, help="base model: catalog id or folder")
     gen.add_argument("--adapter", action="append", help="adapter folder (repeat for several)")
     gen.add_argument("--weights", help="comma-separated weights when several adapters are given")
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", required=True, action="append", help="prompt (repeat with --compare)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--each", action="store_true", help="answer with the base and with each adapter in turn")
+    gen.add_argument("--compare", action="store_true",
+                     help="the same prompts through the base and each adapter, side by side with labels")
     gen.add_argument("--json", action="store_true")
     gen.set_defaults(func=cmd_adapters_generate)
     merge = asub.add_parser("merge", help="merge an adapter into its base and save a full model")
@@ -583,6 +643,24 @@ def register(subparsers) -> None:
     merge.add_argument("--output", required=True, help="folder for the merged model")
     merge.add_argument("--json", action="store_true")
     merge.set_defaults(func=cmd_adapters_merge)
+    exp = asub.add_parser("export", help="export base + adapter as merged safetensors or GGUF (+ Ollama Modelfile)")
+    exp.add_argument("--base", required=True, help="base model: catalog id or folder")
+    exp.add_argument("--adapter", required=True, help="adapter folder (or a run folder)")
+    exp.add_argument("--format", choices=("merged", "gguf"), required=True,
+                     help="merged: safetensors for transformers / vLLM; gguf: llama.cpp / Ollama (llama family)")
+    exp.add_argument("--output", required=True, help="folder to write")
+    exp.add_argument("--gguf-type", choices=("f16", "q8_0"), default="f16", help="GGUF weight type (default f16)")
+    exp.add_argument("--verify", action="store_true",
+                     help="gguf: read the file back with transformers and print the logits difference")
+    exp.add_argument("--json", action="store_true")
+    exp.set_defaults(func=cmd_adapters_export)
+    intr = asub.add_parser("intruders", help="intruder dimensions of an adapter (Shuttleworth et al. 2024)")
+    intr.add_argument("--base", required=True)
+    intr.add_argument("--adapter", required=True)
+    intr.add_argument("--top-k", type=int, default=10, help="top singular vectors checked (default 10)")
+    intr.add_argument("--epsilon", type=float, default=0.5, help="similarity threshold (default 0.5)")
+    intr.add_argument("--json", action="store_true")
+    intr.set_defaults(func=cmd_adapters_intruders)
     comb = asub.add_parser("combine", help="weighted combination of several adapters into one")
     comb.add_argument("--base", required=True)
     comb.add_argument("--adapter", action="append", required=True, help="adapter folder (repeat)")

@@ -168,3 +168,38 @@ def test_compare_columns_are_labelled(tiny_model_dir, tmp_path):
     assert [r["prompt"] for r in res["rows"]] == prompts
     text = adapters.compare_text(res)
     assert text.index("[base (no adapter)]") < text.index("[adapter: loud]")
+
+
+def test_cli_compare_export_intruders(tiny_model_dir, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ftadvisor.cli import main
+    from runner.tinymodel import build_tiny_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "z")
+    base, ad = str(tiny_model_dir), str(tmp_path / "z")
+    assert main(["adapters", "generate", "--base", base, "--adapter", ad, "--compare", "--prompt", "hi",
+                 "--prompt", "What is 1 plus 1?", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("--- [base (no adapter)]") == 2 and out.count("--- [adapter: z]") == 2
+    assert main(["adapters", "generate", "--base", base, "--adapter", ad, "--prompt", "a", "--prompt", "b"]) == 2
+    assert "--compare" in capsys.readouterr().err
+    assert main(["adapters", "export", "--base", base, "--adapter", ad, "--format", "merged",
+                 "--output", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "vllm serve" in out and "--enable-lora" in out
+    assert main(["adapters", "intruders", "--base", base, "--adapter", ad, "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["summary"]["total"] == 0 and rep["summary"]["modules"] == 2  # B = 0: nothing changed
+    assert main(["adapters", "intruders", "--base", base, "--adapter", ad, "--epsilon", "2"]) == 2
+    assert "epsilon" in capsys.readouterr().err
+    gpt2 = build_tiny_model(tmp_path / "gpt2", arch="gpt2")
+    g = AutoModelForCausalLM.from_pretrained(gpt2, dtype=torch.float32)
+    get_peft_model(g, LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"])).save_pretrained(tmp_path / "g")
+    assert main(["adapters", "export", "--base", str(gpt2), "--adapter", str(tmp_path / "g"), "--format", "gguf",
+                 "--output", str(tmp_path / "gg")]) == 2
+    err = capsys.readouterr().err
+    assert "LlamaForCausalLM" in err and "GPT2LMHeadModel" in err and "fix:" in err
+    assert not (tmp_path / "gg").exists()  # refused before anything was written
