@@ -8,7 +8,7 @@ import streamlit as st
 
 from ui import charts, jobs, state
 from ui.errors import attempt
-from ui.format import fmt_bytes, fmt_params, fmt_seconds, last_user_turn
+from ui.format import fmt_bytes, fmt_params, fmt_peak, fmt_seconds, last_user_turn
 
 st.title("Runs")
 jm = jobs.manager()
@@ -110,7 +110,7 @@ def _show_report(report: dict) -> None:
     k4.metric("Adapter file", fmt_bytes(report.get("adapter_bytes")) if report.get("adapter_bytes") else "-")
     st.caption(f"{report.get('steps', '?')} steps in {fmt_seconds(report.get('train_seconds'))} on "
                f"{report.get('device', '?')} ({report.get('precision', '?')}); peak memory "
-               f"{fmt_bytes(report.get('peak_memory_bytes'))}; output `{report.get('output', '')}`")
+               f"{fmt_peak(report.get('peak_memory'))}; output `{report.get('output', '')}`")
     samples = [s for s in report.get("samples") or [] if isinstance(s, dict)]
     if samples:
         table = pd.DataFrame(samples)

@@ -14,6 +14,9 @@ import threading
 import time
 from pathlib import Path
 
+from typing import Literal
+
+from pydantic import BaseModel, Field
 from transformers import TrainerCallback
 
 #: Seconds between heartbeat rewrites (contract: "rewritten every 5 s").
@@ -36,6 +39,31 @@ def memory_bytes() -> int:
     import psutil
 
     return int(psutil.Process().memory_info().rss)
+
+
+class PeakMemory(BaseModel):
+    """report.json ``peak_memory``: the most memory this process held, and what kind of figure it is."""
+
+    kind: Literal["cuda_max_allocated", "cpu_max_rss"] = Field(
+        description="cuda_max_allocated: torch.cuda.max_memory_allocated() (tensors on the GPU, the allocator's "
+                    "cache not included); cpu_max_rss: the process's maximum resident set size (getrusage)")
+    bytes: int = Field(description="bytes, since the process started (CUDA: since the last peak reset)")
+
+
+def peak_memory() -> PeakMemory:
+    """The peak of this process: allocated CUDA memory on a GPU run, else the CPU's maximum resident set size.
+
+    ``ru_maxrss`` is in kilobytes on Linux (getrusage(2)); bytes on macOS.
+    """
+    import resource
+    import sys
+
+    import torch
+
+    if torch.cuda.is_initialized():
+        return PeakMemory(kind="cuda_max_allocated", bytes=int(torch.cuda.max_memory_allocated()))
+    rss = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return PeakMemory(kind="cpu_max_rss", bytes=rss if sys.platform == "darwin" else rss * 1024)
 
 
 class Progress:
@@ -85,10 +113,14 @@ class Heartbeat:
 
 
 class MetricsCallback(TrainerCallback):
-    """Appends train and eval lines to metrics.jsonl (fields of the run-folder contract)."""
+    """Appends train and eval lines to metrics.jsonl (fields of the run-folder contract).
 
-    def __init__(self, path: Path, progress: Progress, collator, write: bool = True):
-        self.path, self.progress, self.collator, self.write = path, progress, collator, write
+    Tokens are the Trainer's ``state.num_input_tokens_seen`` (``include_num_input_tokens_seen="non_padding"``:
+    the Trainer gathers every rank's count each step), so tokens/s is that of the whole run, all ranks.
+    """
+
+    def __init__(self, path: Path, progress: Progress, write: bool = True):
+        self.path, self.progress, self.write = path, progress, write
         self.start_time = None
         self.start_step = 0
         self.start_tokens = 0
@@ -103,7 +135,7 @@ class MetricsCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kw):
         self.start_time = self.last_time = time.perf_counter()
         self.start_step = state.global_step
-        self.start_tokens = self.last_tokens = self.collator.tokens_seen
+        self.start_tokens = self.last_tokens = state.num_input_tokens_seen  # restored from a checkpoint on resume
         self.progress.update(step=state.global_step, max_steps=state.max_steps, phase="train")
 
     def on_step_end(self, args, state, control, **kw):
@@ -114,7 +146,7 @@ class MetricsCallback(TrainerCallback):
         if "loss" not in logs or self.start_time is None:
             return
         now = time.perf_counter()
-        tokens = self.collator.tokens_seen
+        tokens = state.num_input_tokens_seen
         elapsed = now - self.start_time
         done = state.global_step - self.start_step
         eta = elapsed / done * (state.max_steps - state.global_step) if done else None
@@ -128,6 +160,10 @@ class MetricsCallback(TrainerCallback):
             "memory_bytes": memory_bytes(), "max_steps": state.max_steps, "time": time.time(),
         })
         self.last_time, self.last_tokens = now, tokens
+
+    def session_tokens(self, state) -> int:
+        """Training tokens (all ranks, no padding) since this ``train()`` call began."""
+        return state.num_input_tokens_seen - self.start_tokens
 
     def on_evaluate(self, args, state, control, metrics=None, **kw):
         metrics = metrics or {}

@@ -548,12 +548,19 @@ def pack(ds, seq_len: int):
 
 
 class Collator:
-    """Pads a batch to its longest row (right padding); labels padded with -100. Counts non-pad tokens seen."""
+    """Pads a batch to its longest row (right padding, whatever the tokenizer's padding_side); labels padded
+    with -100. Packed rows keep their restarting ``position_ids`` and get no ``attention_mask``, so transformers
+    masks attention per packed example (masking_utils.find_packed_sequence_indices).
+
+    Not transformers' collators: DataCollatorForSeq2Seq pads on the tokenizer's padding_side (left for some chat
+    models, which shifts positions in training) and has no position_ids; DataCollatorWithFlattening renumbers
+    positions per row, which would merge the examples of a pre-packed row. Tokens are counted by the Trainer
+    (``include_num_input_tokens_seen="non_padding"``: the attention mask's sum, or ids != pad id for packed
+    batches; where the pad token is EOS that leaves each packed example's EOS uncounted).
+    """
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
-        self.tokens_seen = 0  # non-padding training tokens handed to the model, read by the metrics callback
-        self.counting = True  # switched off while evaluating, so eval batches do not count as training
 
     def __call__(self, features: list[dict]) -> dict:
         import torch
@@ -564,8 +571,6 @@ class Collator:
         for f in features:
             n = len(f["input_ids"])
             pad = longest - n
-            if self.counting:
-                self.tokens_seen += n
             ids.append(list(f["input_ids"]) + [self.pad_token_id] * pad)
             labels.append(list(f["labels"]) + [IGNORE_INDEX] * pad)
             mask.append([1] * n + [0] * pad)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from runner import data as rdata
 from runner import distributed
-from runner.callbacks import (AdaLoraCallback, MetricsCallback, Progress, StopOnRequest, memory_bytes,
+from runner.callbacks import (AdaLoraCallback, MetricsCallback, Progress, StopOnRequest, peak_memory,
                               write_json)
 from runner.errors import RunnerError
 from runner.models import log_progress, resolve_model_dir
@@ -60,6 +60,8 @@ class Run:
     fmt: str | None = None
     train_rows: list = field(default_factory=list)
     eval_rows: list = field(default_factory=list)
+    train_ds: object = None  # tokenized (and packed) datasets.Dataset: the rows the Trainer really iterates
+    eval_ds: object = None
     model: object = None
     trainer: object = None
     collator: object = None
@@ -75,6 +77,7 @@ class Run:
     stopped: bool = False
     adalora: AdaLoraCallback | None = None
     stopper: StopOnRequest | None = None
+    metrics: MetricsCallback | None = None
 
 
 def run(spec: RunSpec, run_dir: Path, *, resume: bool = False, stop_flag: threading.Event | None = None,
@@ -108,7 +111,8 @@ def _setup(r: Run) -> None:
     r.device = _device(spec)
     r.precision = _precision(spec, r.device, r.notes)
     r.train_rows, r.eval_rows, r.fmt = rdata.split_rows(spec.dataset, spec.seed)
-    r.max_steps = _max_steps(spec, len(r.train_rows))
+    _tokenize(r)
+    r.max_steps = _max_steps(spec, len(r.train_ds))
     torch.manual_seed(spec.seed)
     r.progress.update(phase="load", max_steps=r.max_steps)
     with _oom_as("oom_load"):
@@ -166,12 +170,28 @@ def _precision(spec: RunSpec, device: str, notes: list[str]) -> str:
     return "bf16"
 
 
-def _max_steps(spec: RunSpec, train_rows: int) -> int:
+def _tokenize(r: Run) -> None:
+    """Tokenized train (packed when asked) and eval datasets, before the model is built: the step count comes
+    from the rows the Trainer will iterate, not from the file's rows (packing folds many into one)."""
+    spec, tok = r.spec, r.tokenizer
+    r.train_ds = rdata.tokenize_rows(r.train_rows, r.fmt, tok, spec.seq_len, spec.dataset.completion_only_loss,
+                                     spec.dataset.packing)
+    r.eval_ds = (rdata.tokenize_rows(r.eval_rows, r.fmt, tok, spec.seq_len, spec.dataset.completion_only_loss)
+                 if r.eval_rows else None)
+
+
+def _max_steps(spec: RunSpec, train_examples: int) -> int:
+    """Optimizer steps of the run: ``spec.max_steps``, else ``epochs`` passes over ``train_examples`` (the
+    tokenized, packed dataset's rows) with the Trainer's own formula (``Trainer.set_initial_training_values``):
+    batches per rank = ceil(examples / (micro_batch x world)) (accelerate's even batches per rank), updates per
+    epoch = ceil(batches / gradient_accumulation_steps), at least 1; steps = ceil(epochs x updates per epoch).
+    So ``state.epoch`` ends at ``epochs`` exactly."""
     if spec.max_steps:
         return spec.max_steps
     world = spec.distribution.world_size
-    per_epoch = math.ceil(train_rows / (spec.micro_batch_size * world)) // spec.gradient_accumulation_steps
-    return max(1, math.ceil(max(1, per_epoch) * spec.epochs))
+    batches = math.ceil(train_examples / (spec.micro_batch_size * world))
+    per_epoch = max(1, math.ceil(batches / spec.gradient_accumulation_steps))
+    return max(1, math.ceil(per_epoch * spec.epochs))
 
 
 # ---------------------------------------------------------------------------------- fingerprint and resume
@@ -364,6 +384,9 @@ def training_arguments(r: Run):
         eval_steps=spec.eval_steps, seed=spec.seed, bf16=r.precision == "bf16", fp16=r.precision == "fp16",
         use_cpu=r.device == "cpu", report_to="none", optim=OPTIMIZERS[spec.optimizer],
         remove_unused_columns=False,
+        # training tokens summed over all ranks by the Trainer itself (an accelerator.gather per step); padding
+        # is not counted (attention_mask, or pad ids in packed batches, runner/data.py Collator)
+        include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0, disable_tqdm=True, save_only_model=False,
     )
     if spec.gradient_checkpointing:  # non-reentrant checkpointing works with frozen bases (LoRA) too
@@ -372,31 +395,11 @@ def training_arguments(r: Run):
     return TrainingArguments(**kwargs)
 
 
-def _trainer_class():
-    from transformers import Trainer
-
-    class RunnerTrainer(Trainer):
-        """Trainer whose eval batches do not count as training tokens (tokens/s in metrics.jsonl)."""
-
-        def evaluate(self, *args, **kwargs):
-            self.data_collator.counting = False
-            try:
-                return super().evaluate(*args, **kwargs)
-            finally:
-                self.data_collator.counting = True
-
-    return RunnerTrainer
-
-
 def _build_trainer(r: Run):
-    Trainer = _trainer_class()
+    from transformers import Trainer
 
     spec = r.spec
     tok = r.tokenizer
-    train_ds = rdata.tokenize_rows(r.train_rows, r.fmt, tok, spec.seq_len, spec.dataset.completion_only_loss,
-                                   spec.dataset.packing)
-    eval_ds = (rdata.tokenize_rows(r.eval_rows, r.fmt, tok, spec.seq_len, spec.dataset.completion_only_loss)
-               if r.eval_rows else None)
     r.collator = rdata.Collator(tok.pad_token_id)
     args = training_arguments(r)
     optimizers = (None, None)
@@ -404,11 +407,12 @@ def _build_trainer(r: Run):
         optimizers = (_loraplus_optimizer(r, args), None)
     agree = distributed.any_rank if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     r.stopper = StopOnRequest(r.stop_flag, agree)
-    callbacks = [MetricsCallback(r.run_dir / "metrics.jsonl", r.progress, r.collator, write=r.is_main), r.stopper]
+    r.metrics = MetricsCallback(r.run_dir / "metrics.jsonl", r.progress, write=r.is_main)
+    callbacks = [r.metrics, r.stopper]
     if spec.method != "full" and spec.peft.variant == "adalora":
         r.adalora = AdaLoraCallback(r.model)
         callbacks.append(r.adalora)
-    return Trainer(model=r.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=r.collator,
+    return Trainer(model=r.model, args=args, train_dataset=r.train_ds, eval_dataset=r.eval_ds, data_collator=r.collator,
                    processing_class=tok, callbacks=callbacks, optimizers=optimizers)
 
 
@@ -437,13 +441,12 @@ def _train(r: Run) -> None:
         if r.is_main:
             write_json(baseline, r.before)
     r.progress.update(phase="train")
-    tokens_before = r.collator.tokens_seen
     distributed.prepare_for_training(r.trainer)  # DDP wrap even though evaluate() ran first
     start = time.perf_counter()
     with _oom_as("oom_step"):
         r.trainer.train(resume_from_checkpoint=r.resume_from)
     r.train_seconds = time.perf_counter() - start
-    r.train_tokens = r.collator.tokens_seen - tokens_before
+    r.train_tokens = r.metrics.session_tokens(r.trainer.state)  # this session's training tokens, all ranks
     r.stopped = r.stopper.stopped_at is not None and r.trainer.state.global_step < r.trainer.state.max_steps
     if r.stopped:
         return
@@ -586,7 +589,11 @@ def _cleanup(r: Run) -> None:
 
 
 def trainable_params(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit packed weights count their real element count x2."""
+    """(trainable, total) parameter counts: peft's ``get_nb_trainable_parameters`` for adapter models (it counts
+    4-bit packed weights by their real element count); the same sum for a full fine-tune's plain model."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        trainable, total = model.get_nb_trainable_parameters()
+        return int(trainable), int(total)
     trainable = total = 0
     for p in model.parameters():
         n = p.numel()
@@ -620,7 +627,7 @@ def report(r: Run, out: Path) -> dict:
         "samples": _merge_samples(r.before.get("samples", []), r.after.get("samples", [])),
         "trainable_params": trainable, "total_params": total,
         ("adapter_bytes" if r.spec.method != "full" else "model_bytes"): weights,
-        "output": str(out), "resumed_from": r.resume_from, "peak_memory_bytes": memory_bytes(),
+        "output": str(out), "resumed_from": r.resume_from, "peak_memory": peak_memory().model_dump(),
         "notes": r.notes,
     }
     rep["forgetting"] = _forgetting(r)

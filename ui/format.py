@@ -76,3 +76,14 @@ def last_user_turn(prompt: str) -> str:
     if marker not in prompt:
         return prompt
     return prompt.rsplit(marker, 1)[1].split("<|im_end|>", 1)[0].strip()
+
+
+#: What report.json's ``peak_memory.kind`` measures (runner/callbacks.py PeakMemory), as shown on the Runs page.
+PEAK_KINDS = {"cuda_max_allocated": "CUDA max allocated", "cpu_max_rss": "CPU max RSS"}
+
+
+def fmt_peak(peak: dict | None) -> str:
+    """report.json ``peak_memory`` ({"kind", "bytes"}) as e.g. '812.40 MiB (CPU max RSS)'. None -> '-'."""
+    if not peak:
+        return "-"
+    return f"{fmt_bytes(peak['bytes'])} ({PEAK_KINDS.get(peak['kind'], peak['kind'])})"
