@@ -81,6 +81,20 @@ def loss_curves(series: dict[str, tuple[list[float], list[float]]], title: str =
     return fig
 
 
+def intruder_bars(runs: dict[str, dict[int, int]], top_k: int, epsilon: float) -> go.Figure:
+    """Intruder dimensions per layer, one bar series per run: ``runs[name] = {layer: intruders summed over the
+    layer's analysed modules}`` (report.json ``intruder_dimensions``; Shuttleworth et al. 2024)."""
+    fig = go.Figure()
+    for name, per_layer in runs.items():
+        layers = sorted(per_layer)
+        fig.add_bar(name=name, x=layers, y=[per_layer[l] for l in layers],
+                    hovertemplate="layer %{x}: %{y} intruder dimensions<extra>" + name + "</extra>")
+    fig.update_layout(title=f"Intruder dimensions per layer (top {top_k} singular vectors, max |cos| < {epsilon:g})",
+                      xaxis_title="layer", yaxis_title="intruder dimensions", barmode="group",
+                      **{**_LAYOUT, "height": 320})
+    return fig
+
+
 def token_histogram(lengths: list[int], seq_len: int) -> go.Figure:
     """Histogram of tokens per row with the sequence-length cut-off drawn."""
     fig = go.Figure(go.Histogram(x=lengths, nbinsx=40, marker_color="#4C78A8", name="rows"))
