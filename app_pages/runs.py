@@ -8,6 +8,7 @@ import streamlit as st
 
 from ui import charts, jobs, state
 from ui.errors import attempt
+from runner.intruder import per_layer
 from ui.format import fmt_bytes, fmt_params, fmt_peak, fmt_seconds, last_user_turn
 
 st.title("Runs")
@@ -117,8 +118,34 @@ def _show_report(report: dict) -> None:
         if "prompt" in table:  # chat prompts: show the last user turn, not the template's system preamble
             table["prompt"] = table["prompt"].map(last_user_turn)
         st.dataframe(table, hide_index=True, width="stretch")
+    _show_after_run(report)
     for note in report.get("notes") or []:
         st.caption(f"· {note}")
+
+
+def _show_after_run(report: dict) -> None:
+    """Forgetting (general-text loss before/after) and intruder dimensions, as report.json gives them."""
+    forget, intr = report.get("forgetting"), report.get("intruder_dimensions")
+    if not forget and not intr:
+        return
+    st.markdown("**After the run: forgetting and intruder dimensions**")
+    f1, f2, f3 = st.columns(3)
+    if forget and forget.get("after") is not None:
+        f1.metric("General-text loss after", f"{forget['after']:.4f}",
+                  delta=f"{forget['change']:+.4f} vs before" if forget.get("change") is not None else None,
+                  delta_color="inverse", help=f"mean next-token loss on {forget.get('texts')} general paragraphs "
+                                             f"({forget.get('tokens')} tokens, {forget.get('dataset')}); a rise "
+                                             "means the model forgot some of its general language modelling")
+    if intr:
+        s = intr["summary"]
+        f2.metric("Intruder dimensions", f"{s['total']}", help=f"{intr['reference']}: among the top "
+                  f"{intr['top_k']} singular vectors of each tuned weight, those with max |cos| < {intr['epsilon']} "
+                  "to every singular vector of the base weight")
+        f3.metric("Modules with intruders", f"{s['modules_with_intruders']} of {s['modules']}")
+        layers = per_layer(intr)
+        if layers:
+            st.plotly_chart(charts.intruder_bars({report.get("method", "run"): layers}, intr["top_k"],
+                                                 intr["epsilon"]), key=f"intr_{report.get('output')}")
 
 
 def _final_figures(rec) -> dict:
@@ -131,7 +158,11 @@ def _final_figures(rec) -> dict:
             "exact match": report.get("exact_match_after"),
             "trainable params": fmt_params(report.get("trainable_params")),
             "adapter size": fmt_bytes(report.get("adapter_bytes")) if report.get("adapter_bytes") else "-",
-            "train time": fmt_seconds(report.get("train_seconds"))}
+            "train time": fmt_seconds(report.get("train_seconds")),
+            "general-text loss before": (report.get("forgetting") or {}).get("before"),
+            "general-text loss after": (report.get("forgetting") or {}).get("after"),
+            "forgetting (change)": (report.get("forgetting") or {}).get("change"),
+            "intruder dimensions": ((report.get("intruder_dimensions") or {}).get("summary") or {}).get("total")}
 
 
 run_table()
@@ -166,6 +197,15 @@ with compare:
         if series:
             st.plotly_chart(charts.loss_curves(series, "Training loss, overlaid", eval_series), key="cmp_loss")
         st.dataframe(pd.DataFrame([_final_figures(by_id[rid]) for rid in picked]), hide_index=True, width="stretch")
+        reports = {by_id[rid].name or rid: jobs.read_json(by_id[rid].run_dir / "report.json") or {} for rid in picked}
+        intr = {f"{name} ({rep.get('method')})": per_layer(rep["intruder_dimensions"])
+                for name, rep in reports.items() if rep.get("intruder_dimensions")}
+        if intr:
+            first = next(rep["intruder_dimensions"] for rep in reports.values() if rep.get("intruder_dimensions"))
+            st.plotly_chart(charts.intruder_bars(intr, first["top_k"], first["epsilon"]), key="cmp_intruders")
+            st.caption("Full fine-tuning is counted on the same modules a LoRA run with the spec's targets adapts "
+                       "(tuned weight vs base weight). The seed article's claim: LoRA introduces intruder "
+                       "dimensions, full fine-tuning does not (Shuttleworth et al. 2024).")
 
 with sweep:
     sweeps: dict[str, list] = {}

@@ -256,3 +256,13 @@ def layer_of(module: str) -> int | None:
         if p in ("layers", "h", "blocks") and parts[i + 1].isdigit():
             return int(parts[i + 1])
     return None
+
+
+def per_layer(report: dict | None) -> dict[int, int]:
+    """``{layer: intruders}`` summed over the modules of each layer, from a report.json ``intruder_dimensions``."""
+    out: dict[int, int] = {}
+    for row in (report or {}).get("per_module") or []:
+        layer = layer_of(row["module"])
+        if layer is not None:
+            out[layer] = out.get(layer, 0) + int(row["intruders"])
+    return out
