@@ -53,7 +53,7 @@ from estimator.errors import EstimatorError
 # nothing here runs bitsandbytes kernels, so keep the CLI output clean.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-TRACE_VERSION = 6  # bump when the trace changes meaning: old disk caches are ignored (6: LoRA base_dtype)
+TRACE_VERSION = 7  # bump when the trace changes meaning: old disk caches are ignored (6: LoRA base_dtype; 7: MoE)
 
 # bitsandbytes NF4 with double quantization (Dettmers et al. 2023; bitsandbytes 0.50 storage, measured
 # exact in shared/REFERENCE.md): 64 weights per block, 256 blocks per nested block.
@@ -232,7 +232,8 @@ class TraceSettings(BaseModel):
         "fp32 master weights + autocast"))
     base_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description=(
         "dtype the frozen base weights are stored in (LoRA): the run's 16-bit dtype when the runner loads the "
-        "base in it (one GPU / DDP), adapters stay fp32 (peft autocast_adapter_dtype) and autocast stays on"))
+        "base in it (one GPU / DDP), adapters stay fp32 (peft autocast_adapter_dtype) and autocast stays on; "
+        "QLoRA: 16-bit = the paper's regime (non-quantized weights in it, norms fp32), fp32 = peft's upcast"))
     batch_size: int = 1
     seq_len: int = 512
     grad_checkpointing: bool = False
@@ -315,9 +316,11 @@ def build_training_model(config, settings: TraceSettings):
     base = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.base_dtype)
     if sixteen:
         base = half
-    elif base is None or settings.method != "lora":
+    elif base is None or settings.method == "full":
         base = torch.float32
     model = fresh_meta_model(config, dtype=base)
+    if settings.method == "qlora" and base != torch.float32:
+        _norms_to_fp32(model)
     model.config.use_cache = False
     model.config._attn_implementation = settings.attention
     if settings.grad_checkpointing:
@@ -344,7 +347,30 @@ def build_training_model(config, settings: TraceSettings):
         peft_model.to(half)  # DeepSpeed / FSDP cast the whole module, adapters included
     if settings.method == "qlora":
         _quantize_frozen_linears(peft_model, settings)
+        _quantize_fused_experts(peft_model, settings)
     return peft_model
+
+
+def _quantize_fused_experts(peft_model, settings: TraceSettings) -> None:
+    """QLoRA's routed experts as the runner stores them (``runner/experts.py``): ``NF4Experts`` with one NF4
+    stand-in Linear per expert and matrix, its token-expert pairs split evenly over the experts."""
+    import torch
+
+    from estimator.experts import balanced_split, replace_fused_experts
+
+    compute = torch.float16 if settings.dtype == "fp16" else torch.bfloat16
+    replace_fused_experts(peft_model, lambda d_in, d_out, _w: _nf4_cls()(d_in, d_out, None, compute),
+                          split=lambda ids, experts: balanced_split(ids.numel(), experts))
+
+
+def _norms_to_fp32(model) -> None:
+    """The QLoRA paper's regime (artidoro/qlora ``qlora.py``): modules whose name holds ``norm`` in fp32, the
+    rest of the non-quantized weights in the compute dtype; ``runner.recipe`` does the same (same rule)."""
+    import torch
+
+    for name, module in model.named_modules():
+        if "norm" in name:
+            module.to(torch.float32)
 
 
 def _quantize_frozen_linears(peft_model, settings: TraceSettings) -> None:
@@ -461,7 +487,61 @@ def _no_packed_sequence_detection():
         masking_utils.find_packed_sequence_indices = orig
 
 
-_TRACE_LOCK = threading.Lock()  # the packed-sequence patch is process-global
+@contextlib.contextmanager
+def _fake_friendly_grouped_mm():
+    """transformers 5 runs MoE experts with ``torch._grouped_mm`` (``experts_implementation="grouped_mm"``, its
+    default). PyTorch's meta kernel for it mirrors the CUDA kernel and accepts bf16 only, while the CPU kernel
+    the real step runs takes fp32 too (fp32 master weights of full fine-tuning). For non-bf16 weights the trace
+    takes transformers' own ``grouped_mm_fallback`` op instead (same output and saved tensors, with a fake
+    kernel) when the weight trains, and ``FrozenGroupedMM`` when it is frozen (LoRA on an fp32 base). Every
+    tensor of either path is sized by tokens x top_k, not by the routing, so no routing has to be assumed."""
+    try:
+        from transformers.integrations import moe
+    except ImportError:  # a transformers without the experts interface: nothing to patch
+        yield
+        return
+    import torch
+
+    frozen_mm = _frozen_grouped_mm_cls()
+    orig_can, orig_mm = moe._can_use_grouped_mm, moe._grouped_mm
+
+    def grouped_mm(input, weight, offs):
+        if weight.dtype != torch.bfloat16 and not weight.requires_grad:
+            return frozen_mm.apply(input.to(weight.dtype), weight)
+        return orig_mm(input, weight, offs)
+
+    moe._can_use_grouped_mm = lambda input, weight, offs: (orig_can(input, weight, offs)
+                                                           and weight.dtype == torch.bfloat16)
+    moe._grouped_mm = grouped_mm
+    try:
+        yield
+    finally:
+        moe._can_use_grouped_mm, moe._grouped_mm = orig_can, orig_mm
+
+
+@functools.lru_cache(maxsize=1)
+def _frozen_grouped_mm_cls():
+    import torch
+
+    class FrozenGroupedMM(torch.autograd.Function):
+        """``aten._grouped_mm`` with a frozen weight, as autograd runs it: nothing saved but the weight, backward
+        computes only the input gradient. ``mm`` with one expert's matrix has the same output and FLOPs (every
+        row meets exactly one expert), so the trace's bytes and FLOP counts are those of the grouped op."""
+
+        @staticmethod
+        def forward(ctx, input, weight):
+            ctx.save_for_backward(weight)
+            return torch.mm(input, weight[0])
+
+        @staticmethod
+        def backward(ctx, grad):
+            (weight,) = ctx.saved_tensors
+            return torch.mm(grad, weight[0].t()), None
+
+    return FrozenGroupedMM
+
+
+_TRACE_LOCK = threading.Lock()  # the packed-sequence and grouped_mm patches are process-global
 
 
 def run_traced_step(model, settings: TraceSettings, *, fake: bool = True) -> SliceTrace:
@@ -475,7 +555,8 @@ def run_traced_step(model, settings: TraceSettings, *, fake: bool = True) -> Sli
 
     start_t = time.perf_counter()
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
-    with _TRACE_LOCK, _no_packed_sequence_detection(), mode:
+    grouped = _fake_friendly_grouped_mm() if fake else contextlib.nullcontext()
+    with _TRACE_LOCK, _no_packed_sequence_detection(), grouped, mode:
         if fake:
             model.to_empty(device="cpu")
         model.train()
