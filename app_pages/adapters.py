@@ -1,5 +1,6 @@
-"""Adapters: generate with a base model and trained adapters, switch between them, combine them with weights,
-merge one into the base and export it."""
+"""Adapters: the base and each adapter side by side on the same prompts, generate with one adapter or a weighted
+combination, combine, merge and export (merged safetensors, GGUF + Ollama Modelfile, vLLM LoRA serving), and the
+adapter's intruder dimensions on demand."""
 
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ st.title("Adapters")
 st.caption("Adapters from completed LoRA / QLoRA runs (or any folder with adapter_config.json and "
            "adapter_model.safetensors). Models load on this machine's CPU or GPU; small models take seconds.")
 ss = st.session_state
+#: Largest export offered as a browser download (bigger ones are shown by path only).
+DOWNLOAD_MAX_BYTES = 2 * 2**30
 
 runs = [r for r in jobs.manager().list() if r.status == "completed" and r.method in ("lora", "qlora")
         and (r.run_dir / "adapter" / "adapter_config.json").is_file()]
@@ -50,7 +53,38 @@ for p in adapter_paths:
     rows.append({"adapter": names[p], "folder": p, "size": fmt_bytes(f.stat().st_size) if f.is_file() else "missing"})
 st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
 
-gen, comb, merge = st.tabs(["Generate", "Combine", "Merge and export"])
+side, gen, comb, merge, exp, intr = st.tabs(["Base vs tuned", "Generate", "Combine", "Merge", "Export",
+                                             "Intruder dimensions"])
+
+with side:
+    st.write("The same prompts through the base model (every adapter off) and through each adapter, one loaded "
+             "base with the adapters switched. The first column is always the base.")
+    prompts_text = st.text_area("Prompts, one per line", "What is 12 plus 7?\nWrite one sentence about the sea.",
+                                key="ad_cmp_prompts", height=90)
+    cmp_new = st.number_input("New tokens", 1, 2048, 48, key="ad_cmp_new")
+    if st.button("Compare", type="primary", icon=":material/compare:", key="ad_compare"):
+        ready()  # the background import of torch/transformers has finished
+        from runner import adapters as ra
+
+        t0 = time.perf_counter()
+        with st.spinner("Loading the base and the adapters, then generating..."):
+            res, err = attempt(ra.generate_compare, base, adapter_paths, prompts_text.splitlines(),
+                               max_new_tokens=int(cmp_new))
+        if res:
+            ss["ad_cmp_result"] = (res, time.perf_counter() - t0)
+    if ss.get("ad_cmp_result"):
+        res, secs = ss["ad_cmp_result"]
+        labels_shown = [c["label"] if c["kind"] == "base" else "adapter: " + names.get(c["path"], c["label"][9:])
+                        for c in res["columns"]]
+        for row in res["rows"]:
+            st.markdown(f"**Prompt:** {row['prompt']}")
+            cols = st.columns(len(res["columns"]))
+            for col, label, out in zip(cols, labels_shown, row["outputs"]):
+                with col.container(border=True):
+                    st.markdown(f"**{label}**")
+                    st.text(out)
+        st.caption(f"{secs:.1f} s including loading the model. Greedy decoding: the same prompt gives the same "
+                   "answer each time.")
 
 with gen:
     prompt = st.text_area("Prompt", "What is 12 plus 7?", key="ad_prompt")
@@ -128,3 +162,84 @@ with merge:
             size = sum(f.stat().st_size for f in Path(saved).glob("*.safetensors"))
             st.success(f"Merged model saved to `{saved}` ({fmt_bytes(size)} of weights). Use it as a model "
                        "folder anywhere, e.g. as the base of a new run.")
+
+with exp:
+    st.write("Export base + adapter for serving. **merged**: a safetensors folder (tokenizer, chat template, "
+             "generation config) for transformers or `vllm serve`; **gguf**: one .gguf file (llama family: Llama, "
+             "Mistral, Qwen2) with the tokenizer and chat template inside, plus an Ollama `Modelfile`. Or serve the "
+             "adapter as it is with vLLM's LoRA support (the command is shown after an export).")
+    which_e = st.selectbox("Adapter to export", adapter_paths, format_func=names.get, key="ad_exp_pick")
+    e1, e2, e3 = st.columns(3)
+    fmt = e1.radio("Format", ["merged", "gguf"], key="ad_exp_fmt", horizontal=True)
+    gtype = e2.radio("GGUF weights", ["f16", "q8_0"], key="ad_exp_gtype", horizontal=True, disabled=fmt != "gguf")
+    verify = e3.checkbox("Read the GGUF back and compare logits", key="ad_exp_verify", disabled=fmt != "gguf",
+                         help="loads the file with transformers' GGUF reader (about a minute for a 135M model)")
+    exp_name = st.text_input("Name of the export", safe_name(f"{names[which_e]}-{fmt}"), key="ad_exp_name")
+    if st.button("Export", icon=":material/ios_share:", key="ad_export"):
+        ready()
+        from runner import adapters as ra
+
+        dest = home() / "exports" / safe_name(exp_name, "export")
+        with st.spinner("Merging and writing..."):
+            res, err = attempt(ra.export, base, which_e, fmt, dest, gguf_type=gtype, verify=verify and fmt == "gguf")
+        if res:
+            ss["ad_exp_result"] = res
+    if ss.get("ad_exp_result"):
+        res = ss["ad_exp_result"]
+        st.success(f"{res['format']} export in `{res['output']}` ({fmt_bytes(res['bytes'])}): "
+                   + ", ".join(f"`{f}`" for f in res["files"]))
+        if "roundtrip" in res:
+            rt = res["roundtrip"]
+            st.info(f"Read back by transformers' GGUF reader: largest logit difference {rt['max_abs_diff']:.2e} "
+                    f"(largest logit {rt['max_abs_logit']:.1f}); the same top token at "
+                    f"{rt['argmax_agreement']:.0%} of positions.")
+        out = Path(res["output"])
+        target = out / f"{out.name}.gguf" if res["format"] == "gguf" else None
+        if target is not None and target.is_file() and target.stat().st_size <= DOWNLOAD_MAX_BYTES:
+            with open(target, "rb") as fh:
+                st.download_button(f"Download {target.name}", fh, file_name=target.name, key="ad_exp_dl",
+                                   icon=":material/download:")
+        elif res["format"] == "merged":
+            zipped = out.with_suffix(".zip")
+            if res["bytes"] <= DOWNLOAD_MAX_BYTES:
+                if not zipped.is_file():
+                    import shutil
+
+                    shutil.make_archive(str(out), "zip", out)
+                with open(zipped, "rb") as fh:
+                    st.download_button(f"Download {zipped.name}", fh, file_name=zipped.name, key="ad_exp_dl",
+                                       icon=":material/download:")
+        st.markdown("**Serve it**")
+        st.code(res["serve"], language="bash")
+        st.markdown("**Or serve the adapter as it is with vLLM** (one base, adapters loaded per request)")
+        st.code(res["vllm_lora"]["command"], language="bash")
+
+with intr:
+    st.write("Intruder dimensions (Shuttleworth et al. 2024, arXiv:2410.21228): for each adapted weight, the top "
+             "singular vectors of W + delta W that resemble no singular vector of the base W. LoRA tends to "
+             "introduce them, full fine-tuning does not; they go with forgetting. Read from the files, no model "
+             "is loaded.")
+    which_i = st.selectbox("Adapter", adapter_paths, format_func=names.get, key="ad_intr_pick")
+    if st.button("Measure", icon=":material/query_stats:", key="ad_intr"):
+        ready()
+        from runner import intruder
+
+        with st.spinner("Two SVDs per adapted module..."):
+            rep, err = attempt(intruder.adapter_intruders, base, which_i)
+        if rep:
+            ss["ad_intr_result"] = (names[which_i], rep.model_dump())
+    if ss.get("ad_intr_result"):
+        label, rep = ss["ad_intr_result"]
+        from runner.intruder import per_layer
+        from ui import charts
+
+        s = rep["summary"]
+        m1, m2, m3 = st.columns(3)
+        m1.metric("Intruder dimensions", s["total"])
+        m2.metric("Modules with intruders", f"{s['modules_with_intruders']} of {s['modules']}")
+        m3.metric("Per module", f"{s['mean_per_module']:.2f}")
+        st.plotly_chart(charts.intruder_bars({label: per_layer(rep)}, rep["top_k"], rep["epsilon"]),
+                        key="ad_intr_chart")
+        st.dataframe(pd.DataFrame([{"module": m["module"], "intruders": m["intruders"],
+                                    "lowest max |cos|": min(m["max_cos"]), "||dW|| / ||W||": m["delta_norm_ratio"]}
+                                   for m in rep["per_module"]]), hide_index=True, width="stretch")
