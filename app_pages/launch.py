@@ -3,6 +3,7 @@ exact spec, and one button that starts a durable training job."""
 
 import json
 import statistics
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -11,6 +12,8 @@ from pydantic import ValidationError
 
 from estimator.request import EstimateRequest
 from ftcore.errors import UserError
+from runner.errors import RunnerError
+from runner.models import Download, check_model_available, hub_cache_dir, hub_offline
 from runner.spec import DatasetSpec, RunSpec
 from ui import charts, datasets, estimates, jobs, state, uploads
 from ui.errors import attempt, message_of
@@ -22,6 +25,17 @@ STRATEGIES = ["ddp", "fsdp", "zero2", "zero3"]
 DS_SOURCES = ["Shipped sample", "Upload", "Local path"]
 
 st.title("Launch")
+
+
+@st.cache_data(ttl=30, show_spinner=False)  # re-checked every 30 s: a snapshot fetched in a terminal shows up
+def _model_status(ref: str, hub_cache: str, offline: bool):
+    """(ResolvedModel, None) when the run can get the model, else (None, the refusal with its fix). The hub
+    cache folder and the offline flag are part of the cache key."""
+    try:
+        return check_model_available(ref), None
+    except RunnerError as exc:
+        return None, f"{exc}. Fix: {exc.fix}" if exc.fix else str(exc)
+
 
 # ---- fill the form from a handed-over spec (once per hand-over) ---------------------------------------------
 shipped = datasets.shipped()
@@ -75,7 +89,7 @@ form, side = st.columns([1.2, 1], gap="large")
 with form:
     st.subheader("Model and method")
     c1, c2 = st.columns([2, 1])
-    c1.text_input("Model: catalog id (e.g. smollm2-135m) or a local model folder", key="ln_model",
+    c1.text_input("Model: catalog id (e.g. smollm2-135m), hub id or a local model folder", key="ln_model",
                   persist_state=SESSION)
     c2.text_input("Run name (empty: method, model, rank)", key="ln_name", persist_state=SESSION)
     method = st.segmented_control("Method", ["full", "lora", "qlora"], required=True, key="ln_method",
@@ -191,9 +205,32 @@ with side:
     st.subheader("Check")
     spec, _ = attempt(RunSpec.model_validate, spec_dict)
     report = None
-    if spec is not None and not ds_path:
+    model_ready = False  # the model check: the same resolution the worker uses (runner.models), before the button
+    if spec is not None:
+        avail, model_err = _model_status(spec.model, str(hub_cache_dir()), hub_offline())
+        if model_err:
+            st.error(f"**model**: {model_err}", icon=":material/block:")
+        elif avail.ready or avail.kind == "demo":  # the demo converts on first use (in the dataset check)
+            model_ready = True
+            st.success(f"Model: {avail.describe()}", icon=":material/check_circle:")
+        else:
+            st.info(f"Model: {avail.describe()}. The dataset check needs its tokenizer, so download it first.",
+                    icon=":material/download:")
+            if st.button("Download the model", icon=":material/download:", key="ln_download"):
+                bar = st.progress(0.0, text=f"Downloading {avail.hub_id}...")
+                job = Download(spec.model).start()
+                while not job.finished:
+                    bar.progress(job.fraction, text=f"{avail.hub_id}: {fmt_bytes(job.done_bytes)} of "
+                                                    f"{fmt_bytes(job.total_bytes or avail.download_bytes)}")
+                    time.sleep(0.5)
+                _model_status.clear()
+                if job.error is not None:
+                    st.error(f"**model**: {message_of(job.error)}", icon=":material/error:")
+                else:
+                    st.rerun()
+    if model_ready and not ds_path:
         st.warning("Choose a dataset.")
-    elif spec is not None:
+    elif model_ready:
         with st.spinner("Reading the dataset with the model's tokenizer (the demo model converts once, ~1 min)..."):
             report, ds_err = attempt(datasets.check, spec.dataset.model_dump_json(), spec.model, spec.seq_len,
                                      datasets.mtime_ns(spec.dataset.path), spec.trust_remote_code)
@@ -270,7 +307,7 @@ with side:
                 st.caption(f"On that GPU: about {fmt_hours(est.compute.hours)}, {fmt_usd(est.compute.cost_usd)}.")
 
     st.subheader("Launch")
-    blocked = spec is None or not ds_path or report is None or bool(report.errors)
+    blocked = spec is None or not model_ready or not ds_path or report is None or bool(report.errors)
     anyway = True
     if not fits:
         anyway = st.checkbox("Launch anyway (for example, this machine is not the GPU above)", key="ln_anyway")

@@ -57,7 +57,8 @@ DISK_MARGIN_BYTES = 1024**3
 ProgressFn = Callable[[int, int], None]
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set (read now, not at import)."""
     return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
                for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
@@ -347,7 +348,7 @@ def check_disk_space(needed_bytes: int, where: Path) -> None:
 
 
 def _hub_online() -> bool:
-    if _offline():
+    if hub_offline():
         return False
     from estimator.catalog import _hub_reachable  # one quick TCP probe, shared with the estimator's hub look-up
 
@@ -376,7 +377,7 @@ def check_model_available(ref: str, *, ask_hub: bool = True) -> ResolvedModel:
     folder = cached_snapshot(hub_id)
     if folder is not None:
         return resolved.model_copy(update={"folder": folder, "cached": True})
-    if _offline():
+    if hub_offline():
         raise _offline_refusal(hub_id, "the hub is offline (HF_HUB_OFFLINE=1)")
     if not ask_hub:
         return resolved
