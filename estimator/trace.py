@@ -205,9 +205,27 @@ class _LiveBytes:
                     formula = self._registry.get(func._overloadpacket)
                     if formula is not None:
                         cur["flops"] += int(formula(*args, **kwargs, out_val=out))
+                    else:
+                        cur["flops"] += _grouped_flops(func, args, out)
                 return out
 
         return LiveBytes(*args, **kwargs)
+
+
+def _grouped_flops(func, args, out) -> int:
+    """FLOPs of the MoE grouped matmuls that ``torch.utils.flop_counter`` has no formula for: every row of the
+    token-expert pairs meets one expert's matrix, so 2 x rows x in x out in all, whatever the routing."""
+    name = str(func._overloadpacket)
+    if name.endswith("_grouped_mm") and len(args) >= 2:
+        a, b = args[0], args[1]
+        if a.dim() == 2 and b.dim() == 2:  # weight gradient: (in, S) x (S, out) -> (experts, in, out)
+            return 2 * a.size(0) * a.size(1) * b.size(1)
+        return 2 * out.numel() * a.size(-1)
+    if name.endswith("grouped_mm_fallback") and len(args) >= 2:  # transformers' loop: (S, in) x (E, in, out)
+        return 2 * args[0].size(0) * args[0].size(1) * args[1].size(2)
+    if name.endswith("grouped_mm_fallback_backward") and len(args) >= 2:  # input and weight gradients
+        return 4 * args[0].size(0) * args[0].size(1) * args[1].size(2)
+    return 0
 
 
 # --------------------------------------------------------------------------------------------- the slice
