@@ -391,7 +391,7 @@ def check_dataset(ds: DatasetSpec, tokenizer, seq_len: int) -> DatasetReport:
                 issue.file = Path(path).name
                 report.errors.append(issue)
     if report.errors or tokenizer is None:
-        _cap(report)
+        _cap(report, Path(ds.path).name)
         return report
     if fmt == "messages" and not getattr(tokenizer, "chat_template", None):
         report.errors.append(RowIssue(row=0, column="messages", message="the model's tokenizer has no chat "
@@ -399,7 +399,7 @@ def check_dataset(ds: DatasetSpec, tokenizer, seq_len: int) -> DatasetReport:
         return report
     _token_stats(report, rows, fmt, tokenizer, seq_len, ds.completion_only_loss)
     if report.errors:
-        _cap(report)
+        _cap(report, Path(ds.path).name)
         return report
     report.sha256 = file_sha256(ds.path, ds.eval_path)
     if not ds.eval_path and ds.eval_fraction > 0 and int(len(rows) * ds.eval_fraction) < 1:
@@ -442,7 +442,9 @@ def _token_stats(report, rows, fmt, tokenizer, seq_len, completion_only) -> None
                                f"{seq_len}) and teach nothing: rows {shown}")
 
 
-def _cap(report: DatasetReport) -> None:
+def _cap(report: DatasetReport, train_file: str) -> None:
+    # in file order: the train file before the eval file, whole-file problems first, then by row
+    report.errors.sort(key=lambda e: (e.file not in (None, train_file), e.row))
     if len(report.errors) > MAX_LISTED_ISSUES:
         extra = len(report.errors) - MAX_LISTED_ISSUES
         report.errors = report.errors[:MAX_LISTED_ISSUES]
