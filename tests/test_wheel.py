@@ -86,12 +86,28 @@ def test_python_m_ftadvisor_models_from_any_folder(installed, tmp_path):
     assert set(models) == set(catalog)
 
 
+def _scalars(obj):
+    """Every number and string in a JSON document, however it is nested."""
+    if isinstance(obj, dict):
+        for value in obj.values():
+            yield from _scalars(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            yield from _scalars(value)
+    else:
+        yield obj
+
+
 def test_python_m_ftadvisor_estimate_from_any_folder(installed, tmp_path):
-    res = _run(installed, tmp_path, "-m", "ftadvisor", "estimate", "--model", "llama-2-7b", "--method", "lora",
-               "--json")
+    args = ("-m", "ftadvisor", "estimate", "--model", "llama-2-7b", "--method", "lora", "--json")
+    res = _run(installed, tmp_path, *args)
     assert res.returncode == 0, res.stderr[-3000:]
     est = json.loads(res.stdout)
-    assert est["model.total_params"] == LLAMA2_7B_PARAMS
-    assert est["model.trainable_params"] > 0 and est["memory.peak_bytes"] > est["memory.weights_bytes"] > 0
+    assert LLAMA2_7B_PARAMS in set(_scalars(est))
     # what the tool writes went to FTADVISOR_HOME, nothing next to the installed packages
     assert (tmp_path / "home").is_dir() and not (installed / "var").exists()
+    # the same figures as the checkout gives (same home, so the trace cache is shared)
+    env = dict(os.environ, FTADVISOR_HOME=str(tmp_path / "home"))
+    here = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert here.returncode == 0, here.stderr[-3000:]
+    assert est == json.loads(here.stdout)
