@@ -107,6 +107,10 @@ def _show_report(report: dict) -> None:
     if em_a is not None:
         k2.metric("Exact match after", f"{em_a:.0%}",
                   delta=f"{em_a - em_b:+.0%} vs before" if em_b is not None and em_a != em_b else None)
+    am_b, am_a = report.get("answer_match_before"), report.get("answer_match_after")
+    if am_a is not None:
+        k2.caption(f"answer match {am_a:.0%}" + (f" (before {am_b:.0%})" if am_b is not None else "")
+                   + ": the reference contained in the answer, case-insensitive")
     k3.metric("Trainable parameters", fmt_params(report.get("trainable_params")))
     k4.metric("Adapter file", fmt_bytes(report.get("adapter_bytes")) if report.get("adapter_bytes") else "-")
     st.caption(f"{report.get('steps', '?')} steps in {fmt_seconds(report.get('train_seconds'))} on "
@@ -156,6 +160,7 @@ def _final_figures(rec) -> dict:
             "final loss": report.get("final_loss", train[-1]["loss"] if train else None),
             "final eval loss": report.get("eval_loss_after", evals[-1]["eval_loss"] if evals else None),
             "exact match": report.get("exact_match_after"),
+            "answer match": report.get("answer_match_after"),
             "trainable params": fmt_params(report.get("trainable_params")),
             "adapter size": fmt_bytes(report.get("adapter_bytes")) if report.get("adapter_bytes") else "-",
             "train time": fmt_seconds(report.get("train_seconds")),

@@ -234,6 +234,12 @@ def _finish(manager, rec, args) -> int:
         if not getattr(args, "json", False):
             saved = next((rec.run_dir / d for d in ("adapter", "model") if (rec.run_dir / d).is_dir()), None)
             print(f"run {rec.id} completed" + (f"; saved {saved}" if saved else "") + f"; folder {rec.output_dir}")
+            from runner.demo import before_after
+
+            report = rec.run_dir / "report.json"
+            line = before_after(json.loads(report.read_text(encoding="utf-8"))) if report.is_file() else None
+            if line:
+                print(line)
         return 0
     _print_failure(manager, rec)
     return EXIT_BAD_INPUT if rec.kind in BAD_INPUT_KINDS else 1

@@ -2,7 +2,9 @@
 
 The base model answers "The sentiment of this review is negative." where the dataset wants the single word
 ``negative``, so exact match on the held-out file starts at 0% (measured: 0/40) and rises after a few minutes
-of LoRA training on CPU. The data is made by ``data/datasets/make_demo_sentiment.py`` (deterministic).
+of LoRA training on CPU. The normalized answer match (the label contained in the answer, case-insensitive) is
+reported next to it, so the "before" figure measures what the base model knows, not only its answer format
+(``before_after``). The data is made by ``data/datasets/make_demo_sentiment.py`` (deterministic).
 """
 
 from __future__ import annotations
@@ -33,3 +35,25 @@ def demo_spec(**overrides) -> RunSpec:
     fields["dataset"] = DatasetSpec(path=str(DEMO_TRAIN), eval_path=str(DEMO_EVAL), format="messages")
     fields.update(overrides)
     return RunSpec(**fields)
+
+
+def before_after(report: dict) -> str | None:
+    """One line with a finished run's held-out figures before -> after training (report.json keys), e.g.
+    ``held-out (40 rows): exact match 0% -> 100%, answer match 93% -> 100%, eval loss 2.31 -> 0.0080``.
+
+    Exact match asks for the reference word for word; the answer match (``runner.recipe.answer_contains``) only
+    that the answer contains it, so its "before" shows what the base model already knew in its own words.
+    None when the run measured neither.
+    """
+    parts = []
+    for key, label in (("exact_match", "exact match"), ("answer_match", "answer match")):
+        b, a = report.get(f"{key}_before"), report.get(f"{key}_after")
+        if a is not None:
+            parts.append(f"{label} {b:.0%} -> {a:.0%}" if b is not None else f"{label} {a:.0%}")
+    b, a = report.get("eval_loss_before"), report.get("eval_loss_after")
+    if a is not None:
+        parts.append(f"eval loss {b:.3g} -> {a:.3g}" if b is not None else f"eval loss {a:.3g}")
+    if not parts:
+        return None
+    rows = report.get("exact_match_rows")
+    return f"held-out{f' ({rows} rows)' if rows else ''}: " + ", ".join(parts)

@@ -492,8 +492,20 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
+def answer_contains(generated: str, reference: str) -> bool:
+    """The normalized answer match: the reference appears in the generated answer as whole words, case-insensitive
+    (``"negative"`` in ``"The sentiment of this review is negative."``; ``"7"`` is not in ``"17"``). It measures
+    whether the model knows the answer even when it words it differently from the label, where exact match also
+    measures the answer's format."""
+    ref = normalize_answer(reference).casefold()
+    if not ref:
+        return False
+    return re.search(rf"(?<!\w){re.escape(ref)}(?!\w)", normalize_answer(generated).casefold()) is not None
+
+
 def exact_match(model, tokenizer, rows: list[dict], fmt: str, max_rows: int = EXACT_MATCH_MAX_ROWS) -> dict:
-    """Greedy-generate answers for rows with a reference and compare them exactly (after normalize_answer)."""
+    """Greedy-generate answers for rows with a reference; ``exact_match``: the share equal to the reference (after
+    normalize_answer); ``answer_match``: the share containing it (``answer_contains``)."""
     pairs = [(rdata.generation_prompt(row, fmt, tokenizer), rdata.reference_answer(row, fmt)) for row in rows]
     pairs = [(p, a) for p, a in pairs if p is not None and a is not None][:max_rows]
     if not pairs:
@@ -502,9 +514,11 @@ def exact_match(model, tokenizer, rows: list[dict], fmt: str, max_rows: int = EX
     max_new = min(EXACT_MATCH_MAX_NEW_TOKENS, longest + EXACT_MATCH_EXTRA_TOKENS)
     answers = generate_batch(model, tokenizer, [p for p, _ in pairs], max_new, add_special_tokens=fmt != "messages")
     hits = [normalize_answer(g) == normalize_answer(a) for g, (_, a) in zip(answers, pairs)]
+    contained = [answer_contains(g, a) for g, (_, a) in zip(answers, pairs)]
     samples = [{"prompt": p, "reference": a, "generated": g, "match": h}
                for (p, a), g, h in list(zip(pairs, answers, hits))[:REPORT_SAMPLES]]
-    return {"exact_match": sum(hits) / len(hits), "exact_match_rows": len(hits), "samples": samples}
+    return {"exact_match": sum(hits) / len(hits), "answer_match": sum(contained) / len(contained),
+            "exact_match_rows": len(hits), "samples": samples}
 
 
 def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, add_special_tokens: bool = True,
@@ -623,6 +637,7 @@ def report(r: Run, out: Path) -> dict:
         "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
         "eval_loss_before": r.before.get("eval_loss"), "eval_loss_after": r.after.get("eval_loss"),
         "exact_match_before": r.before.get("exact_match"), "exact_match_after": r.after.get("exact_match"),
+        "answer_match_before": r.before.get("answer_match"), "answer_match_after": r.after.get("answer_match"),
         "exact_match_rows": r.after.get("exact_match_rows", 0),
         "samples": _merge_samples(r.before.get("samples", []), r.after.get("samples", [])),
         "trainable_params": trainable, "total_params": total,
