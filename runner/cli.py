@@ -261,28 +261,24 @@ def _manager():
     return JobManager()
 
 
-def _model_ready(spec, out) -> None:
-    """Refuse a model the run cannot get before anything is queued (exit 2: offline and not cached, gated,
-    unknown, no room); download a hub model that is not cached here, in the foreground with huggingface_hub's
-    progress bar, so the queued run starts from the local cache."""
-    from runner.errors import RunnerError
+def _model_ready(ref: str, out=None) -> None:
+    """Refuse a model that cannot be had before anything is queued or loaded (exit 2: offline and not cached,
+    gated, unknown, no room; runner.models); download a hub model that is not cached here, in the foreground with
+    huggingface_hub's progress bar, so a queued run starts from the local cache."""
     from runner.models import check_model_available, resolve_model
 
-    try:
-        resolved = check_model_available(spec.model)
-        if resolved.kind == "hub" and not resolved.ready:
-            print(resolved.describe(), file=out, flush=True)
-            resolved = resolve_model(spec.model)
-    except RunnerError as exc:  # the dispatcher prints the message only: carry the fix in it
-        raise RunnerError(f"{exc}\nfix: {exc.fix}" if exc.fix else str(exc), field=exc.field, kind=exc.kind,
-                          fix=exc.fix) from None
+    out = out or sys.stderr
+    resolved = _fix_in_message(check_model_available, ref)
+    if resolved.kind == "hub" and not resolved.ready:
+        print(resolved.describe(), file=out, flush=True)
+        resolved = _fix_in_message(resolve_model, ref)
     if resolved.kind == "hub":
         print(f"model: {resolved.describe()}", file=out, flush=True)
 
 
 def cmd_run(args) -> int:
     spec = spec_from_args(args)
-    _model_ready(spec, sys.stderr if args.json else sys.stdout)
+    _model_ready(spec.model, sys.stderr if args.json else sys.stdout)
     manager = _manager()
     rec = manager.launch(spec)
     if args.detach:
@@ -445,7 +441,7 @@ def cmd_runs_sweep(args) -> int:
         if not args.ranks:
             raise UserError("ranks: give --ranks, e.g. --ranks 4,8,16", field="ranks")
         spec = RunSpec.model_validate(_merge(_load_spec_file(args.spec), _overrides(args)))
-        _model_ready(spec, sys.stderr if _json_wanted(args) else sys.stdout)
+        _model_ready(spec.model, sys.stderr if _json_wanted(args) else sys.stdout)
         records = manager.rank_sweep(spec, parse_ranks(args.ranks))
         info = sys.stderr if _json_wanted(args) else sys.stdout
         print(f"sweep {records[0].sweep_id}: {len(records)} runs queued "
@@ -485,6 +481,7 @@ def _weights(text: str | None, n: int) -> list[float] | None:
 def cmd_adapters_generate(args) -> int:
     from runner import adapters
 
+    _model_ready(args.base)
     prompts = args.prompt
     if args.compare:  # the same prompts through the bare base and each adapter, in labelled columns
         result = adapters.generate_compare(args.base, args.adapter or [], prompts, max_new_tokens=args.max_new_tokens)
@@ -516,6 +513,7 @@ def cmd_adapters_generate(args) -> int:
 def cmd_adapters_merge(args) -> int:
     from runner import adapters
 
+    _model_ready(args.base)
     out = adapters.merge(args.base, args.adapter, args.output)
     print(json.dumps({"output": str(out)}) if args.json else f"merged model saved to {out}")
     return 0
@@ -535,6 +533,7 @@ def _fix_in_message(fn, *args, **kwargs):
 def cmd_adapters_export(args) -> int:
     from runner import adapters
 
+    _model_ready(args.base)
     res = _fix_in_message(adapters.export, args.base, args.adapter, args.format, args.output,
                           gguf_type=args.gguf_type, verify=args.verify)
     if args.json:
@@ -574,6 +573,7 @@ def cmd_adapters_intruders(args) -> int:
 def cmd_adapters_combine(args) -> int:
     from runner import adapters
 
+    _model_ready(args.base)
     if len(args.adapter) < 2:
         raise UserError("adapter: combine needs at least two --adapter folders", field="adapter")
     weights = _weights(args.weights, len(args.adapter)) or [1.0 / len(args.adapter)] * len(args.adapter)
@@ -591,7 +591,8 @@ def register(subparsers) -> None:
                     "Exit 0 only when training completed.")
     run.add_argument("spec", nargs="?", help="spec.json (a RunSpec)")
     run.add_argument("--demo", action="store_true", help="the offline demo: SmolLM2-135M on the shipped dataset")
-    run.add_argument("--model", help="catalog id, model folder, or hub id (online only)")
+    run.add_argument("--model", help="catalog id, hub id (local hub cache first, else downloaded when online) or "
+                                     "model folder")
     run.add_argument("--method", choices=("full", "lora", "qlora"), help="fine-tuning method")
     run.add_argument("--dataset", help="training data: JSONL, CSV or Parquet")
     _add_spec_flags(run)
@@ -633,7 +634,7 @@ def register(subparsers) -> None:
     adapters = subparsers.add_parser("adapters", help="generate with, merge or combine LoRA adapters")
     asub = adapters.add_subparsers(dest="action", metavar="ACTION", required=True)
     gen = asub.add_parser("generate", help="generate text with a base model and adapter(s)")
-    gen.add_argument("--base", required=True, help="base model: catalog id or folder")
+    gen.add_argument("--base", required=True, help="base model: catalog id, hub id or folder")
     gen.add_argument("--adapter", action="append", help="adapter folder (repeat for several)")
     gen.add_argument("--weights", help="comma-separated weights when several adapters are given")
     gen.add_argument("--prompt", required=True, action="append", help="prompt (repeat with --compare)")
@@ -650,7 +651,7 @@ def register(subparsers) -> None:
     merge.add_argument("--json", action="store_true")
     merge.set_defaults(func=cmd_adapters_merge)
     exp = asub.add_parser("export", help="export base + adapter as merged safetensors or GGUF (+ Ollama Modelfile)")
-    exp.add_argument("--base", required=True, help="base model: catalog id or folder")
+    exp.add_argument("--base", required=True, help="base model: catalog id, hub id or folder")
     exp.add_argument("--adapter", required=True, help="adapter folder (or a run folder)")
     exp.add_argument("--format", choices=("merged", "gguf"), required=True,
                      help="merged: safetensors for transformers / vLLM; gguf: llama.cpp / Ollama (llama family)")
