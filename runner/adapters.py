@@ -283,7 +283,7 @@ def export(base: str, adapter: str | Path, fmt: str, output: str | Path, gguf_ty
     info = adapter_info(path)
     model, tok, base_dir = merged_model(base, path)
     if fmt == "gguf":
-        gguf_export.check_supported(model.config)  # refuse before writing anything
+        gguf_export.check_supported(model.config, type(model).__name__)  # refuse before writing
     out.mkdir(parents=True, exist_ok=True)
     result = {"format": fmt, "output": str(out.resolve()), "files": [],
               "vllm_lora": {"adapter": str(path.resolve()),

@@ -48,9 +48,10 @@ def supported_text() -> str:
     return ", ".join(sorted(SUPPORTED_ARCHITECTURES))
 
 
-def check_supported(config) -> str:
-    """The GGUF architecture for a transformers config, or a RunnerError naming the supported ones."""
-    archs = list(getattr(config, "architectures", None) or [])
+def check_supported(config, class_name: str | None = None) -> str:
+    """The GGUF architecture for a transformers config (or the model's class name when the config lists no
+    ``architectures``, as for a model built from a config), or a RunnerError naming the supported ones."""
+    archs = list(getattr(config, "architectures", None) or []) or ([class_name] if class_name else [])
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None:
         raise RunnerError(f"GGUF export supports {supported_text()} (this model is {', '.join(archs) or config.model_type})",
@@ -176,7 +177,7 @@ def write_gguf(model, tokenizer, out_file: str | Path, gguf_type: str = "f16", n
         raise RunnerError(f"gguf type must be one of {', '.join(GGUF_TYPES)} (got {gguf_type!r})",
                           field="gguf_type", fix="pass --gguf-type f16 or q8_0")
     cfg = model.config
-    arch = check_supported(cfg)
+    arch = check_supported(cfg, type(model).__name__)
     n_head, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
     state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}

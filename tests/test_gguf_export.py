@@ -164,3 +164,42 @@ def test_bad_format(tiny_model_dir, tmp_path):
         adapters.export(str(tiny_model_dir), adapter, "onnx", tmp_path / "o")
     with pytest.raises(RunnerError, match="gguf type"):
         adapters.export(str(tiny_model_dir), adapter, "gguf", tmp_path / "o", gguf_type="q4_k")
+
+
+def _sentencepiece_style_tokenizer(folder):
+    """A Llama-2-style tokenizer: BPE over "▁"-joined text with byte fallback (<0xNN> tokens), <s> added."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import AutoTokenizer, LlamaTokenizerFast
+
+    from runner.tinymodel import CHATML_TEMPLATE, _corpus
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(_corpus(), trainer=trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                                                   show_progress=False))
+    fast = LlamaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def test_sentencepiece_style_tokenizer_round_trip(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from runner.tinymodel import tiny_config
+
+    tok = _sentencepiece_style_tokenizer(tmp_path / "tok")
+    cfg = tiny_config("llama", vocab_size=len(tok))
+    cfg.bos_token_id, cfg.eos_token_id = tok.bos_token_id, tok.eos_token_id
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    f = gguf_export.write_gguf(model, tok, tmp_path / "sp" / "m.gguf")
+    back = AutoTokenizer.from_pretrained(f.parent, gguf_file=f.name)
+    for text in ("What is 12 plus 7?", "the model data é", " two  spaces"):  # é needs the byte fallback
+        assert back(text)["input_ids"] == tok(text)["input_ids"], text
+    ids = tok("What is 3 plus 4?", return_tensors="pt")["input_ids"]
+    err = gguf_export.gguf_roundtrip_error(_f16_rounded(model), f, ids)
+    assert err["max_abs_diff"] < EXACT_ATOL
