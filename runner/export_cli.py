@@ -30,6 +30,7 @@ def export_command(args) -> int:
         raise RunnerError(f"spec file {spec_path} does not exist", field="spec",
                           fix="give the path of a spec.json (a run folder holds one)")
     spec = RunSpec.load(spec_path)
+    _check_model_name(spec.model)
     result = export_bundle(spec, Path(args.output), zip=args.zip, overwrite=args.force)
     folder = Path(args.output).expanduser().resolve()
     print(f"bundle: {folder}")
@@ -37,3 +38,18 @@ def export_command(args) -> int:
         print(f"zip:    {result}")
     print(f"run it: cd {folder} && pip install -r requirements.txt && ./launch.sh")
     return 0
+
+
+def _check_model_name(ref: str) -> None:
+    """The bundle runs elsewhere, so the weights need not be here, but the name must be one the runner's model
+    resolution knows (runner.models): a catalog id with released weights, a hub id, or a folder. An absolute
+    path passes even when missing here (it may be a folder on the cluster; the bundle's README says so)."""
+    from runner.errors import RunnerError
+    from runner.models import parse_model_ref
+
+    if Path(ref).is_absolute():
+        return
+    try:
+        parse_model_ref(ref)
+    except RunnerError as exc:  # the dispatcher prints the message only: carry the fix in it
+        raise RunnerError(f"{exc}\nfix: {exc.fix}", field=exc.field, kind=exc.kind, fix=exc.fix) from None

@@ -289,3 +289,15 @@ def test_cli_run_of_a_cached_catalog_id_trains_the_cached_weights(offline_cache,
     # peft records the folder the base was loaded from: the cached snapshot of the catalog's hub id
     assert Path(adapter["base_model_name_or_path"]).resolve() == snapshot.resolve()
     assert json.loads((run_dir / "result.json").read_text())["status"] == "completed"
+
+
+def test_export_refuses_a_model_name_the_resolution_does_not_know(tmp_path, sums_dataset, capsys):
+    # the bundle runs elsewhere (weights need not be here), but a shape-only catalog entry can never be trained
+    for model, expected in (("gpt3-175b", "shape-only catalog entry"),
+                            ("llama-2-7", "not a catalog id, an existing folder or a hub id")):
+        spec = tmp_path / f"{model}.json"
+        spec.write_text(json.dumps({"model": model, "method": "lora", "dataset": {"path": str(sums_dataset)}}))
+        assert main(["export", str(spec), "--output", str(tmp_path / f"out-{model}")]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "fix:" in err
+        assert not (tmp_path / f"out-{model}").exists()
