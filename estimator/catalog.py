@@ -406,6 +406,8 @@ class GPU(BaseModel):
     id: str
     name: str
     memory_bytes: int = Field(description="memory capacity in bytes (datasheet GiB x 2^30)")
+    usable_bytes: int = Field(description="what a process can fill: the nvidia-smi total (usable_mib x 2^20)")
+    compute_capability: float = Field(description="CUDA compute capability (9.0 = Hopper)")
     bf16_flops: float = Field(description="dense bf16 tensor peak FLOP/s, fp32 accumulate; 0 when unsupported")
     fp16_flops: float = Field(description="dense fp16 tensor peak FLOP/s, fp32 accumulate")
     fp32_flops: float = Field(description="dense fp32 peak FLOP/s without TF32 (PyTorch's default for matmul)")
@@ -432,7 +434,8 @@ class GPU(BaseModel):
 
 GPU_COLUMNS = (
     "id", "name", "kind", "memory_gib", "bf16_tflops", "fp16_tflops", "fp32_tflops", "bandwidth_gb_s",
-    "price_usd_per_hour", "bf16_support", "default_mfu", "source",
+    "price_usd_per_hour", "bf16_support", "default_mfu", "source", "usable_mib", "compute_capability",
+    "usable_source",
 )
 
 
@@ -450,6 +453,8 @@ def _gpus() -> dict[str, GPU]:
             id=row["id"],
             name=row["name"],
             memory_bytes=round(float(row["memory_gib"]) * GIB),
+            usable_bytes=round(float(row["usable_mib"]) * 1024**2),
+            compute_capability=float(row["compute_capability"]),
             bf16_flops=float(row["bf16_tflops"]) * TERA,
             fp16_flops=float(row["fp16_tflops"]) * TERA,
             fp32_flops=float(row["fp32_tflops"]) * TERA,

@@ -14,7 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from estimator.compute import ComputeInfo, compute_info, formula_flops_per_token
 from estimator.errors import EstimatorError
-from estimator.memory import Inventory, StepMemory, TensorInfo, formula_activations, step_memory
+from estimator.memory import (EvalMemory, HostMemory, Inventory, StepMemory, TensorInfo, card_memory,
+                              cublas_workspace_bytes, eval_memory, fit_limit_bytes, formula_activations,
+                              host_memory, step_memory)
 from estimator.request import EstimateRequest
 
 #: Bump when an estimate's figures or fields change meaning in a way the code does not show (a library behaviour
@@ -46,13 +48,25 @@ class MemoryBreakdown(BaseModel):
     gradients_bytes: int = Field(description="gradients alive at the optimizer step")
     optimizer_bytes: int = Field(description="optimizer states on the GPU")
     activations_bytes: int = Field(description="held at the end of the forward pass (loss included)")
-    overhead_bytes: int = Field(description="CUDA context + allocator (+ NCCL buffers, DDP buckets)")
+    overhead_bytes: int = Field(description="cuBLAS workspaces + CUDA context (+ NCCL buffers, DDP buckets)")
     optimizer_temp_bytes: int = Field(0, description="temporaries of the optimizer step")
     gathered_bytes: int = Field(0, description="ZeRO-3/FSDP unsharded layers")
     offloaded_bytes: int = Field(0, description="kept in CPU memory by offload")
-    peak_bytes: int = Field(description="peak of the step (overhead included)")
+    peak_bytes: int = Field(description="what the card holds at the peak of the step (= device_peak_bytes): "
+                                         "reserved peak + CUDA context (+ NCCL); fits is decided on it")
     peak_phase: str = Field(description="forward/loss end | backward | optimizer step")
-    phase_peaks: dict[str, int] = Field(default_factory=dict)
+    phase_peaks: dict[str, int] = Field(default_factory=dict, description="device bytes of each phase")
+    allocated_phase_peaks: dict[str, int] = Field(default_factory=dict, description="allocated bytes of each phase")
+    allocated_peak_bytes: int = Field(0, description="tensors + cuBLAS workspaces at the peak: what "
+                                                     "torch.cuda.max_memory_allocated reports")
+    reserved_peak_bytes: int = Field(0, description="allocated + the caching allocator's cached/fragmented "
+                                                    "blocks: what torch.cuda.max_memory_reserved reports")
+    allocator_cache_bytes: int = Field(0, description="reserved minus allocated")
+    context_bytes: int = Field(0, description="CUDA context (outside the allocator)")
+    nccl_bytes: int = Field(0, description="NCCL buffers (outside the allocator, multi-GPU)")
+    usable_bytes: int = Field(0, description="the card's usable memory (nvidia-smi total)")
+    headroom_bytes: int = Field(0, description="kept free above the peak before calling it a fit")
+    margin_bytes: int = Field(0, description="usable - headroom - peak; negative when it does not fit")
     activation_source: str = Field(description="traced | formula")
     method_note: str = ""
 
@@ -61,7 +75,8 @@ class GPUInfo(BaseModel):
     id: str
     name: str
     count: int
-    memory_bytes: int
+    memory_bytes: int = Field(description="datasheet capacity")
+    usable_bytes: int = Field(0, description="what a process can fill (nvidia-smi total)")
     bf16_support: bool
     price_usd_per_hour: float
 
@@ -89,6 +104,9 @@ class Estimate(BaseModel):
     storage: StorageInfo
     notes: list[str]
     trace_seconds: float | None = None
+    eval_memory: EvalMemory | None = Field(None, description="the eval phase (no-grad forward, generation)")
+    eval_fits: bool = Field(True, description="the eval phase fits the card too")
+    host_memory: HostMemory | None = Field(None, description="host RAM of one training process")
 
     def to_json(self) -> dict:
         """The CLI's ``--json`` object: this model's fields, nested as they are here (``.memory.peak_bytes``,
@@ -237,7 +255,13 @@ def _check_request(req: EstimateRequest, config, gpu) -> None:
 
 
 def _weights_16bit(req: EstimateRequest) -> bool:
+    """ZeRO/FSDP keep the module in 16-bit (their own fp32 master copy), no autocast."""
     return req.sharding in ("zero1", "zero2", "zero3", "fsdp") and req.method != "qlora" and req.dtype != "fp32"
+
+
+def _pure16(req: EstimateRequest) -> bool:
+    """Pure 16-bit full fine-tuning: the model loaded in bf16/fp16, trained without autocast or master copy."""
+    return req.method == "full" and req.master_dtype != "fp32"
 
 
 def _base_dtype(req: EstimateRequest) -> str:
@@ -246,6 +270,9 @@ def _base_dtype(req: EstimateRequest) -> str:
     and ZeRO/FSDP cast the module themselves (``_weights_16bit``)."""
     if req.method == "lora" and req.dtype != "fp32" and req.sharding in ("none", "ddp"):
         return req.dtype
+    if (req.method == "qlora" and req.qlora_regime == "paper" and req.dtype != "fp32"
+            and req.sharding in ("none", "ddp")):
+        return req.dtype  # the QLoRA paper's regime: non-quantized weights in the compute dtype, norms fp32
     return "fp32"
 
 
@@ -255,7 +282,8 @@ def trace_settings(req: EstimateRequest, batch_size: int | None = None, seq_len:
     targets = req.targets if isinstance(req.targets, str) else tuple(req.targets)
     return TraceSettings(method=req.method, rank=req.rank, alpha=req.effective_alpha, targets=targets,
                          dora=req.dora, rslora=req.rslora, adalora=req.adalora, dropout=req.dropout,
-                         dtype=req.dtype, weights_16bit=_weights_16bit(req), base_dtype=_base_dtype(req),
+                         dtype=req.dtype, weights_16bit=_weights_16bit(req) or _pure16(req),
+                         base_dtype=_base_dtype(req),
                          batch_size=batch_size or req.batch_size, seq_len=seq_len or req.seq_len,
                          grad_checkpointing=req.grad_checkpointing, attention=req.attention)
 
@@ -342,8 +370,16 @@ def _estimate(req: EstimateRequest) -> Estimate:
     mem = step_memory(inv, method=req.method, optimizer=req.optimizer, sharding=req.sharding,
                       num_gpus=req.num_gpus, offload=req.offload, activations_bytes=acts.held,
                       forward_peak_rel=acts.forward_peak_rel, backward_peak_rel=acts.backward_peak_rel,
-                      grad_accum_steps=req.grad_accum_steps, base_dtype=_base_dtype(req))
+                      grad_accum_steps=req.grad_accum_steps, base_dtype=_base_dtype(req),
+                      master_dtype=req.master_dtype, workspace_bytes=cublas_workspace_bytes(gpu.compute_capability))
+    card = card_memory(mem.phase_peaks, usable_bytes=gpu.usable_bytes, multi_gpu=req.num_gpus > 1)
+    ev = eval_memory(config, resident_bytes=mem.weights_bytes + mem.optimizer_bytes + mem.overhead_bytes
+                     + mem.gathered_bytes, eval_batch=req.eval_batch_size or req.batch_size, seq_len=req.seq_len,
+                     generate_batch=req.generate_batch_size, max_new_tokens=req.max_new_tokens,
+                     value_bytes=_eval_value_bytes(req), attention=req.attention, usable_bytes=gpu.usable_bytes,
+                     multi_gpu=req.num_gpus > 1)
     notes = _notes(req, inv, acts, mem, targets)
+    notes += _card_notes(req, card, ev)
     trainable = inv.trainable_params
     # compute
     tokens_per_step = req.batch_size * req.seq_len
@@ -360,7 +396,12 @@ def _estimate(req: EstimateRequest) -> Estimate:
     if compute.tokens is None:
         notes.append("time and cost need --tokens or --examples with --tokens-per-example")
     adapter_bytes = _adapter_file_bytes(inv, targets) if req.method != "full" else None
-    checkpoint_bytes = 4 * breakdown.total  # the runner trains fp32 master weights and saves them as they are
+    # the runner saves the weights as trained: fp32 master weights, or 16-bit ones for pure 16-bit runs
+    checkpoint_bytes = (2 if _pure16(req) else 4) * breakdown.total
+    host = host_memory(loaded_bytes=mem.weights_bytes * (req.num_gpus if req.sharding in ("zero3", "fsdp") else 1)
+                       if req.method != "qlora" else 0, checkpoint_bytes=2 * breakdown.total,
+                       offloaded_bytes=mem.offloaded_bytes, quantized=req.method == "qlora",
+                       processes_per_node=min(req.num_gpus, 8))
     storage = StorageInfo(checkpoint_bytes=checkpoint_bytes, adapter_bytes=adapter_bytes,
                           base_bytes=2 * breakdown.total)
     model_info = ModelInfo(
@@ -370,17 +411,56 @@ def _estimate(req: EstimateRequest) -> Estimate:
         vocab_size=int(getattr(config, "vocab_size", 0) or 0), model_type=str(config.model_type),
         published_params=entry.published_params)
     gpu_info = GPUInfo(id=gpu.id, name=gpu.name, count=req.num_gpus, memory_bytes=gpu.memory_bytes,
+                       usable_bytes=gpu.usable_bytes,
                        bf16_support=gpu.bf16_support, price_usd_per_hour=price)
     memory = MemoryBreakdown(
         weights_bytes=mem.weights_bytes, gradients_bytes=mem.gradients_bytes, optimizer_bytes=mem.optimizer_bytes,
-        activations_bytes=mem.activations_bytes, overhead_bytes=mem.overhead_bytes,
+        activations_bytes=mem.activations_bytes,
+        overhead_bytes=mem.overhead_bytes + card.context_bytes + card.nccl_bytes,
         optimizer_temp_bytes=mem.optimizer_temp_bytes, gathered_bytes=mem.gathered_bytes,
-        offloaded_bytes=mem.offloaded_bytes, peak_bytes=mem.peak_bytes, peak_phase=mem.peak_phase,
-        phase_peaks=mem.phase_peaks, activation_source=acts.source, method_note=_method_note(req))
+        offloaded_bytes=mem.offloaded_bytes, peak_bytes=card.device_peak_bytes, peak_phase=mem.peak_phase,
+        phase_peaks=card.phase_peaks, allocated_phase_peaks=mem.phase_peaks, activation_source=acts.source,
+        method_note=_method_note(req),
+        allocated_peak_bytes=card.allocated_peak_bytes, reserved_peak_bytes=card.reserved_peak_bytes,
+        allocator_cache_bytes=card.allocator_cache_bytes, context_bytes=card.context_bytes,
+        nccl_bytes=card.nccl_bytes, usable_bytes=card.usable_bytes, headroom_bytes=card.headroom_bytes,
+        margin_bytes=card.margin_bytes)
     return Estimate(request=req, model=model_info, method=req.method, memory=memory, gpu=gpu_info,
-                    fits=mem.peak_bytes <= gpu.memory_bytes, adapter_bytes=adapter_bytes,
+                    fits=card.fits, adapter_bytes=adapter_bytes,
                     checkpoint_bytes=checkpoint_bytes, compute=compute, storage=storage, notes=notes,
-                    trace_seconds=acts.seconds)
+                    trace_seconds=acts.seconds, eval_memory=ev, eval_fits=ev.fits, host_memory=host)
+
+
+def _eval_value_bytes(req: EstimateRequest) -> int:
+    """Bytes per activation value in the eval and generation: generate() runs without autocast, in the dtype
+    the hidden states come out of the weights (16-bit for a 16-bit LoRA base, pure 16-bit and ZeRO/FSDP
+    modules; fp32 for fp32 master weights and QLoRA, whose fp32 norms or upcast weights make fp32 hidden
+    states)."""
+    if req.dtype == "fp32" or req.method == "qlora":
+        return 4
+    if _pure16(req) or _weights_16bit(req) or _base_dtype(req) != "fp32":
+        return 2
+    return 4
+
+
+def _card_notes(req: EstimateRequest, card, ev) -> list[str]:
+    from estimator.memory import ALLOCATOR_RESERVED_SHORTFALL, FIT_HEADROOM_FRACTION, GIB
+
+    verdict = "fits" if card.fits else "does not fit"
+    notes = [f"what the card holds: allocated peak {card.allocated_peak_bytes / GIB:.2f} GiB (tensors + cuBLAS "
+             f"workspaces, torch.cuda.max_memory_allocated); reserved {card.reserved_peak_bytes / GIB:.2f} GiB "
+             f"(caching allocator, allocated / (1 - {ALLOCATOR_RESERVED_SHORTFALL:g})); + CUDA context "
+             f"{card.context_bytes / GIB:.2f} GiB" + (f" + NCCL {card.nccl_bytes / GIB:.2f} GiB" if card.nccl_bytes
+                                                      else "")
+             + f" = {card.device_peak_bytes / GIB:.2f} GiB on the card; usable {card.usable_bytes / GIB:.2f} GiB "
+             f"(nvidia-smi total), headroom {FIT_HEADROOM_FRACTION:.0%} = {card.headroom_bytes / GIB:.2f} GiB: "
+             f"{verdict}, margin {card.margin_bytes / GIB:+.2f} GiB"]
+    gen = (f", generation of {req.max_new_tokens} tokens x {req.generate_batch_size} prompts (KV cache "
+           f"{ev.kv_cache_bytes / GIB:.2f} GiB)" if req.max_new_tokens else "")
+    notes.append(f"eval phase: no-grad forward of {req.eval_batch_size or req.batch_size} x {req.seq_len}{gen} "
+                 f"with weights and optimizer states resident: {ev.device_peak_bytes / GIB:.2f} GiB on the card "
+                 f"({ev.phase}){'' if ev.fits else ' - DOES NOT FIT: lower the eval or generation batch'}")
+    return notes
 
 
 def _adapter_file_bytes(inv: Inventory, targets: list[str]) -> int:
@@ -398,9 +478,22 @@ def _adapter_file_bytes(inv: Inventory, targets: list[str]) -> int:
 
 def _method_note(req: EstimateRequest) -> str:
     if req.method == "qlora":
+        compute = {"fp16": "fp16", "bf16": "bf16"}.get(req.dtype, "fp32")
+        if _base_dtype(req) != "fp32":
+            rest = (f"the QLoRA paper's regime (qlora_regime paper): norms fp32, embeddings, LM head and other "
+                    f"weights in {compute}")
+        elif req.qlora_regime == "paper" and req.dtype != "fp32":
+            rest = (f"other weights fp32 ({req.sharding} keeps peft's upcast: its flat parameters need one dtype "
+                    "per unit)")
+        else:
+            rest = "other weights fp32 (qlora_regime peft-upcast: prepare_model_for_kbit_training)"
         return ("QLoRA: NF4 + double quantization for every Linear but the LM head (bitsandbytes storage), "
-                "other weights fp32 after prepare_model_for_kbit_training, LoRA weights fp32, "
-                f"compute {'fp16' if req.dtype == 'fp16' else 'bf16'}")
+                f"{rest}, LoRA weights fp32, compute {compute}")
+    if _pure16(req):
+        return (f"full: pure {req.master_dtype} (master_dtype {req.master_dtype}): weights, gradients and AdamW "
+                f"states in {req.master_dtype}, no fp32 master copy, no autocast"
+                + ("; fp16 without loss scaling can underflow gradients: prefer bf16 where the GPU has it"
+                   if req.master_dtype == "fp16" else ""))
     if _weights_16bit(req):
         return (f"{req.sharding}: module weights in {req.dtype}, fp32 master weights/gradients with the "
                 "optimizer, no autocast")
@@ -413,7 +506,7 @@ def _method_note(req: EstimateRequest) -> str:
 
 
 def _notes(req: EstimateRequest, inv: Inventory, acts: _Activations, mem: StepMemory, targets: list[str]) -> list[str]:
-    from estimator.memory import CUDA_OVERHEAD_BYTES, GIB, NCCL_BUFFER_BYTES
+    from estimator.memory import GIB
 
     notes = [_method_note(req)]
     if acts.source == "traced":
@@ -425,14 +518,14 @@ def _notes(req: EstimateRequest, inv: Inventory, acts: _Activations, mem: StepMe
             notes.append(acts.note)
     else:
         notes.append(acts.note or "activations by formula")
-    if (req.method == "full" and req.dtype != "fp32" and not _weights_16bit(req)
+    if (req.method == "full" and req.dtype != "fp32" and not _weights_16bit(req) and not _pure16(req)
             and not req.grad_checkpointing):
         notes.append("autocast keeps the 16-bit copy of every weight that backward needs (about 2 B per Linear "
                      "weight) until backward: it is part of the traced activations; gradient checkpointing avoids "
                      "it (LoRA avoids it by loading its frozen base in 16-bit)")
     opt_notes = {
-        "adamw": "AdamW (adamw_torch, foreach): two fp32 moments (8 B per trainable parameter) + one fp32 "
-                 "temporary per parameter during the step",
+        "adamw": ("AdamW (adamw_torch, foreach): two moments in the parameters' dtype (8 B per trainable "
+                  "parameter in fp32, 4 B in pure 16-bit) + one temporary of that size per parameter during the step"),
         "adamw-8bit": "8-bit AdamW (bitsandbytes): 2 B per trainable parameter + fp32 absmax per 256 values; "
                       "tensors under 4096 values keep fp32 states",
         "paged-adamw-8bit": "paged 8-bit AdamW (bitsandbytes): 8-bit states as adamw-8bit, in paged memory that "
@@ -442,10 +535,8 @@ def _notes(req: EstimateRequest, inv: Inventory, acts: _Activations, mem: StepMe
         "adafactor": "Adafactor (transformers, beta1=None): factored fp32 second moment (rows + columns)",
     }
     notes.append(opt_notes[req.optimizer])
-    notes.append(f"overhead: CUDA context + allocator {CUDA_OVERHEAD_BYTES / GIB:.1f} GiB per GPU "
-                 "(ml-engineering: 0.5-1 GiB)"
-                 + (f"; NCCL buffers {NCCL_BUFFER_BYTES / GIB:.1f} GiB" if req.sharding != "none" else "")
-                 + ("; DDP gradient buckets = one more copy of the gradients" if req.sharding == "ddp" else ""))
+    if req.sharding == "ddp":
+        notes.append("DDP gradient buckets = one more copy of the gradients (allocated)")
     notes.append("peak of a steady-state step: optimizer states already allocated, gradients freed after the "
                  f"optimizer step; the peak falls at {mem.peak_phase}")
     if req.method != "full":
@@ -586,7 +677,7 @@ def max_batch_size(req: EstimateRequest) -> int:
     e2 = estimate(_with(req, batch_size=2))
     if not e2.fits:
         return 1
-    x = _solve([(1, e1.memory.phase_peaks), (2, e2.memory.phase_peaks)], e1.gpu.memory_bytes, 1)
+    x = _solve([(1, e1.memory.phase_peaks), (2, e2.memory.phase_peaks)], fit_limit_bytes(e1.gpu.usable_bytes), 1)
     guess = MAX_BATCH if x == float("inf") else int(min(MAX_BATCH, x))
     return _confirm(req, "batch_size", max(2, guess), 1, 1, MAX_BATCH)
 
@@ -608,7 +699,7 @@ def max_seq_len(req: EstimateRequest, multiple_of: int = 64) -> int:
     if len(xs) < 3:
         xs = [multiple_of, max(2 * multiple_of, hi // 2), hi]
     points = [(x, estimate(_with(req, seq_len=x)).memory.phase_peaks) for x in xs[:3]]
-    limit = estimate(_with(req, seq_len=multiple_of)).gpu.memory_bytes
+    limit = fit_limit_bytes(estimate(_with(req, seq_len=multiple_of)).gpu.usable_bytes)
     x = _solve(points, limit, 2)
     guess = hi if x == float("inf") else int(max(multiple_of, min(hi, x)))
     return _confirm(req, "seq_len", guess, multiple_of, multiple_of, hi)

@@ -2,10 +2,16 @@
 
 The regime counted (``runner/recipe.py`` + HF Trainer defaults, read from their source):
 
-* **full, one GPU or DDP**: the model is loaded in fp32 (master weights); ``bf16``/``fp16`` runs use
-  Trainer's autocast (mixed precision), so every weight is cast to 16-bit inside the forward pass and those
-  casts that backward needs stay alive as activations (the trace sees them). Gradients are fp32 (the dtype of
-  the parameters).
+* **full, one GPU or DDP, master_dtype fp32** (mixed precision): the model is loaded in fp32 (master
+  weights); ``bf16``/``fp16`` runs use Trainer's autocast, so every weight is cast to 16-bit inside the forward
+  pass and those casts that backward needs stay alive as activations (the trace sees them). Gradients are fp32
+  (the dtype of the parameters).
+* **full, pure 16-bit** (``master_dtype`` bf16/fp16; torchtune, TRL with a bf16 model, LLaMA-Factory
+  ``pure_bf16``): the model is loaded in that dtype and trained without autocast, so weights and gradients are
+  2 B per parameter, and torch AdamW keeps its moments in the parameter's dtype (``torch.zeros_like(p)``):
+  4 B per parameter. bitsandbytes 8-bit states are uint8 whatever the dtype (small tensors fp32); transformers
+  Adafactor keeps fp32 factors (it upcasts the gradient first) and makes fp32 copies of the 16-bit parameter
+  and gradient at the step.
 * **LoRA (rsLoRA, DoRA, LoRA+, AdaLoRA), one GPU or DDP**: ``bf16``/``fp16`` runs load the frozen base in that
   16-bit dtype (2 B per weight, ``runner/recipe.py`` ``lora_base_dtype``; buffers such as RoPE ``inv_freq``
   stay fp32 as transformers creates them); peft keeps every adapter tensor in fp32 (4 B,
@@ -13,8 +19,10 @@ The regime counted (``runner/recipe.py`` + HF Trainer defaults, read from their 
   Trainer still autocasts forward and loss (only the fp32 adapter weights get cast copies). fp32 runs: fp32
   base, no autocast.
 * **QLoRA**: every Linear but the LM head is NF4 with double quantization (bitsandbytes' exact storage, see
-  ``trace.nf4_linear_bytes``); ``prepare_model_for_kbit_training`` leaves every other weight (embeddings, norms,
-  LM head) in fp32 (the runner loads them in fp32 already); compute dtype bf16 (fp16 when the run is fp16).
+  ``trace.nf4_linear_bytes``); compute dtype bf16 (fp16 when the run is fp16). ``qlora_regime`` ``paper``
+  (the runner's default, the QLoRA paper's ``qlora.py``): every other weight (embeddings, LM head) in the
+  compute dtype, the norms (modules named ``*norm*``) in fp32; ``peft-upcast``: peft's
+  ``prepare_model_for_kbit_training`` upcasts every non-quantized weight to fp32. LoRA weights fp32 in both.
 * **ZeRO-1/2/3 (DeepSpeed)**: DeepSpeed keeps the module in bf16/fp16 (2 B per weight) with fp32 master
   weights, fp32 gradient partitions and the optimizer moments in the optimizer (DeepSpeed's own count:
   "18 = 2 grads16 + 4 grads32 + 4 params32 + 8 optimizer states", ``stage_1_and_2.py``); activations are
@@ -29,8 +37,13 @@ The regime counted (``runner/recipe.py`` + HF Trainer defaults, read from their 
   quantization maps; paged states may be evicted to CPU under pressure. ``sgd`` = Trainer's ``sgd``
   (``torch.optim.SGD`` with momentum 0: no state). ``adafactor`` (transformers, ``beta1=None``): factored second
   moment (row + column fp32 vectors) for tensors with 2+ dims, a full fp32 moment otherwise.
-* **Overhead**: CUDA context + allocator reserve, ``CUDA_OVERHEAD_BYTES``; multi-GPU adds
-  ``NCCL_BUFFER_BYTES``; DDP adds its gradient buckets (``gradient_as_bucket_view=False``, PyTorch default).
+* **What the card holds** (``card_memory``): the *allocated* peak is the tensors of the step plus the cuBLAS
+  workspaces and DDP's gradient buckets (``gradient_as_bucket_view=False``, PyTorch default), what
+  ``torch.cuda.max_memory_allocated`` reports; the *reserved* peak adds the caching allocator's cached and
+  fragmented blocks (``ALLOCATOR_RESERVED_SHORTFALL``), what ``torch.cuda.max_memory_reserved`` reports; the
+  *device* peak adds what lives outside the allocator (CUDA context, NCCL buffers), what ``nvidia-smi`` shows.
+  ``fits`` compares the device peak plus ``FIT_HEADROOM_FRACTION`` of the card with the card's usable memory
+  (the ``nvidia-smi`` total, ``data/gpus.csv`` ``usable_mib``).
 * **Step**: optimizer states already allocated, gradients freed after the step (``zero_grad(set_to_none)``).
   The peak is the largest of forward/loss end, backward and optimizer step.
 """
@@ -47,12 +60,34 @@ from estimator.trace import nf4_linear_bytes
 GIB = 1024**3
 MIB = 1024**2
 
-# CUDA context and the caching allocator's reserve: "about 0.5-1 GiB per process" (Stas Bekman,
-# ml-engineering, training/performance); we take the upper end so that "fits" errs on the safe side.
-CUDA_OVERHEAD_BYTES = 1 * GIB
-# NCCL communicator buffers in multi-GPU runs: NCCL_BUFFSIZE defaults to 4 MiB per channel and peer
-# (NCCL environment variables docs); with the usual 16-32 channels x send/recv this is a few hundred MiB.
+# --- what the card holds beyond the step's tensors (see ``card_memory``)
+# CUDA context (driver state, module images of PyTorch's kernels, cuBLAS/cuDNN handles): created outside
+# PyTorch's allocator, so in nvidia-smi but not in max_memory_reserved. Measured 300-600 MiB per process by GPU
+# generation and CUDA version (lazy module loading, CUDA >= 11.7, keeps it near the low end); ml-engineering
+# (Stas Bekman, training/performance) says "about 0.5-1 GiB" for context + allocator. Upper end of the context.
+CUDA_CONTEXT_BYTES = 600 * MIB
+# cuBLAS workspace per handle, allocated through PyTorch's caching allocator (so in max_memory_allocated):
+# PyTorch aten/src/ATen/cuda/CublasHandlePool.cpp, default CUBLAS_WORKSPACE_CONFIG ":4096:8" on sm90+
+# (4096 KiB x 8 = 32 MiB) and ":4096:2:16:8" before (2 x 4 MiB + 8 x 16 KiB); NVIDIA's cuBLAS docs
+# (cublasSetWorkspace) recommend 32 MiB on Hopper, 4 MiB before.
+CUBLAS_WORKSPACE_BYTES_SM90 = 4096 * 1024 * 8
+CUBLAS_WORKSPACE_BYTES_OLDER = 4096 * 1024 * 2 + 16 * 1024 * 8
+# one handle (and workspace) per thread and stream: the forward thread and autograd's device thread
+CUBLAS_HANDLES = 2
+# Caching allocator: reserved = allocated / (1 - shortfall). PyTorch's own FakeTensor/MemTracker estimate is
+# 0.3% off max_memory_allocated but 8.5% (median, up to 33%) below max_memory_reserved on H100 training steps
+# (sanketpurandare/mem-run-estimator tables, quoted in issue 10): the gap is blocks the allocator caches and
+# the fragmentation of its 2 MiB-rounded segments. The median is the model; the spread is why fits keeps a
+# headroom.
+ALLOCATOR_RESERVED_SHORTFALL = 0.085
+# NCCL communicator buffers in multi-GPU runs, outside PyTorch's allocator: NCCL_BUFFSIZE defaults to 4 MiB per
+# channel and peer (NCCL environment variables docs); with the usual 16-32 channels x send/recv this is a few
+# hundred MiB per communicator. One communicator (the default process group) per run here.
 NCCL_BUFFER_BYTES = 512 * MIB
+# fits = device peak + headroom <= usable memory: the reserved-peak model is a median and real runs spread
+# around it (mem-run-estimator: up to 33%); 2% of the card keeps one allocator spike of a few hundred MiB from
+# turning an estimate that "fits" into an OOM. Named so the margin shown is honest about it.
+FIT_HEADROOM_FRACTION = 0.02
 # bitsandbytes 8-bit optimizers: tensors smaller than min_8bit_size keep 32-bit states; block size 256
 # (bitsandbytes optim/optimizer.py Optimizer8bit, ``min_8bit_size=4096``, blockwise quantization).
 BNB_MIN_8BIT_SIZE = 4096
@@ -63,6 +98,12 @@ ADAMW_STEP_TEMP_BYTES_PER_PARAM = 4
 # transformers Adafactor.step, per parameter: ``update = grad**2 + eps`` then ``p.add_(-update)``: two fp32
 # full-size temporaries of the parameter being updated (the largest one sets the peak).
 ADAFACTOR_TEMP_COPIES = 2
+# Adafactor's state["RMS"] becomes a 0-dim fp32 tensor per parameter after the first step (transformers
+# optimization.py, ``state["RMS"] = self._rms(p_data_fp32)``; measured on a real step, tests/test_memory_exact.py).
+ADAFACTOR_RMS_BYTES = 4
+# ... and with 16-bit parameters (pure 16-bit) it first makes fp32 copies: ``grad = grad.float()`` and
+# ``p_data_fp32 = p.float()`` (transformers optimization.py Adafactor.step): two more.
+ADAFACTOR_TEMP_COPIES_16BIT = 4
 # FSDP keeps the current layer and prefetches the next one (BackwardPrefetch.BACKWARD_PRE, the default);
 # DeepSpeed ZeRO-3 prefetches likewise: two layers unsharded at a time.
 GATHERED_LAYERS = 2
@@ -107,7 +148,8 @@ class StepMemory(BaseModel):
     gradients_bytes: int = Field(description="gradients alive at the optimizer step")
     optimizer_bytes: int = Field(description="optimizer states resident on the GPU")
     activations_bytes: int = Field(description="held at the end of forward + loss")
-    overhead_bytes: int = Field(description="CUDA context/allocator (+ NCCL, DDP buckets when multi-GPU)")
+    overhead_bytes: int = Field(description="allocated beyond the tensors of the model: cuBLAS workspaces (+ DDP "
+                                            "gradient buckets)")
     optimizer_temp_bytes: int = Field(description="temporaries of the optimizer step")
     gathered_bytes: int = Field(0, description="ZeRO-3/FSDP: unsharded layers gathered at a time")
     phase_peaks: dict[str, int] = Field(description="peak bytes of each phase")
@@ -118,57 +160,83 @@ class StepMemory(BaseModel):
 
 # ------------------------------------------------------------------------------------------- weights etc.
 
+SIXTEEN = ("bf16", "fp16")
 
-def weights_bytes(inv: Inventory, sharding: Sharding, method: str, base_dtype: str = "fp32") -> int:
+
+def is_norm_tensor(name: str) -> bool:
+    """A norm's weight or bias, by the QLoRA paper's rule (artidoro/qlora ``qlora.py``: ``'norm' in name`` of
+    the module): those stay fp32 in the paper's regime."""
+    module = name.rsplit(".", 1)[0] if "." in name else name
+    return "norm" in module
+
+
+def weights_bytes(inv: Inventory, sharding: Sharding, method: str, base_dtype: str = "fp32",
+                  master_dtype: str = "fp32") -> int:
     """Bytes of all weights as stored for the regime (before sharding), buffers included.
 
-    ``base_dtype`` bf16/fp16: the frozen base tensors are stored in 16 bits (2 B), adapters in fp32 (LoRA).
+    ``base_dtype`` bf16/fp16: the frozen base tensors are stored in 16 bits (2 B), adapters in fp32 (LoRA); for
+    QLoRA the paper's regime (norms stay fp32). ``master_dtype`` bf16/fp16 (full): every weight is 16-bit.
     """
     if sharding in ("zero1", "zero2", "zero3") and method != "qlora":
         per = 2  # DeepSpeed keeps the module in bf16/fp16
         return sum(per * t.numel for t in inv.tensors) + inv.buffer_bytes
-    frozen_per = 2 if base_dtype in ("bf16", "fp16") else 4
+    if method == "full" and master_dtype in SIXTEEN:
+        return sum(2 * t.numel for t in inv.tensors) + inv.buffer_bytes
+    frozen_per = 2 if base_dtype in SIXTEEN else 4
     total = inv.buffer_bytes
     for t in inv.tensors:
         if t.quantized:
             total += nf4_linear_bytes(t.numel)
         elif t.trainable or t.adapter:
             total += 4 * t.numel
+        elif method == "qlora" and frozen_per == 2 and is_norm_tensor(t.name):
+            total += 4 * t.numel
         else:
             total += frozen_per * t.numel
     return total
 
 
-def gradient_bytes(inv: Inventory, sharding: Sharding, method: str) -> int:
-    """fp32 gradients of trainable parameters (16-bit under DeepSpeed: its fp32 copy is an optimizer state)."""
-    per = 2 if sharding in ("zero1", "zero2", "zero3") and method != "qlora" else 4
-    return per * inv.trainable_params
+def _param_bytes(sharding: Sharding, method: str, master_dtype: str) -> int:
+    """Bytes per value of the trainable parameters' gradients (and AdamW's moments' dtype)."""
+    if sharding in ("zero1", "zero2", "zero3") and method != "qlora":
+        return 2  # DeepSpeed's 16-bit module: its fp32 copy is an optimizer state
+    return 2 if method == "full" and master_dtype in SIXTEEN else 4
 
 
-def optimizer_state_bytes(inv: Inventory, optimizer: str, sharding: Sharding = "none", method: str = "full") -> int:
+def gradient_bytes(inv: Inventory, sharding: Sharding, method: str, master_dtype: str = "fp32") -> int:
+    """Gradients of trainable parameters in the parameters' dtype (fp32; 16-bit for pure 16-bit and under
+    DeepSpeed, whose fp32 copy is an optimizer state)."""
+    return _param_bytes(sharding, method, master_dtype) * inv.trainable_params
+
+
+def optimizer_state_bytes(inv: Inventory, optimizer: str, sharding: Sharding = "none", method: str = "full",
+                          master_dtype: str = "fp32") -> int:
     """Optimizer state bytes for the trainable tensors (before sharding); see the module docstring."""
     total = 0
     trainable = inv.trainable()
+    pure16 = method == "full" and master_dtype in SIXTEEN and sharding not in ("zero1", "zero2", "zero3")
     if optimizer == "adamw":
-        total = 8 * sum(t.numel for t in trainable)
+        # torch AdamW: exp_avg / exp_avg_sq = zeros_like(p), so in the parameter's dtype
+        total = (2 * 2 if pure16 else 2 * 4) * sum(t.numel for t in trainable)
     elif optimizer in ("adamw-8bit", "paged-adamw-8bit"):
         for t in trainable:
             n = t.numel
             if n >= BNB_MIN_8BIT_SIZE:
                 total += 2 * n + 2 * 4 * math.ceil(n / BNB_BLOCK)
             else:
-                total += 8 * n
+                total += 8 * n  # bitsandbytes: fp32 states for small tensors, whatever the parameter dtype
         total += BNB_QMAP_BYTES if trainable else 0
     elif optimizer == "sgd":
         total = 0
     elif optimizer == "adafactor":
-        for t in trainable:
+        for t in trainable:  # fp32 factors: Adafactor upcasts a 16-bit gradient before creating its state
             if len(t.shape) >= 2:
                 rows = math.prod(t.shape[:-1])
                 cols = math.prod(t.shape[:-2]) * t.shape[-1]
                 total += 4 * (rows + cols)
             else:
                 total += 4 * t.numel
+            total += ADAFACTOR_RMS_BYTES
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}")
     if sharding in ("zero1", "zero2", "zero3") and method != "qlora":
@@ -177,13 +245,15 @@ def optimizer_state_bytes(inv: Inventory, optimizer: str, sharding: Sharding = "
     return total
 
 
-def optimizer_temp_bytes(inv: Inventory, optimizer: str) -> int:
+def optimizer_temp_bytes(inv: Inventory, optimizer: str, master_dtype: str = "fp32", method: str = "full") -> int:
     """Temporaries allocated by one optimizer step (before sharding)."""
+    pure16 = method == "full" and master_dtype in SIXTEEN
     if optimizer == "adamw":
-        return ADAMW_STEP_TEMP_BYTES_PER_PARAM * inv.trainable_params
+        per = 2 if pure16 else ADAMW_STEP_TEMP_BYTES_PER_PARAM  # the sqrt temporary has the moments' dtype
+        return per * inv.trainable_params
     if optimizer == "adafactor":
         biggest = max((t.numel for t in inv.trainable()), default=0)
-        return ADAFACTOR_TEMP_COPIES * 4 * biggest
+        return (ADAFACTOR_TEMP_COPIES_16BIT if pure16 else ADAFACTOR_TEMP_COPIES) * 4 * biggest
     return 0  # bitsandbytes 8-bit kernels and SGD (momentum 0) update in place
 
 
@@ -198,31 +268,40 @@ def largest_layer_bytes(inv: Inventory, bytes_per_value: int = 2) -> int:
     return bytes_per_value * max(per_layer.values())
 
 
+def cublas_workspace_bytes(compute_capability: float | None) -> int:
+    """cuBLAS workspaces PyTorch allocates for a training step (``CUBLAS_HANDLES`` handles) on this GPU."""
+    per = CUBLAS_WORKSPACE_BYTES_SM90 if (compute_capability or 0) >= 9.0 else CUBLAS_WORKSPACE_BYTES_OLDER
+    return CUBLAS_HANDLES * per
+
+
 # -------------------------------------------------------------------------------------------- composition
 
 
 def step_memory(inv: Inventory, *, method: str, optimizer: str, sharding: Sharding, num_gpus: int,
                 offload: bool, activations_bytes: int, forward_peak_rel: int, backward_peak_rel: int,
-                grad_accum_steps: int = 1, base_dtype: str = "fp32") -> StepMemory:
-    """Per-GPU memory of one step from the inventory and the (extrapolated) traced activations.
+                grad_accum_steps: int = 1, base_dtype: str = "fp32", master_dtype: str = "fp32",
+                workspace_bytes: int = 0) -> StepMemory:
+    """Per-GPU *allocated* memory of one step from the inventory and the (extrapolated) traced activations.
 
     ``forward_peak_rel`` / ``backward_peak_rel`` are the traced peaks above the step start, for one GPU with
     all gradients local (the backward peak includes the gradients allocated up to that point).
     With gradient accumulation the gradients of earlier micro-steps are alive through the forward and backward
     of the next ones: they are added to both (an upper bound for backward, whose trace already counts the
-    gradients it allocates). ``base_dtype``: dtype of the frozen base weights (see ``weights_bytes``).
+    gradients it allocates). ``base_dtype``: dtype of the frozen base weights (see ``weights_bytes``);
+    ``master_dtype``: bf16/fp16 for pure 16-bit full fine-tuning; ``workspace_bytes``: cuBLAS workspaces
+    (``cublas_workspace_bytes``). What the card holds beyond this is ``card_memory``.
     """
     n = max(1, num_gpus) if sharding != "none" else 1
-    w_all = weights_bytes(inv, sharding, method, base_dtype)
-    g_all = gradient_bytes(inv, sharding, method)
-    s_all = optimizer_state_bytes(inv, optimizer, sharding, method)
-    temp_all = optimizer_temp_bytes(inv, optimizer)
-    overhead = CUDA_OVERHEAD_BYTES
+    w_all = weights_bytes(inv, sharding, method, base_dtype, master_dtype)
+    g_all = gradient_bytes(inv, sharding, method, master_dtype)
+    s_all = optimizer_state_bytes(inv, optimizer, sharding, method, master_dtype)
+    temp_all = optimizer_temp_bytes(inv, optimizer, master_dtype, method)
+    overhead = workspace_bytes
     gathered = 0
     offloaded = 0
     w, g, s, temp = w_all, g_all, s_all, temp_all
     if sharding == "ddp":
-        overhead += NCCL_BUFFER_BYTES + g_all  # DDP gradient buckets: one more copy of the gradients
+        overhead += g_all  # DDP gradient buckets: one more copy of the gradients
     elif sharding == "zero1":
         s, temp = s_all // n, temp_all // n
     elif sharding == "zero2":
@@ -230,8 +309,6 @@ def step_memory(inv: Inventory, *, method: str, optimizer: str, sharding: Shardi
     elif sharding in ("zero3", "fsdp"):
         w, g, s, temp = w_all // n, g_all // n, s_all // n, temp_all // n
         gathered = GATHERED_LAYERS * largest_layer_bytes(inv, 2)
-    if sharding in ("zero1", "zero2", "zero3", "fsdp"):
-        overhead += NCCL_BUFFER_BYTES
     if offload and sharding in ("zero1", "zero2", "zero3", "fsdp"):
         offloaded += s + temp
         s, temp = 0, 0
@@ -251,6 +328,150 @@ def step_memory(inv: Inventory, *, method: str, optimizer: str, sharding: Shardi
     return StepMemory(weights_bytes=w, gradients_bytes=g, optimizer_bytes=s, activations_bytes=activations_bytes,
                       overhead_bytes=overhead, optimizer_temp_bytes=temp, gathered_bytes=gathered,
                       phase_peaks=phases, peak_bytes=phases[phase], peak_phase=phase, offloaded_bytes=offloaded)
+
+
+class CardMemory(BaseModel):
+    """What one GPU holds at the peak: allocated -> reserved -> device, and whether it fits (bytes)."""
+
+    allocated_peak_bytes: int = Field(description="tensors + cuBLAS workspaces (torch.cuda.max_memory_allocated)")
+    reserved_peak_bytes: int = Field(description="allocated + the caching allocator's cached/fragmented blocks "
+                                                 "(torch.cuda.max_memory_reserved)")
+    allocator_cache_bytes: int = Field(description="reserved minus allocated")
+    context_bytes: int = Field(description="CUDA context, outside the allocator")
+    nccl_bytes: int = Field(description="NCCL communicator buffers, outside the allocator (multi-GPU)")
+    device_peak_bytes: int = Field(description="reserved + context + NCCL: what nvidia-smi shows at the peak")
+    phase_peaks: dict[str, int] = Field(description="device bytes of each phase")
+    usable_bytes: int = Field(description="the card's usable memory (nvidia-smi total)")
+    headroom_bytes: int = Field(description="kept free on top of the device peak (FIT_HEADROOM_FRACTION)")
+    margin_bytes: int = Field(description="usable - headroom - device peak (negative: does not fit)")
+    fits: bool
+
+
+def reserved_for(allocated: int) -> int:
+    """The caching allocator's reserved bytes for an allocated peak (``ALLOCATOR_RESERVED_SHORTFALL``)."""
+    return math.ceil(allocated / (1.0 - ALLOCATOR_RESERVED_SHORTFALL))
+
+
+def card_memory(allocated_phase_peaks: dict[str, int], *, usable_bytes: int, multi_gpu: bool) -> CardMemory:
+    """From the allocated peak of each phase to what the card holds, and ``fits`` with the named headroom."""
+    context = CUDA_CONTEXT_BYTES
+    nccl = NCCL_BUFFER_BYTES if multi_gpu else 0
+    phases = {k: reserved_for(v) + context + nccl for k, v in allocated_phase_peaks.items()}
+    allocated = max(allocated_phase_peaks.values())
+    reserved = reserved_for(allocated)
+    device = reserved + context + nccl
+    headroom = int(FIT_HEADROOM_FRACTION * usable_bytes)
+    margin = usable_bytes - headroom - device
+    return CardMemory(allocated_peak_bytes=allocated, reserved_peak_bytes=reserved,
+                      allocator_cache_bytes=reserved - allocated, context_bytes=context, nccl_bytes=nccl,
+                      device_peak_bytes=device, phase_peaks=phases, usable_bytes=usable_bytes,
+                      headroom_bytes=headroom, margin_bytes=margin, fits=margin >= 0)
+
+
+def fit_limit_bytes(usable_bytes: int) -> int:
+    """The largest device peak that fits a card of ``usable_bytes``."""
+    return usable_bytes - int(FIT_HEADROOM_FRACTION * usable_bytes)
+
+
+# ------------------------------------------------------------------------------------------ eval and host
+
+# transformers' causal-LM loss upcasts the logits (``logits.float()`` in ForCausalLMLoss) and cross_entropy
+# makes an fp32 log-softmax of the same size: 4 + 4 bytes per logit on top of the logits themselves.
+LOSS_FP32_BYTES_PER_LOGIT = 8
+# LlamaMLP-style forward without grads: ``down(act(gate(x)) * up(x))`` holds act, up and their product
+# (3 x intermediate) next to the residual stream and the normed input (2 x hidden) at its peak.
+NO_GRAD_MLP_COPIES = 3
+NO_GRAD_HIDDEN_COPIES = 2
+# transformers' checkpoint shards: save_pretrained's default max_shard_size was "5GB" (4.x), the shard size of
+# most hub checkpoints; a loading process maps one shard at a time (safetensors mmap) while it copies tensors.
+CHECKPOINT_SHARD_BYTES = 5 * 10**9
+
+
+class EvalMemory(BaseModel):
+    """Per-GPU bytes of the eval phase: an eval batch forward without gradients, and generation."""
+
+    resident_bytes: int = Field(description="weights + optimizer states kept during eval (allocated)")
+    forward_bytes: int = Field(description="peak of one no-grad eval forward + loss above resident")
+    kv_cache_bytes: int = Field(description="KV cache of one generate() batch at prompt + max_new_tokens")
+    generation_bytes: int = Field(description="KV cache + prefill peak above resident")
+    allocated_peak_bytes: int
+    device_peak_bytes: int = Field(description="as the card holds it (reserved + context), see card_memory")
+    phase: str = Field(description="eval forward | generation")
+    fits: bool
+
+
+def _dims(config) -> dict[str, int]:
+    h = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 0)
+    heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 1) or 1)
+    kv = int(getattr(config, "num_key_value_heads", 0) or heads)
+    head_dim = int(getattr(config, "head_dim", 0) or (h // heads if heads else 0))
+    inter = int(getattr(config, "intermediate_size", 0) or getattr(config, "n_inner", 0) or 4 * h)
+    layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0) or 0)
+    return dict(h=h, heads=heads, kv=kv, head_dim=head_dim, inter=inter, layers=layers,
+                vocab=int(getattr(config, "vocab_size", 0) or 0))
+
+
+def no_grad_forward_bytes(config, *, batch: int, seq_len: int, value_bytes: int, attention: str,
+                          logits_tokens: int | None = None) -> int:
+    """Peak of one forward without gradients above the weights: one layer's working set (activations of
+    earlier layers are freed) or the logits with the loss' fp32 upcast, whichever is larger."""
+    d = _dims(config)
+    tokens = batch * seq_len
+    layer = tokens * (NO_GRAD_HIDDEN_COPIES * d["h"] + NO_GRAD_MLP_COPIES * d["inter"]) * value_bytes
+    if attention == "eager":  # scores + softmax probabilities, (b, heads, s, s)
+        layer += 2 * batch * d["heads"] * seq_len * seq_len * value_bytes
+    logit_tokens = tokens if logits_tokens is None else logits_tokens
+    logits = logit_tokens * d["vocab"] * (value_bytes + LOSS_FP32_BYTES_PER_LOGIT)
+    return tokens * d["h"] * value_bytes + max(layer, logits)
+
+
+def kv_cache_bytes(config, *, batch: int, tokens: int, value_bytes: int) -> int:
+    """transformers' DynamicCache: a key and a value tensor per layer, (batch, kv_heads, tokens, head_dim)."""
+    d = _dims(config)
+    return 2 * d["layers"] * batch * d["kv"] * tokens * d["head_dim"] * value_bytes
+
+
+def eval_memory(config, *, resident_bytes: int, eval_batch: int, seq_len: int, generate_batch: int,
+                max_new_tokens: int, value_bytes: int, attention: str, usable_bytes: int,
+                multi_gpu: bool) -> EvalMemory:
+    """The eval phase as the runner runs it: Trainer.evaluate (loss only, no logits kept: no compute_metrics)
+    with the optimizer states still allocated, then greedy generate() for exact match with a KV cache.
+    Prompts are bounded by ``seq_len``; the prefill keeps only the last position's logits (logits_to_keep=1)."""
+    fwd = no_grad_forward_bytes(config, batch=eval_batch, seq_len=seq_len, value_bytes=value_bytes,
+                                attention=attention)
+    kv = 0
+    gen = 0
+    if max_new_tokens > 0:
+        kv = kv_cache_bytes(config, batch=generate_batch, tokens=seq_len + max_new_tokens, value_bytes=value_bytes)
+        prefill = no_grad_forward_bytes(config, batch=generate_batch, seq_len=seq_len, value_bytes=value_bytes,
+                                        attention=attention, logits_tokens=generate_batch)
+        gen = kv + prefill
+    phase = "generation" if gen > fwd else "eval forward"
+    allocated = resident_bytes + max(fwd, gen)
+    card = card_memory({"eval": allocated}, usable_bytes=usable_bytes, multi_gpu=multi_gpu)
+    return EvalMemory(resident_bytes=resident_bytes, forward_bytes=fwd, kv_cache_bytes=kv, generation_bytes=gen,
+                      allocated_peak_bytes=allocated, device_peak_bytes=card.device_peak_bytes, phase=phase,
+                      fits=card.fits)
+
+
+class HostMemory(BaseModel):
+    """Host RAM of one training process (bytes)."""
+
+    load_bytes: int = Field(description="loading: the model as loaded on the CPU + one mapped checkpoint shard")
+    offload_bytes: int = Field(description="optimizer states (and ZeRO-3/FSDP weights) kept in CPU memory")
+    peak_bytes: int
+    processes_per_node: int
+
+
+def host_memory(*, loaded_bytes: int, checkpoint_bytes: int, offloaded_bytes: int, quantized: bool,
+                processes_per_node: int) -> HostMemory:
+    """Host RAM: the runner loads full and LoRA models on the CPU (``from_pretrained`` without device_map, the
+    Trainer moves them to the GPU), reading safetensors through mmap one shard at a time; a 4-bit QLoRA load
+    quantizes straight onto the GPU (bitsandbytes needs it), so only the mapped shard is on the host."""
+    shard = min(CHECKPOINT_SHARD_BYTES, checkpoint_bytes)
+    load = shard + (0 if quantized else loaded_bytes)
+    return HostMemory(load_bytes=load, offload_bytes=offloaded_bytes, peak_bytes=max(load, offloaded_bytes),
+                      processes_per_node=processes_per_node)
 
 
 # --------------------------------------------------------------------------------------------- fallback

@@ -16,6 +16,7 @@ Optimizer = Literal["adamw", "adamw-8bit", "paged-adamw-8bit", "sgd", "adafactor
 Attention = Literal["sdpa", "eager"]
 Sharding = Literal["none", "ddp", "zero1", "zero2", "zero3", "fsdp"]
 TargetPreset = Literal["attention-qv", "attention", "all-linear"]
+QLoraRegime = Literal["paper", "peft-upcast"]
 
 MAX_SEQ_LEN = 1_048_576  # 1M tokens: longer than any catalog model's context; beyond it a trace is absurd
 MAX_BATCH = 4096
@@ -39,6 +40,14 @@ class EstimateRequest(BaseModel):
     dropout: float = Field(0.05, ge=0, lt=1, description="lora_dropout (the run spec's default 0.05); "
                            "dropout keeps its mask and output as activations")
     dtype: DType = Field("bf16", description="compute dtype of the run")
+    master_dtype: DType = Field("fp32", description=(
+        "full fine-tuning: dtype of the weights the optimizer updates. fp32 = mixed precision (fp32 master "
+        "weights, gradients and optimizer states, 16-bit autocast); bf16/fp16 = pure 16-bit (weights, gradients "
+        "and AdamW states in that dtype, no autocast, as torchtune, TRL with a bf16 model and LLaMA-Factory's "
+        "pure_bf16 train); must equal dtype"))
+    qlora_regime: QLoraRegime = Field("paper", description=(
+        "QLoRA: paper = the QLoRA paper's regime (norms fp32; embeddings, LM head and the rest in the compute "
+        "dtype); peft-upcast = peft's prepare_model_for_kbit_training (every non-quantized weight fp32)"))
     optimizer: Optimizer = Field("adamw", description="optimizer whose states are counted")
     batch_size: int = Field(1, ge=1, le=MAX_BATCH, description="micro-batch per GPU (sequences)")
     seq_len: int = Field(512, ge=1, le=MAX_SEQ_LEN, description="tokens per sequence")
@@ -46,6 +55,12 @@ class EstimateRequest(BaseModel):
     grad_accum_steps: int = Field(1, ge=1, le=4096, description=(
         "gradient accumulation steps; above 1 the gradients stay allocated through the next micro-steps"))
     attention: Attention = Field("sdpa", description="attention implementation")
+    eval_batch_size: int | None = Field(None, ge=1, le=MAX_BATCH, description=(
+        "sequences per eval forward (the runner's per_device_eval_batch_size); default batch_size"))
+    generate_batch_size: int = Field(16, ge=1, le=MAX_BATCH, description=(
+        "prompts per generate() call in the eval (runner.recipe.GENERATE_BATCH)"))
+    max_new_tokens: int = Field(64, ge=0, le=MAX_SEQ_LEN, description=(
+        "tokens generated per prompt in the eval (runner.recipe.EXACT_MATCH_MAX_NEW_TOKENS); 0 = no generation"))
     gpu: str = Field("a100-80gb", description="GPU catalog id (see `ftadvisor gpus`)")
     num_gpus: int = Field(1, ge=1, le=65536, description="number of GPUs")
     sharding: Sharding = Field("none", description="multi-GPU strategy")
@@ -61,6 +76,16 @@ class EstimateRequest(BaseModel):
     def _check(self):
         if isinstance(self.targets, list) and not self.targets:
             raise ValueError("targets: give a preset (attention-qv, attention, all-linear) or at least one module name")
+        if self.master_dtype != "fp32":
+            if self.method != "full":
+                raise ValueError(f"master_dtype: pure {self.master_dtype} applies to full fine-tuning (LoRA and QLoRA "
+                                 "keep fp32 adapters); use --master-dtype fp32 or --method full")
+            if self.master_dtype != self.dtype:
+                raise ValueError(f"master_dtype: pure 16-bit trains in the weights' own dtype, so master_dtype "
+                                 f"{self.master_dtype} needs --dtype {self.master_dtype} (got {self.dtype})")
+            if self.sharding in ("zero1", "zero2", "zero3", "fsdp"):
+                raise ValueError("master_dtype: pure 16-bit runs on one GPU or DDP; DeepSpeed ZeRO and FSDP keep "
+                                 "their own fp32 master weights; use --master-dtype fp32 or --sharding ddp")
         if self.num_gpus > 1 and self.sharding == "none":
             object.__setattr__(self, "sharding", "ddp")
         return self

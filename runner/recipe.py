@@ -253,9 +253,37 @@ def _load_model(r: Run, **kwargs):
     return model
 
 
+def full_dtype(r: Run):
+    """torch dtype full fine-tuning loads the model in: fp32 master weights (mixed precision, the Trainer's
+    autocast), or the 16-bit ``master_dtype`` for pure 16-bit runs when the run really trains in that dtype
+    (``r.precision`` after the CPU/GPU fallbacks)."""
+    import torch
+
+    if pure_16bit(r):
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}[r.precision]
+    return torch.float32
+
+
+def pure_16bit(r: Run) -> bool:
+    """True for a pure 16-bit full fine-tune: master_dtype bf16/fp16 and the run really uses that precision."""
+    return r.spec.method == "full" and r.spec.master_dtype != "fp32" and r.spec.master_dtype == r.precision
+
+
 def _build_full(r: Run):
-    """Full fine-tuning: every weight trains (fp32 master weights; autocast gives the mixed precision)."""
-    model = _load_model(r)
+    """Full fine-tuning: every weight trains. master_dtype fp32: fp32 master weights, the Trainer's autocast
+    gives the mixed precision. master_dtype bf16/fp16 (pure 16-bit, as torchtune and LLaMA-Factory's pure_bf16):
+    the model is loaded in that dtype and ``training_arguments`` turns autocast off, so weights, gradients and
+    torch AdamW's moments (``zeros_like(p)``) are all 16-bit and no fp32 master copy exists.
+    ``estimator/memory.py`` counts both (``tests/test_memory_exact.py``)."""
+    import torch
+
+    if r.spec.master_dtype != "fp32" and not pure_16bit(r):
+        r.notes.append(f"master_dtype {r.spec.master_dtype}: this device trains in {r.precision}; used fp32 "
+                       "master weights")
+    dtype = full_dtype(r)
+    model = _load_model(r, dtype=dtype)
+    if dtype != torch.float32:
+        r.notes.append(f"pure {r.precision}: weights, gradients and optimizer states in {r.precision}, no autocast")
     model.requires_grad_(True)
     return model
 
@@ -317,10 +345,43 @@ def _build_qlora(r: Run):
     storage = distributed.quant_storage_dtype(r.spec)
     if storage:
         quant["bnb_4bit_quant_storage"] = storage
-    model = _load_model(r, quantization_config=BitsAndBytesConfig(**quant))
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=r.spec.gradient_checkpointing)
-    r.notes.append(f"QLoRA base: NF4 + double quantization, compute dtype {str(compute).removeprefix('torch.')}")
-    return get_peft_model(model, _peft_config(r, model))
+    name = str(compute).removeprefix("torch.")
+    if qlora_paper_regime(r):
+        model = _load_model(r, dtype=compute, quantization_config=BitsAndBytesConfig(**quant))
+        model = prepare_qlora_paper(model, use_gradient_checkpointing=r.spec.gradient_checkpointing)
+        r.notes.append(f"QLoRA base: NF4 + double quantization, compute dtype {name}; the paper's regime: norms "
+                       f"fp32, embeddings and LM head {name}")
+    else:
+        model = _load_model(r, quantization_config=BitsAndBytesConfig(**quant))
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=r.spec.gradient_checkpointing)
+        r.notes.append(f"QLoRA base: NF4 + double quantization, compute dtype {name}; non-quantized weights fp32 "
+                       "(prepare_model_for_kbit_training)")
+    return get_peft_model(model, _peft_config(r, model), autocast_adapter_dtype=True)
+
+
+def qlora_paper_regime(r: Run) -> bool:
+    """The QLoRA paper's regime applies: asked for (the default), a 16-bit compute dtype, one process or DDP
+    (FSDP/ZeRO-3 flatten parameters and keep peft's fp32 upcast, see ``_ENGINE_MANAGED_DTYPE``)."""
+    sharding = distributed.estimator_sharding(r.spec)
+    return (r.spec.qlora_regime == "paper" and r.precision in ("bf16", "fp16")
+            and sharding not in _ENGINE_MANAGED_DTYPE)
+
+
+def prepare_qlora_paper(model, use_gradient_checkpointing: bool = False):
+    """The QLoRA paper's preparation (artidoro/qlora ``qlora.py``) of a 4-bit model loaded in the compute dtype:
+    freeze every weight, cast the modules whose name holds ``norm`` to fp32 and leave embeddings and LM head in
+    the compute dtype (peft's ``prepare_model_for_kbit_training`` would upcast them all to fp32).
+    ``estimator.trace._norms_to_fp32`` applies the same rule."""
+    import torch
+
+    for param in model.parameters():
+        param.requires_grad = False
+    for name, module in model.named_modules():
+        if "norm" in name:
+            module.to(torch.float32)
+    if use_gradient_checkpointing:
+        model.enable_input_require_grads()  # checkpointed layers need an input that requires grad
+    return model
 
 
 BUILDERS = {"full": _build_full, "lora": _build_lora, "qlora": _build_qlora}
@@ -381,7 +442,9 @@ def training_arguments(r: Run):
         num_train_epochs=spec.epochs, max_steps=r.max_steps, logging_steps=spec.logging_steps,
         save_strategy="steps", save_steps=spec.save_steps, save_total_limit=spec.save_total_limit,
         eval_strategy=("steps" if spec.eval_steps else "epoch") if has_eval else "no",
-        eval_steps=spec.eval_steps, seed=spec.seed, bf16=r.precision == "bf16", fp16=r.precision == "fp16",
+        eval_steps=spec.eval_steps, seed=spec.seed,
+        # pure 16-bit: the weights already are 16-bit; autocast (and fp16's GradScaler) stay off
+        bf16=r.precision == "bf16" and not pure_16bit(r), fp16=r.precision == "fp16" and not pure_16bit(r),
         use_cpu=r.device == "cpu", report_to="none", optim=OPTIMIZERS[spec.optimizer],
         remove_unused_columns=False,
         # training tokens summed over all ranks by the Trainer itself (an accelerator.gather per step); padding

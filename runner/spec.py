@@ -89,6 +89,13 @@ class RunSpec(BaseModel):
     seq_len: int = Field(512, ge=8, le=1_048_576)
     gradient_checkpointing: bool = False
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    master_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description=(
+        "full fine-tuning: fp32 = fp32 master weights with 16-bit autocast (mixed precision); bf16/fp16 = pure "
+        "16-bit: the model loaded in that dtype, trained without autocast (weights, gradients, AdamW states "
+        "16-bit); must equal precision"))
+    qlora_regime: Literal["paper", "peft-upcast"] = Field("paper", description=(
+        "QLoRA: paper = norms fp32, embeddings / LM head / other weights in the compute dtype (QLoRA paper); "
+        "peft-upcast = prepare_model_for_kbit_training's fp32 upcast of every non-quantized weight"))
     attention: Literal["sdpa", "eager"] = "sdpa"
     dataset: DatasetSpec
     eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps; default once per epoch")
@@ -107,6 +114,16 @@ class RunSpec(BaseModel):
             self.quantization = "nf4"
         if self.method != "qlora" and self.quantization != "none":
             raise ValueError("quantization: 4-bit (nf4) is QLoRA; set method to qlora or quantization to none")
+        if self.master_dtype != "fp32":
+            if self.method != "full":
+                raise ValueError(f"master_dtype: pure {self.master_dtype} applies to full fine-tuning (LoRA and "
+                                 "QLoRA keep fp32 adapters); set master_dtype to fp32 or method to full")
+            if self.master_dtype != self.precision:
+                raise ValueError(f"master_dtype: pure {self.master_dtype} needs precision {self.master_dtype} "
+                                 f"(got {self.precision})")
+            if self.distribution.world_size > 1 and self.distribution.strategy != "ddp":
+                raise ValueError("master_dtype: pure 16-bit runs on one process or DDP; FSDP and DeepSpeed keep "
+                                 "their own fp32 master weights; set master_dtype to fp32 or strategy to ddp")
         return self
 
     def save(self, path: str | Path) -> None:

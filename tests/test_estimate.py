@@ -8,12 +8,13 @@ the published memory figures of the QLoRA and ZeRO papers.
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 
 import pytest
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 
 from estimator import EstimateRequest, EstimatorError, estimate  # noqa: E402
 from estimator.estimate import (  # noqa: E402
@@ -158,7 +159,9 @@ def test_qlora_65b_class_fits_under_48_gb():
     est = estimate(EstimateRequest(model="llama-2-70b", method="qlora", rank=64, targets="all-linear",
                                    optimizer="paged-adamw-8bit", grad_checkpointing=True, batch_size=1,
                                    seq_len=512, gpu="a100-80gb"))
-    assert est.memory.peak_bytes < 48e9, est.memory.peak_bytes / 1e9
+    # the paper's figure is the tensors a 48 GB card must hold: our allocated peak (max_memory_allocated);
+    # Llama-2-70B has 6% more parameters than LLaMA-65B, so the card's device peak lands just above 48 GB
+    assert est.memory.allocated_peak_bytes < 48e9, est.memory.allocated_peak_bytes / 1e9
     assert est.fits
 
 
@@ -179,7 +182,8 @@ def test_gradient_accumulation_keeps_gradients_through_the_forward():
     one = estimate(EstimateRequest(model="smollm2-135m", method="full", seq_len=256))
     four = estimate(EstimateRequest(model="smollm2-135m", method="full", seq_len=256, grad_accum_steps=4))
     fwd = "forward/loss end"
-    assert four.memory.phase_peaks[fwd] - one.memory.phase_peaks[fwd] == one.memory.gradients_bytes
+    assert (four.memory.allocated_phase_peaks[fwd] - one.memory.allocated_phase_peaks[fwd]
+            == one.memory.gradients_bytes)
 
 
 def test_offload_moves_states_to_cpu():
@@ -225,7 +229,8 @@ def test_min_gpus_and_fitting_gpus():
              for s in ("zero3", "fsdp")]
     assert not any(e.fits for e in fewer)
     rows = fitting_gpus(EstimateRequest(model="smollm2-135m", method="lora", seq_len=256))
-    assert len(rows) >= 13 and all(e.fits == (e.memory.peak_bytes <= e.gpu.memory_bytes) for _, e in rows)
+    assert len(rows) >= 13 and all(e.fits == (e.memory.peak_bytes + e.memory.headroom_bytes <= e.gpu.usable_bytes)
+                                      for _, e in rows)
 
 
 def test_max_batch_size(tiny_cfg):
@@ -294,3 +299,79 @@ def test_malformed_config_is_a_clear_error(tmp_path, config):
     path.write_text(json.dumps(config))
     with pytest.raises(EstimatorError):
         estimate(EstimateRequest(model=str(path), method="lora"))
+
+
+def test_card_memory_allocated_reserved_device_and_margin():
+    """What the card holds: allocated (tensors + cuBLAS workspaces) -> reserved (caching allocator model) ->
+    device (+ CUDA context); fits on the device peak + the named headroom against the nvidia-smi total."""
+    from estimator.memory import (ALLOCATOR_RESERVED_SHORTFALL, CUBLAS_WORKSPACE_BYTES_OLDER,
+                                  CUBLAS_WORKSPACE_BYTES_SM90, CUDA_CONTEXT_BYTES, FIT_HEADROOM_FRACTION)
+
+    kw = dict(model="qwen2.5-0.5b", method="lora", batch_size=2, seq_len=256)
+    a100 = estimate(EstimateRequest(gpu="a100-80gb", **kw)).memory
+    h100 = estimate(EstimateRequest(gpu="h100-80gb", **kw)).memory
+    # cuBLAS workspaces (PyTorch CublasHandlePool.cpp defaults): 2 handles x 32 MiB on Hopper, 8.125 MiB before
+    assert h100.allocated_peak_bytes - a100.allocated_peak_bytes == 2 * (CUBLAS_WORKSPACE_BYTES_SM90
+                                                                         - CUBLAS_WORKSPACE_BYTES_OLDER)
+    m = a100
+    assert m.reserved_peak_bytes == math.ceil(m.allocated_peak_bytes / (1 - ALLOCATOR_RESERVED_SHORTFALL))
+    assert m.peak_bytes == m.reserved_peak_bytes + CUDA_CONTEXT_BYTES and m.nccl_bytes == 0
+    assert m.usable_bytes == 81920 * 1024**2  # A100-SXM4-80GB: nvidia-smi 81920MiB
+    assert m.headroom_bytes == int(FIT_HEADROOM_FRACTION * m.usable_bytes)
+    assert m.margin_bytes == m.usable_bytes - m.headroom_bytes - m.peak_bytes
+    # the A10 (24 GB datasheet) lets a process fill 23028 MiB: fits is judged on that
+    a10 = estimate(EstimateRequest(gpu="a10g", **kw))
+    assert a10.gpu.usable_bytes == 23028 * 1024**2 < a10.gpu.memory_bytes
+    ddp = estimate(EstimateRequest(gpu="a100-80gb", num_gpus=2, **kw)).memory
+    assert ddp.nccl_bytes > 0 and ddp.peak_bytes == ddp.reserved_peak_bytes + CUDA_CONTEXT_BYTES + ddp.nccl_bytes
+
+
+def test_issue_case_pure_bf16_full_fits_one_a100_80gb():
+    """Issue 10: Mistral-7B full fine-tuning at 4 x 4096 with checkpointing on one A100-80GB. Mixed precision
+    (fp32 master weights) needs ~135 GiB allocated; pure bf16 ~67.5 GiB, within 1% of the 67.96 GiB
+    max_memory_allocated fms-acceleration measured (data/validation/published_gpu_memory.csv, fms-full-bs4),
+    and it fits with a positive margin once allocator, context and headroom are added."""
+    kw = dict(model="mistral-7b", method="full", batch_size=4, seq_len=4096, grad_checkpointing=True,
+              gpu="a100-80gb")
+    mixed = estimate(EstimateRequest(**kw))
+    pure = estimate(EstimateRequest(master_dtype="bf16", **kw))
+    measured = 72_971_724_288
+    assert abs(pure.memory.allocated_peak_bytes / measured - 1) < 0.02
+    assert pure.fits and pure.memory.margin_bytes > 0
+    assert not mixed.fits and mixed.memory.allocated_peak_bytes > 1.9 * pure.memory.allocated_peak_bytes
+    assert pure.checkpoint_bytes == mixed.checkpoint_bytes // 2  # saved as trained: bf16
+    assert any("pure bf16" in n for n in pure.notes)
+
+
+def test_kv_cache_matches_transformers_dynamic_cache():
+    """The generation KV cache counted for the eval phase equals the bytes of transformers' own cache after a
+    real prefill of a tiny model (key + value per layer, GQA kv heads)."""
+    from transformers import AutoModelForCausalLM
+
+    from estimator.memory import kv_cache_bytes
+    from runner.tinymodel import tiny_config
+
+    cfg = tiny_config("llama")
+    model = AutoModelForCausalLM.from_config(cfg)
+    ids = torch.randint(0, 100, (3, 17))
+    with torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+    real = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert kv_cache_bytes(cfg, batch=3, tokens=17, value_bytes=4) == real
+
+
+def test_eval_phase_and_host_ram_are_estimated_and_checked():
+    """The eval phase (no-grad forward, generation with a KV cache) and host RAM are separate figures; a
+    generation batch that cannot fit makes eval_fits False (the advisor refuses such a candidate)."""
+    kw = dict(model="llama-3.1-8b", method="lora", batch_size=1, seq_len=2048, gpu="rtx-4090")
+    small = estimate(EstimateRequest(generate_batch_size=1, max_new_tokens=64, **kw))
+    big = estimate(EstimateRequest(generate_batch_size=256, max_new_tokens=2048, **kw))
+    assert small.eval_fits and small.eval_memory.kv_cache_bytes > 0
+    assert not big.eval_fits and big.eval_memory.phase == "generation"
+    none = estimate(EstimateRequest(max_new_tokens=0, **kw))
+    assert none.eval_memory.kv_cache_bytes == 0
+    # host RAM: LoRA loads the bf16 base on the CPU (+ one mapped shard); QLoRA quantizes onto the GPU
+    lora = small.host_memory
+    assert lora.load_bytes >= small.memory.weights_bytes
+    q = estimate(EstimateRequest(**dict(kw, method="qlora"))).host_memory
+    assert q.load_bytes < lora.load_bytes

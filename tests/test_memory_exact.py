@@ -43,8 +43,9 @@ def _storage_bytes(tensors) -> int:
     return sum(seen.values())
 
 
-def _real_step(model, attention: str, dtype: str = "fp32"):
-    """One real forward/backward/AdamW step (fp32, or the weights as loaded + bf16 autocast as HF Trainer does)."""
+def _real_step(model, attention: str, dtype: str = "fp32", optimizer: str = "adamw"):
+    """One real forward/backward/optimizer step (fp32, or the weights as loaded + bf16 autocast as HF Trainer
+    does with bf16=True; ``dtype="pure-bf16"``: the weights as loaded, no autocast, as Trainer with bf16=False)."""
     model.config._attn_implementation = attention
     model.train()
     torch.manual_seed(0)
@@ -58,7 +59,7 @@ def _real_step(model, attention: str, dtype: str = "fp32"):
         saved.append(t)
         return t
 
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")  # pure-bf16: off
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with autocast:
             out = model(input_ids=ids, labels=ids)
@@ -69,10 +70,20 @@ def _real_step(model, attention: str, dtype: str = "fp32"):
     out.loss.backward()
     trainable = [p for p in params if p.requires_grad]
     grads = sum(p.grad.numel() * p.grad.element_size() for p in trainable)
-    opt = torch.optim.AdamW(trainable, lr=1e-3)
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(trainable, lr=1e-3)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(trainable, lr=1e-3)  # Trainer's "sgd": momentum 0
+    elif optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        opt = Adafactor(trainable, lr=1e-3, scale_parameter=False, relative_step=False)  # Trainer's "adafactor"
+    else:
+        raise ValueError(optimizer)
     opt.step()
     # AdamW's ``step`` counters: CPU scalars on a GPU run (foreach, not capturable), so not GPU bytes
-    states = sum(v.numel() * v.element_size() for s in opt.state.values() for k, v in s.items() if k != "step")
+    states = sum(v.numel() * v.element_size() for s in opt.state.values() for k, v in s.items()
+                 if k != "step" and isinstance(v, torch.Tensor))
     weights = sum(p.numel() * p.element_size() for p in params) + sum(
         b.numel() * b.element_size() for b in model.buffers())
     return dict(weights=weights, grads=grads, states=states, activations=activations)
@@ -149,7 +160,8 @@ def test_qlora_weights_match_a_real_bitsandbytes_load(tiny_model_dir):
             counted.add(id(weight))
             parts = [qs.absmax, qs.code, qs.offset, qs.state2.absmax, qs.state2.code]
             total += sum(t.numel() * t.element_size() for t in parts)
-    est = estimate(EstimateRequest(model=str(tiny_model_dir), method="qlora", rank=8, batch_size=1, seq_len=64))
+    est = estimate(EstimateRequest(model=str(tiny_model_dir), method="qlora", rank=8, batch_size=1, seq_len=64,
+                                   qlora_regime="peft-upcast"))
     assert est.memory.weights_bytes == total
     # against LoRA on an fp32 base, NF4 always stores less; against a bf16 LoRA base (the runner's bf16 regime)
     # only when the Linears dominate: this tiny model is mostly embeddings, which QLoRA keeps in fp32
@@ -200,34 +212,6 @@ def test_step_peak_matches_pytorch_memtracker_on_a_real_run(attention):
     assert peak - weights == max(ex.forward_peak_rel_bytes, ex.backward_peak_rel_bytes)
 
 
-def test_qlora_step_matches_a_real_bitsandbytes_step(tiny_model_dir):
-    """QLoRA as the runner runs it (NF4 base, prepare_model_for_kbit_training, LoRA, bf16 autocast): the
-    traced activations, gradients and AdamW states equal a real bitsandbytes training step on CPU, whose 4-bit
-    matmul takes the same dequantize + F.linear path as bitsandbytes' CUDA training path."""
-    pytest.importorskip("bitsandbytes")
-    from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from estimator.params import adapter_config
-
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, quantization_config=quant,
-                                                     attn_implementation="sdpa")
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        model = get_peft_model(model, adapter_config(model, method="qlora", rank=8, alpha=16,
-                                                     targets="attention-qv", dropout=0.0))
-    real = _real_step(model, "sdpa", "bf16")
-    est = estimate(EstimateRequest(model=str(tiny_model_dir), method="qlora", rank=8, alpha=16, dropout=0.0,
-                                   dtype="bf16", batch_size=BATCH, seq_len=SEQ, attention="sdpa"))
-    assert est.memory.gradients_bytes == real["grads"]
-    assert est.memory.optimizer_bytes == real["states"]
-    assert abs(est.memory.activations_bytes - real["activations"]) <= 0.02 * real["activations"], (
-        est.memory.activations_bytes, real["activations"])
-
-
 def test_lora_base_dtype_is_in_the_trace_settings_and_cache_key():
     """The 16-bit LoRA base changes the trace (no held weight casts), so it is part of the cache key: a disk
     cache of fp32-base traces cannot answer a bf16-base request."""
@@ -241,10 +225,122 @@ def test_lora_base_dtype_is_in_the_trace_settings_and_cache_key():
     assert trace_settings(EstimateRequest(method="lora", dtype="fp16", gpu="v100-32gb", **kw)).base_dtype == "fp16"
     assert trace_settings(EstimateRequest(method="lora", dtype="fp32", **kw)).base_dtype == "fp32"
     assert trace_settings(EstimateRequest(method="full", dtype="bf16", **kw)).base_dtype == "fp32"
-    assert trace_settings(EstimateRequest(method="qlora", dtype="bf16", **kw)).base_dtype == "fp32"
+    assert trace_settings(EstimateRequest(method="qlora", dtype="bf16", qlora_regime="peft-upcast",
+                                          **kw)).base_dtype == "fp32"
+    # the QLoRA paper's regime (the default): non-quantized weights in the compute dtype, norms fp32
+    assert trace_settings(EstimateRequest(method="qlora", dtype="bf16", **kw)).base_dtype == "bf16"
+    pure = trace_settings(EstimateRequest(method="full", dtype="bf16", master_dtype="bf16", **kw))
+    assert pure.weights_16bit and pure.base_dtype == "fp32"  # pure bf16: 16-bit weights, no autocast
     zero3 = trace_settings(EstimateRequest(method="lora", dtype="bf16", sharding="zero3", num_gpus=2, **kw))
     assert (zero3.base_dtype, zero3.weights_16bit) == ("fp32", True)  # DeepSpeed's regime, unchanged
     ddp = trace_settings(EstimateRequest(method="lora", dtype="bf16", sharding="ddp", num_gpus=2, **kw))
     assert ddp.base_dtype == "bf16"
     st = TraceSettings(method="lora", dtype="bf16")
     assert trace_settings_key(cfg, st) != trace_settings_key(cfg, st.model_copy(update={"base_dtype": "bf16"}))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd", "adafactor"])
+def test_pure_bf16_full_matches_a_real_step(tmp_path, optimizer):
+    """Full fine-tuning in pure bf16 (master_dtype bf16) as the runner runs it: the model loaded in bf16
+    (``runner.recipe.full_dtype``), no autocast (``training_arguments`` bf16=False). Weights, gradients and the
+    optimizer's states are read from the real tensors of a real CPU step: torch AdamW keeps bf16 moments
+    (4 B per parameter instead of 8), Adafactor fp32 factors, SGD none."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = _config(layers=3)
+    req = EstimateRequest(model=_config_file(tmp_path, cfg), method="full", dtype="bf16", master_dtype="bf16",
+                          optimizer=optimizer, batch_size=BATCH, seq_len=SEQ, attention="sdpa", gpu="a100-80gb")
+    est = estimate(req)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    real = _real_step(model, "sdpa", "pure-bf16", optimizer)
+    mem = est.memory
+    assert mem.activation_source == "traced"
+    assert mem.weights_bytes == real["weights"]
+    assert mem.gradients_bytes == real["grads"]  # bf16 gradients: 2 B per parameter
+    assert mem.optimizer_bytes == real["states"]
+    assert abs(mem.activations_bytes - real["activations"]) <= 0.02 * real["activations"], (
+        mem.activations_bytes, real["activations"])
+    mixed = estimate(req.model_copy(update={"master_dtype": "fp32"}))
+    # the same step with fp32 master weights: 2x weights and gradients (AdamW: 2x states too)
+    assert mixed.memory.weights_bytes > 1.9 * mem.weights_bytes
+    assert mixed.memory.gradients_bytes == 2 * mem.gradients_bytes
+
+
+def test_pure_bf16_runner_regime(tmp_path):
+    """The runner's builder and TrainingArguments for master_dtype bf16: a bf16 model and no autocast."""
+    from runner.recipe import Run, full_dtype, pure_16bit
+    from runner.spec import DatasetSpec, RunSpec
+
+    spec = RunSpec(model="x", method="full", precision="bf16", master_dtype="bf16",
+                   dataset=DatasetSpec(path="d.jsonl"))
+    run = Run(spec=spec, run_dir=tmp_path)
+    run.precision = "bf16"
+    assert pure_16bit(run) and full_dtype(run) == torch.bfloat16
+    run.precision = "fp32"  # a CPU without bf16: falls back to fp32 master weights
+    assert not pure_16bit(run) and full_dtype(run) == torch.float32
+    with pytest.raises(ValueError, match="master_dtype"):
+        RunSpec(model="x", method="lora", precision="bf16", master_dtype="bf16", dataset=DatasetSpec(path="d"))
+    with pytest.raises(ValueError, match="master_dtype"):
+        EstimateRequest(model="llama-2-7b", method="full", dtype="fp16", master_dtype="bf16")
+
+
+@pytest.mark.parametrize("regime", ["paper", "peft-upcast"])
+def test_qlora_regimes_match_a_real_bitsandbytes_step(tiny_model_dir, regime):
+    """QLoRA in both regimes the runner offers, each against a real bitsandbytes 4-bit CPU load and a real step:
+    ``paper`` loads the model in bf16 and keeps only the norms fp32 (``runner.recipe.prepare_qlora_paper``, the
+    QLoRA paper's qlora.py); ``peft-upcast`` loads fp32 and runs peft's prepare_model_for_kbit_training. Every
+    stored byte (parameters, buffers, bitsandbytes' quant state), gradients, AdamW states and the activations
+    of the step are compared."""
+    pytest.importorskip("bitsandbytes")
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from estimator.params import adapter_config
+    from runner.recipe import prepare_qlora_paper
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load_dtype = torch.bfloat16 if regime == "paper" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=load_dtype, quantization_config=quant,
+                                                     attn_implementation="sdpa")
+        if regime == "paper":
+            model = prepare_qlora_paper(model)
+        else:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = get_peft_model(model, adapter_config(model, method="qlora", rank=8, alpha=16,
+                                                     targets="attention-qv", dropout=0.0),
+                               autocast_adapter_dtype=True)
+    dtypes = {n: p.dtype for n, p in model.named_parameters() if "lora_" not in n and p.dtype != torch.uint8}
+    if regime == "paper":
+        assert {d for n, d in dtypes.items() if "norm" in n} == {torch.float32}
+        assert {d for n, d in dtypes.items() if "norm" not in n} == {torch.bfloat16}  # embeddings, lm_head
+    else:
+        assert set(dtypes.values()) == {torch.float32}
+    stored = 0
+    seen = set()
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            stored += p.numel() * p.element_size()
+    stored += sum(b.numel() * b.element_size() for b in model.buffers())
+    quantized = set()
+    for mod in model.modules():
+        weight = getattr(mod, "weight", None)  # peft's wrapper exposes its base layer's weight too: count once
+        qs = getattr(weight, "quant_state", None)
+        if qs is not None and id(weight) not in quantized:
+            quantized.add(id(weight))
+            stored += sum(t.numel() * t.element_size()
+                          for t in (qs.absmax, qs.code, qs.offset, qs.state2.absmax, qs.state2.code))
+    real = _real_step(model, "sdpa", "bf16")
+    est = estimate(EstimateRequest(model=str(tiny_model_dir), method="qlora", rank=8, alpha=16, dropout=0.0,
+                                   dtype="bf16", batch_size=BATCH, seq_len=SEQ, attention="sdpa",
+                                   qlora_regime=regime))
+    assert est.memory.weights_bytes == stored
+    assert est.memory.gradients_bytes == real["grads"]
+    assert est.memory.optimizer_bytes == real["states"]
+    assert abs(est.memory.activations_bytes - real["activations"]) <= 0.02 * real["activations"], (
+        est.memory.activations_bytes, real["activations"])
