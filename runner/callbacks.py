@@ -19,6 +19,8 @@ from typing import Literal
 from pydantic import BaseModel, Field
 from transformers import TrainerCallback
 
+from runner import runfiles
+
 #: Seconds between heartbeat rewrites (contract: "rewritten every 5 s").
 HEARTBEAT_INTERVAL_S = 5.0
 
@@ -82,7 +84,7 @@ class Progress:
 
 
 class Heartbeat:
-    """Daemon thread that rewrites heartbeat.json: {"pid","step","max_steps","phase","time"}."""
+    """Daemon thread that rewrites heartbeat.json (``runner.runfiles.Heartbeat``)."""
 
     def __init__(self, path: Path, progress: Progress, interval_s: float = HEARTBEAT_INTERVAL_S):
         self.path, self.progress, self.interval_s = path, progress, interval_s
@@ -96,9 +98,9 @@ class Heartbeat:
 
     def beat(self) -> None:
         with self.progress.lock:
-            obj = {"pid": os.getpid(), "step": self.progress.step, "max_steps": self.progress.max_steps,
-                   "phase": self.progress.phase, "time": time.time()}
-        write_json(self.path, obj)
+            beat = runfiles.Heartbeat(pid=os.getpid(), step=self.progress.step, max_steps=self.progress.max_steps,
+                                      phase=self.progress.phase, time=time.time())
+        runfiles.write_model(self.path, beat)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

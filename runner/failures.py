@@ -7,7 +7,6 @@ kernel's out-of-memory killer looks exactly like ``kill -9``), and patterns in t
 
 from __future__ import annotations
 
-import json
 import re
 import signal
 from pathlib import Path
@@ -15,6 +14,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from runner import exitcodes
+from runner.errors import RunnerError
+from runner.runfiles import METRICS_FILE, Result, TrainRow, read_metrics, read_result
 
 #: Log lines kept with a failure (enough for a Python traceback's last frames and the error line).
 LOG_TAIL_LINES = 40
@@ -53,18 +54,6 @@ class Outcome(BaseModel):
     exit_code: int | None = None
     signal: int | None = None
     log_tail: str = ""
-
-
-def read_result(run_dir: Path, newer_than: float | None = None) -> dict | None:
-    """The worker's ``result.json``, or None when missing, unreadable or older than ``newer_than`` (Unix s)."""
-    path = Path(run_dir) / "result.json"
-    try:
-        if newer_than is not None and path.stat().st_mtime < newer_than:
-            return None
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def tail_lines(path: Path, n: int = LOG_TAIL_LINES, max_bytes: int = 256 * 1024) -> str:
@@ -115,9 +104,9 @@ def _oom_kind(run_dir: Path, log_tail: str) -> str:
     if re.search(r"evaluat|eval_loop|evaluation_loop|prediction_step", log_tail):
         return "oom_eval"
     try:
-        has_steps = any('"train"' in line for line in (run_dir / "metrics.jsonl").read_text().splitlines())
-    except OSError:
-        has_steps = False
+        has_steps = any(isinstance(row, TrainRow) for row in read_metrics(run_dir / METRICS_FILE))
+    except RunnerError:  # a metrics file of another worker version: it did log steps
+        has_steps = True
     return "oom_step" if has_steps else "oom_load"
 
 
@@ -158,7 +147,12 @@ def classify(run_dir: Path, returncode: int | None, *, run_id: str = "", request
     when the process was lost (nobody saw it exit). ``requested`` is a pending "cancel" / "stop" request."""
     run_dir = Path(run_dir)
     log_tail = run_log_tail(run_dir)
-    result = read_result(run_dir, newer_than=None if started_at is None else started_at - 1)
+    result: Result | None
+    try:
+        result = read_result(run_dir, newer_than=None if started_at is None else started_at - 1)
+    except RunnerError as exc:  # a result.json off the contract: classify from the exit code, and say so
+        result = None
+        log_tail = f"{log_tail}\n[ftadvisor] {exc}".lstrip("\n")
     signum = -returncode if returncode is not None and returncode < 0 else None
     if signum is None and returncode not in (None, 0):
         match = _TORCHRUN_SIGNAL.search(log_tail)  # torchrun exits 1 and logs the rank's signal
@@ -170,13 +164,12 @@ def classify(run_dir: Path, returncode: int | None, *, run_id: str = "", request
         return Outcome(status="cancelled", kind="cancelled", reason="cancelled on request",
                        fix=f"resume it to continue from the last checkpoint: ftadvisor runs resume {run_id}",
                        **base)
-    if returncode == 0 and (result is None or result.get("status") in (None, "completed")):
+    if returncode == 0 and (result is None or result.status == "completed"):
         return Outcome(status="completed", **base)
-    if returncode is None and result is not None and result.get("status") == "completed":
+    if returncode is None and result is not None and result.status == "completed":
         return Outcome(status="completed", **base)  # nobody saw the exit, but the worker finished its work
-    if result is not None and result.get("status") in ("failed", "stopped", "cancelled"):
-        return Outcome(status=result["status"], kind=result.get("kind"), reason=result.get("reason"),
-                       fix=result.get("fix"), **base)
+    if result is not None and result.status in ("failed", "stopped", "cancelled"):
+        return Outcome(status=result.status, kind=result.kind, reason=result.reason, fix=result.fix, **base)
     if requested == "stop" and (returncode == exitcodes.STOPPED or signum is not None):
         saved = returncode == exitcodes.STOPPED
         return Outcome(status="stopped", kind="stopped",

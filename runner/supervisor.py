@@ -33,7 +33,9 @@ from pathlib import Path
 
 import psutil
 
+from runner.errors import RunnerError
 from runner.registry import ACTIVE, Registry, RunRecord
+from runner.runfiles import RESULT_FILE, read_heartbeat
 
 RUN_ENV = "FTADVISOR_RUN_ID"
 #: Replaces the worker command (``python -m runner.worker``) when set; used by tests with a stand-in worker.
@@ -279,7 +281,7 @@ class Supervisor:
 
         rec = self.registry.get(self.run_id)
         started = rec.started_at.timestamp() if rec.started_at else time.time()
-        result = self.run_dir / "result.json"
+        result = self.run_dir / RESULT_FILE
         if result.exists():  # a previous attempt's result: keep it, but out of the way
             result.rename(self.run_dir / f"result.attempt-{max(rec.attempts - 1, 0)}.json")
         cmd = self._command(rec.resume)
@@ -312,13 +314,12 @@ class Supervisor:
     def _copy_heartbeat(self) -> None:
         """Copy heartbeat.json into the registry; note a worker that stopped beating (hung, or swapping)."""
         try:
-            beat = json.loads((self.run_dir / "heartbeat.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            beat = read_heartbeat(self.run_dir)
+        except RunnerError:  # off the contract: counts as no beat, so a stale worker is still reported below
             beat = None
         rec = self.registry.get(self.run_id)
-        if isinstance(beat, dict):
-            self.registry.update(self.run_id, heartbeat_at=float(beat.get("time") or time.time()),
-                                 step=beat.get("step"), max_steps=beat.get("max_steps"))
+        if beat is not None:
+            self.registry.update(self.run_id, heartbeat_at=beat.time, step=beat.step, max_steps=beat.max_steps)
             rec = self.registry.get(self.run_id)
         last = rec.heartbeat_at.timestamp() if rec.heartbeat_at else None
         if self.worker is not None and self.worker.poll() is None and last is not None:

@@ -1,8 +1,8 @@
 """The training process: ``python -m runner.worker RUN_DIR [--resume]``.
 
 Reads ``RUN_DIR/spec.json``, runs the recipe (``runner/recipe.py``), and always ends by writing ``result.json``
-(``{"status": "completed"|"failed"|"stopped"|"cancelled", "kind", "reason", "fix", "exit_code"}``) and exiting
-with a code from ``runner/exitcodes.py``. Signals: SIGUSR1 = stop and save (checkpoint, exit 6); SIGTERM = cancel
+(``runner.runfiles.Result``: status completed | failed | stopped | cancelled, kind, reason, fix, exit code) and
+exiting with a code from ``runner/exitcodes.py``. Signals: SIGUSR1 = stop and save (checkpoint, exit 6); SIGTERM = cancel
 (exit at once). A heartbeat thread rewrites ``heartbeat.json`` every 5 s. Only rank 0 writes files.
 """
 
@@ -25,8 +25,9 @@ from pathlib import Path  # noqa: E402
 
 from ftcore.errors import UserError  # noqa: E402
 from runner import exitcodes  # noqa: E402
-from runner.callbacks import Heartbeat, Progress, write_json  # noqa: E402
+from runner.callbacks import Heartbeat, Progress  # noqa: E402
 from runner.errors import RunnerError  # noqa: E402
+from runner.runfiles import RESULT_FILE, Result, write_model  # noqa: E402
 
 #: Exit status after SIGTERM: 128 + signal number, the shell convention for "killed by signal".
 CANCEL_EXIT = 128 + signal.SIGTERM
@@ -37,10 +38,11 @@ def _is_main() -> bool:
 
 
 def write_result(run_dir: Path, status: str, code: int, kind: str | None = None, reason: str = "",
-                 fix: str = "", **extra) -> None:
+                 fix: str = "", *, field: str | None = None, step: int | None = None) -> None:
+    """``result.json`` (rank 0 only)."""
     if _is_main():
-        write_json(run_dir / "result.json", {"status": status, "kind": kind, "reason": reason, "fix": fix,
-                                             "exit_code": code, "time": time.time(), **extra})
+        write_model(run_dir / RESULT_FILE, Result(status=status, kind=kind, reason=reason, fix=fix, exit_code=code,
+                                                  time=time.time(), field=field, step=step))
 
 
 def _load_spec(run_dir: Path):

@@ -1,7 +1,8 @@
 """A stand-in for ``python -m runner.worker RUN_DIR [--resume]`` used by the job-manager tests.
 
-It follows the worker contract (contracts.md) without torch: heartbeat.json, metrics.jsonl rows, checkpoint-N/
-folders, adapter/, result.json, exit codes, SIGUSR1 = stop and save (exit 6), SIGTERM = exit promptly.
+It follows the worker contract without torch, writing the run files through the same models as the real worker
+(``runner.runfiles``): heartbeat.json, metrics.jsonl rows, checkpoint-N/ folders, adapter/, report.json,
+result.json, exit codes, SIGUSR1 = stop and save (exit 6), SIGTERM = exit promptly.
 ``FAKE_STEPS`` (default 20) steps of ``FAKE_STEP_S`` (default 0.1) seconds. ``FAKE_MODE``: ``ok``; ``oom`` (exit 5
 with result.json oom_step at step 3); ``hang`` (stops beating at step 3 but stays alive); ``child`` (also starts
 a grandchild in its own session, as torchrun does
@@ -16,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from runner.runfiles import HEARTBEAT_FILE, RESULT_FILE, Heartbeat, Result, write_model
+
 run_dir = Path(sys.argv[1])
 resume = "--resume" in sys.argv
 steps = int(os.environ.get("FAKE_STEPS", "20"))
@@ -24,12 +27,16 @@ mode = os.environ.get("FAKE_MODE", "ok")
 stop = {"flag": False}
 
 
-def result(status, kind=None, reason=None, fix=None):
-    (run_dir / "result.json").write_text(json.dumps({"status": status, "kind": kind, "reason": reason, "fix": fix}))
+def result(status, code, kind=None, reason="", fix=""):
+    write_model(run_dir / RESULT_FILE, Result(status=status, kind=kind, reason=reason, fix=fix, exit_code=code,
+                                              time=time.time()))
 
 
 signal.signal(signal.SIGUSR1, lambda s, f: stop.update(flag=True))
 signal.signal(signal.SIGTERM, lambda s, f: sys.exit(143))
+from runner.supervisor import register_worker  # noqa: E402  (after the handlers, as the real worker does)
+
+register_worker(run_dir)
 if mode == "child":
     subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
 start = 0
@@ -45,18 +52,18 @@ with open(run_dir / "metrics.jsonl", "a") as metrics:
                "eta_s": (steps - step) * step_s, "elapsed_s": step * step_s, "time": time.time()}
         metrics.write(json.dumps(row) + "\n")
         metrics.flush()
-        (run_dir / "heartbeat.json").write_text(json.dumps({"pid": os.getpid(), "step": step, "max_steps": steps,
-                                                            "time": time.time()}))
+        write_model(run_dir / HEARTBEAT_FILE, Heartbeat(pid=os.getpid(), step=step, max_steps=steps, phase="train",
+                                                        time=time.time()))
         if step % 5 == 0 or stop["flag"]:
             (run_dir / f"checkpoint-{step}").mkdir(exist_ok=True)
         if mode == "hang" and step == 3:  # alive but silent: no more heartbeats
             time.sleep(600)
         if mode == "oom" and step == 3:
             print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", flush=True)
-            result("failed", "oom_step", "out of memory at step 3", "lower micro_batch_size")
+            result("failed", 5, "oom_step", "out of memory at step 3", "lower micro_batch_size")
             sys.exit(5)
         if stop["flag"]:
-            result("stopped", "stopped", f"stopped and saved at step {step}", "resume it")
+            result("stopped", 6, "stopped", f"stopped and saved at step {step}", "resume it")
             sys.exit(6)
     metrics.write(json.dumps({"type": "eval", "step": steps, "eval_loss": 1.5}) + "\n")
 rank = json.loads((run_dir / "spec.json").read_text())["peft"]["r"]
@@ -65,5 +72,5 @@ rank = json.loads((run_dir / "spec.json").read_text())["peft"]["r"]
 (run_dir / "adapter" / "tokenizer.json").write_text("{}")
 (run_dir / "report.json").write_text(json.dumps({"trainable_params": 100 * rank, "eval_loss_after": 2.0 / rank,
                                                  "train_seconds": steps * step_s}))
-result("completed")
+result("completed", 0)
 print("done", flush=True)
