@@ -10,8 +10,8 @@ vector only up to its sign.
 
 Everything is read from files, one module at a time: the base weight from the model folder's safetensors and
 the update from the adapter's ``lora_A`` / ``lora_B`` (plus DoRA's magnitude vector), or the tuned weight from a
-full run's ``model/`` folder. So it costs two SVDs per adapted module and never loads a model: about 0.1 s per
-576 x 576 module on one CPU core (SmolLM2-135M, 120 attention modules: a few seconds).
+full run's ``model/`` folder. So it costs two SVDs per adapted module and never loads a model: SmolLM2-135M's 120
+attention modules (576 x 576 and 192 x 576) took 29 s on this project's shared, busy 2-core machine (measured).
 """
 
 from __future__ import annotations
@@ -75,13 +75,13 @@ def count_intruders(base_weight, tuned_weight, top_k: int = INTRUDER_TOP_K,
                     epsilon: float = INTRUDER_EPSILON) -> tuple[int, list[float]]:
     """(number of intruders, max |cos| per top-k tuned singular vector) for one weight matrix (2-D tensors).
 
-    Computed in float64 on the CPU (``torch.linalg.svd``); ``base_weight`` and ``tuned_weight`` have the same
-    shape ``(out, in)``.
+    Computed in float32 on the CPU (``torch.linalg.svd``; float64 gave the same counts and the same lowest max |cos|,
+    0.988, on the SmolLM2 demo adapter's 120 modules); ``base_weight`` and ``tuned_weight`` have the same shape ``(out, in)``.
     """
     import torch
 
-    w0 = base_weight.detach().to("cpu", torch.float64)
-    w1 = tuned_weight.detach().to("cpu", torch.float64)
+    w0 = base_weight.detach().to("cpu", torch.float32)
+    w1 = tuned_weight.detach().to("cpu", torch.float32)
     if w0.shape != w1.shape or w0.dim() != 2:
         raise ValueError(f"weights must be two matrices of one shape (got {tuple(w0.shape)}, {tuple(w1.shape)})")
     u0 = torch.linalg.svd(w0, full_matrices=False).U  # (out, min(out, in)) base singular vectors
