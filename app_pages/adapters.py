@@ -53,7 +53,7 @@ for p in adapter_paths:
     rows.append({"adapter": names[p], "folder": p, "size": fmt_bytes(f.stat().st_size) if f.is_file() else "missing"})
 st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
 
-side, gen, comb, merge, exp, intr = st.tabs(["Base vs tuned", "Generate", "Combine", "Merge", "Export",
+gen, side, comb, merge, exp, intr = st.tabs(["Generate", "Base vs tuned", "Combine", "Merge", "Export",
                                              "Intruder dimensions"])
 
 with side:
