@@ -15,6 +15,8 @@ _FLAGS = {
     "attention": "--attention", "gpu": "--gpu", "num_gpus": "--num-gpus", "sharding": "--sharding",
     "examples": "--examples", "tokens_per_example": "--tokens-per-example", "epochs": "--epochs",
     "tokens": "--tokens", "mfu": "--mfu", "price": "--price", "offload": "--offload", "dropout": "--dropout",
+    "master_dtype": "--master-dtype", "qlora_regime": "--qlora-regime", "eval_batch_size": "--eval-batch-size",
+    "generate_batch_size": "--generate-batch-size", "max_new_tokens": "--max-new-tokens",
 }
 
 
@@ -42,6 +44,13 @@ def register(subparsers) -> None:
     p.add_argument("--rslora", action="store_true", help="rank-stabilized LoRA scaling")
     p.add_argument("--dropout", type=float, default=0.05, help="lora_dropout (default 0.05, as the runner)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="bf16", help="compute dtype")
+    p.add_argument("--master-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="full fine-tuning: fp32 master weights + autocast (default) or pure bf16/fp16 (= --dtype)")
+    p.add_argument("--qlora-regime", choices=["paper", "peft-upcast"], default="paper",
+                   help="QLoRA: paper = norms fp32, rest in the compute dtype (default); peft-upcast = all fp32")
+    p.add_argument("--eval-batch-size", type=int, default=None, help="eval forward batch (default --batch-size)")
+    p.add_argument("--generate-batch-size", type=int, default=16, help="prompts per generate() in the eval")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per eval prompt (0: none)")
     p.add_argument("--optimizer", choices=["adamw", "adamw-8bit", "paged-adamw-8bit", "sgd", "adafactor"],
                    default="adamw")
     p.add_argument("--batch-size", type=int, default=1, help="micro-batch per GPU (sequences)")
@@ -111,6 +120,9 @@ def build_request(args):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     data = dict(model=args.model, method=args.method, rank=args.rank, alpha=args.alpha, targets=targets,
                 dora=args.dora, rslora=args.rslora, dropout=args.dropout, dtype=args.dtype,
+                master_dtype=args.master_dtype, qlora_regime=args.qlora_regime,
+                eval_batch_size=args.eval_batch_size, generate_batch_size=args.generate_batch_size,
+                max_new_tokens=args.max_new_tokens,
                 optimizer=args.optimizer, batch_size=args.batch_size, seq_len=args.seq_len,
                 grad_checkpointing=args.grad_checkpointing, grad_accum_steps=args.grad_accum,
                 attention=args.attention, gpu=args.gpu,
@@ -181,7 +193,8 @@ def format_estimate(est) -> str:
     m, mem, g, c, req = est.model, est.memory, est.gpu, est.compute, est.request
     out = [f"{m.display_name} ({m.id}) - {est.method}"
            + (f", rank {req.rank}" if est.method != "full" else "")
-           + f", {req.dtype}, batch {req.batch_size} x {req.seq_len} tokens"
+           + f", {req.dtype}" + (f", pure {req.master_dtype}" if req.method == "full" and req.master_dtype != "fp32"
+                                 else "") + f", batch {req.batch_size} x {req.seq_len} tokens"
            + (", gradient checkpointing" if req.grad_checkpointing else "") + f", {req.attention}", ""]
     pct = 100.0 * m.trainable_params / m.total_params if m.total_params else 0.0
     out.append(_table([("parameters", "count"), ("total", f"{m.total_params:,}"),
@@ -199,12 +212,24 @@ def format_estimate(est) -> str:
         rows.append(("offloaded to CPU", _gib(mem.offloaded_bytes)))
     for phase, value in mem.phase_peaks.items():
         rows.append((f"  at {phase}", _gib(value)))
-    rows.append(("PEAK", f"{_gib(mem.peak_bytes)} at {mem.peak_phase}"))
+    rows.append(("allocated peak (max_memory_allocated)", _gib(mem.allocated_peak_bytes)))
+    rows.append(("reserved peak (max_memory_reserved)", _gib(mem.reserved_peak_bytes)))
+    rows.append(("PEAK on the card (+ CUDA context" + (", NCCL)" if mem.nccl_bytes else ")"),
+                 f"{_gib(mem.peak_bytes)} at {mem.peak_phase}"))
     out.append(_table(rows))
     out.append("")
     verdict = "yes" if est.fits else "NO"
-    out.append(f"fits {g.count} x {g.name} ({_gib(g.memory_bytes)} each): {verdict} "
-               f"({100.0 * mem.peak_bytes / g.memory_bytes:.0f}% of memory, {req.sharding})")
+    usable = g.usable_bytes or g.memory_bytes
+    out.append(f"fits {g.count} x {g.name} ({_gib(usable)} usable each): {verdict}, margin "
+               f"{mem.margin_bytes / GIB:+,.2f} GiB after {_gib(mem.headroom_bytes)} headroom "
+               f"({100.0 * mem.peak_bytes / usable:.0f}% of memory, {req.sharding})")
+    ev, host = est.eval_memory, est.host_memory
+    if ev is not None:
+        out.append(f"eval phase: {_gib(ev.device_peak_bytes)} on the card ({ev.phase}; KV cache "
+                   f"{_gib(ev.kv_cache_bytes)}): {'fits' if ev.fits else 'DOES NOT FIT'}")
+    if host is not None:
+        out.append(f"host RAM per process: {_gib(host.peak_bytes)} (loading {_gib(host.load_bytes)}"
+                   + (f", offload {_gib(host.offload_bytes)}" if host.offload_bytes else "") + ")")
     out.append("")
     rows = [("time and cost", "")]
     rows.append(("FLOPs per token", f"{c.flops_per_token:.3e} ({c.flops_source})"))

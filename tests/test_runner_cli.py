@@ -83,6 +83,8 @@ def test_detach_json_returns_at_once(env, capsys, monkeypatch):
     (["--batch-size", "0"], "micro_batch_size"),
     (["--strategy", "zero9"], "distribution.strategy"),
     (["--precision", "fp8"], "precision"),
+    (["--master-dtype", "bf16"], "master_dtype"),  # pure 16-bit is for full fine-tuning; the base run is LoRA
+    (["--qlora-regime", "nf8"], "qlora_regime"),
 ])
 def test_bad_flags_exit_2_naming_the_field(env, capsys, argv, field):
     assert main(_base(env) + argv) == 2
