@@ -303,7 +303,7 @@ class _Activations(BaseModel):
 def _activations(config, req: EstimateRequest, num_layers: int, batch_size: int | None = None,
                  seq_len: int | None = None) -> _Activations:
     """Traced activations (or the formula, with the reason) for this request's knobs."""
-    from estimator.trace import TraceError, extrapolate, trace_slice
+    from estimator.trace import TraceError, _layer_types, extrapolate, trace_slice
 
     settings = trace_settings(req, batch_size, seq_len)
     note = None
@@ -314,7 +314,7 @@ def _activations(config, req: EstimateRequest, num_layers: int, batch_size: int 
                 "support: traced with eager attention, as the run must use")
     try:
         trace = trace_slice(config, settings)
-        ex = extrapolate(trace, num_layers, list(config.layer_types) if getattr(config, "layer_types", None) else None)
+        ex = extrapolate(trace, num_layers, _layer_types(config))  # layer kinds: attention type, dense/MoE
         return _Activations(held=ex.activations_bytes, forward_peak_rel=ex.forward_peak_rel_bytes,
                             backward_peak_rel=ex.backward_peak_rel_bytes, flops=ex.flops, source="traced",
                             seconds=trace.seconds, note=note, slice_layers=trace.slice_layers,

@@ -185,8 +185,36 @@ def _linear_modules(model) -> dict[str, Any]:
     from transformers.pytorch_utils import Conv1D
 
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    # the per-expert 4-bit Linears the runner swaps in for fused experts (estimator/experts.py) are the experts'
+    # storage, not Linears of the architecture: presets resolve the same before and after the swap
+    experts = [name + "." for name, module in model.named_modules() if type(module).__name__ == "NF4Experts"]
     return {name: module for name, module in model.named_modules()
-            if isinstance(module, (nn.Linear, Conv1D)) and module is not out_emb and name}
+            if isinstance(module, (nn.Linear, Conv1D)) and module is not out_emb and name
+            and not any(name.startswith(prefix) for prefix in experts)}
+
+
+def peft_remapped_names(model) -> set[str]:
+    """Target names that peft (0.18+, transformers 5) turns into ``target_parameters`` on fused MoE experts.
+
+    peft's ``convert_peft_config_for_transformers`` maps e.g. ``gate_proj`` / ``up_proj`` / ``down_proj`` of
+    Qwen2-MoE-style models (``w1`` / ``w2`` / ``w3`` of Mixtral) onto the fused ``experts.gate_up_proj`` /
+    ``experts.down_proj`` parameters (``ParamWrapper``, which needs ``lora_dropout=0``) and drops them as module
+    targets, dense and shared-expert MLPs included. Empty for models without fused experts.
+    """
+    from estimator.experts import fused_experts
+
+    if not fused_experts(model):
+        return set()
+    try:
+        from peft.utils import transformers_weight_conversion as conv
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return set()
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if get_checkpoint_conversion_mapping(model_type) is None:
+        return set()
+    base = getattr(conv, "_MODEL_TO_CONVERSION_PATTERN", {}).get(model_type)
+    return set(getattr(conv, "_MOE_TARGET_MODULE_MAPPING", {}).get(base, {}))
 
 
 def _attention_parents(model) -> set[str]:
@@ -233,7 +261,8 @@ def resolve_targets(model, targets: str | list[str]) -> list[str]:
 def _preset(model, linears: dict[str, Any], preset: str) -> list[str]:
     short = {name: name.rsplit(".", 1)[-1] for name in linears}
     if preset == "all-linear":
-        return sorted(set(short.values()))
+        # names peft would move onto the fused experts are left out: presets adapt Linear modules only
+        return sorted(set(short.values()) - peft_remapped_names(model))
     parents = _attention_parents(model)
     in_attn = {name for name in linears if name.rsplit(".", 1)[0] in parents}
     if not in_attn:
@@ -254,6 +283,28 @@ def _preset(model, linears: dict[str, Any], preset: str) -> list[str]:
     return _qv_names(model, attn_short, outside)
 
 
+# Multi-head latent attention (DeepSeek-V2/V3, Kimi, GLM-4-MoE-Lite ...): keys and values come from one latent
+# projection (kv_a_proj_with_mqa) expanded by kv_b_proj; the query is q_proj, or q_a_proj + q_b_proj with a
+# query LoRA rank (transformers' DeepseekV2Attention).
+MLA_KV_NAMES = ("kv_a_proj_with_mqa", "kv_b_proj")
+MLA_Q_NAMES = (("q_proj",), ("q_a_proj", "q_b_proj"))
+
+
+def _mla_qv_names(attn_short: set[str]) -> list[str]:
+    """attention-qv for MLA: the query and the latent key/value projections ([] when not MLA)."""
+    if not set(MLA_KV_NAMES) <= attn_short:
+        return []
+    for q in MLA_Q_NAMES:
+        if set(q) <= attn_short:
+            return sorted(set(q) | set(MLA_KV_NAMES))
+    return sorted(MLA_KV_NAMES)
+
+
+def is_mla(targets: list[str]) -> bool:
+    """True when resolved targets include MLA's latent key/value projections."""
+    return any(t.rsplit(".", 1)[-1] in MLA_KV_NAMES for t in targets)
+
+
 def _qv_names(model, attn_short: set[str], outside: set[str]) -> list[str]:
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
 
@@ -261,6 +312,9 @@ def _qv_names(model, attn_short: set[str], outside: set[str]) -> list[str]:
     default = PEFT_DEFAULTS.get(model_type)
     if isinstance(default, list) and default and set(default) <= attn_short:
         return sorted(default)
+    mla = _mla_qv_names(attn_short)
+    if mla:
+        return mla
     q = [n for n in _Q_NAMES if n in attn_short]
     v = [n for n in _V_NAMES if n in attn_short]
     if q and v:
