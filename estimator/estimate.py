@@ -158,6 +158,12 @@ def _build_inventory(entry, req: EstimateRequest) -> tuple[Inventory, Any, list[
     tensors: list[TensorInfo] = []
     seen: set[int] = set()
     trainable_base = req.method == "full"
+    # QLoRA: fused experts are stored as one NF4 Linear per expert and matrix (runner/experts.py NF4Experts)
+    nf4_experts = set()
+    if req.method == "qlora":
+        from estimator.experts import fused_experts, unsupported_reason
+
+        nf4_experts = {id(m) for _, m in fused_experts(model) if unsupported_reason(m) is None}
     for mod_name, module in model.named_modules():
         is_linear = isinstance(module, (nn.Linear, Conv1D)) and module is not head and bool(mod_name)
         for p_name, p in module.named_parameters(recurse=False):
@@ -165,6 +171,10 @@ def _build_inventory(entry, req: EstimateRequest) -> tuple[Inventory, Any, list[
                 continue
             seen.add(id(p))
             full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if id(module) in nf4_experts and p.ndim == 3:
+                tensors.extend(TensorInfo(name=f"{full}.{e}", shape=tuple(p.shape[1:]), trainable=False,
+                                          quantized=True, layer=_layer_of(full)) for e in range(p.shape[0]))
+                continue
             quant = req.method == "qlora" and is_linear and p_name == "weight"
             tensors.append(TensorInfo(name=full, shape=tuple(p.shape), trainable=trainable_base, quantized=quant,
                                       layer=_layer_of(full)))
