@@ -327,6 +327,19 @@ def _build_lora(r: Run):
     return get_peft_model(model, _peft_config(r, model), autocast_adapter_dtype=True)
 
 
+def _quantize_experts(r: Run, model, compute, storage) -> None:
+    """bitsandbytes' loader leaves transformers 5's fused MoE experts (3D parameters) unquantized: quantize them
+    to NF4 here, one Linear4bit per expert and matrix (``runner/experts.py``), as the estimator counts them."""
+    from runner.experts import quantize_fused_experts
+
+    swapped, skipped = quantize_fused_experts(model, compute, storage or None)
+    if swapped:
+        r.notes.append(f"QLoRA: the fused experts of {swapped} MoE layers quantized to NF4 (one 4-bit Linear per "
+                       "expert and matrix; transformers' 4-bit loader leaves them unquantized)")
+    for reason in skipped:
+        r.notes.append(f"QLoRA: experts left unquantized in {reason}")
+
+
 def _build_qlora(r: Run):
     """QLoRA: NF4 4-bit base with double quantization, compute in bf16 (fp32 where bf16 is not used),
     ``prepare_model_for_kbit_training``, then LoRA on top (Dettmers et al. 2023)."""
@@ -348,11 +361,13 @@ def _build_qlora(r: Run):
     name = str(compute).removeprefix("torch.")
     if qlora_paper_regime(r):
         model = _load_model(r, dtype=compute, quantization_config=BitsAndBytesConfig(**quant))
+        _quantize_experts(r, model, compute, storage)
         model = prepare_qlora_paper(model, use_gradient_checkpointing=r.spec.gradient_checkpointing)
         r.notes.append(f"QLoRA base: NF4 + double quantization, compute dtype {name}; the paper's regime: norms "
                        f"fp32, embeddings and LM head {name}")
     else:
         model = _load_model(r, quantization_config=BitsAndBytesConfig(**quant))
+        _quantize_experts(r, model, compute, storage)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=r.spec.gradient_checkpointing)
         r.notes.append(f"QLoRA base: NF4 + double quantization, compute dtype {name}; non-quantized weights fp32 "
                        "(prepare_model_for_kbit_training)")
