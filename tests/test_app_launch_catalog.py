@@ -81,6 +81,7 @@ def test_offline_uncached_catalog_model_disables_launch_with_the_fix(cached_llam
     assert at.button(key="ln_launch").disabled
 
 
+@pytest.mark.slow  # 51-73 s measured on 2 shared cores; the fast variant above checks the model check and the queue
 def test_advisor_launch_runs_a_cached_catalog_model_to_completion(cached_llama):
     from ui.jobs import manager
 
