@@ -241,9 +241,12 @@ def _finish(manager, rec, args) -> int:
             from runner.demo import before_after
 
             report = rec.run_dir / "report.json"
-            line = before_after(json.loads(report.read_text(encoding="utf-8"))) if report.is_file() else None
-            if line:
-                print(line)
+            data = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else {}
+            from runner.forgetting import after_run_line
+
+            for line in (before_after(data) if data else None, after_run_line(data)):
+                if line:
+                    print(line)
         return 0
     _print_failure(manager, rec)
     return EXIT_BAD_INPUT if rec.kind in BAD_INPUT_KINDS else 1

@@ -74,3 +74,11 @@ def test_report_has_forgetting_and_intruders(tiny_model_dir, tmp_path, method):
     assert intr["source"] == ("full" if method == "full" else "lora")
     assert intr["summary"]["modules"] == 4  # 2 layers x (q_proj, v_proj): the same modules for full and LoRA
     assert intr["top_k"] == 10 and intr["epsilon"] == 0.5
+
+
+def test_after_run_line():
+    rep = {"forgetting": forgetting.forgetting_report(3.25, 3.5, 1000).model_dump(),
+           "intruder_dimensions": {"top_k": 10, "epsilon": 0.5, "summary": {"total": 3, "modules": 120}}}
+    assert forgetting.after_run_line(rep) == ("general text (40 paragraphs): loss 3.25 -> 3.5 (+0.2500); "
+                                              "intruder dimensions: 3 in 120 modules (top 10, |cos| < 0.5)")
+    assert forgetting.after_run_line({}) is None
