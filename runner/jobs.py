@@ -29,8 +29,8 @@ from runner.errors import RunnerError
 from runner.failures import run_log_tail
 from runner.registry import ACTIVE, TERMINAL, Registry, RunRecord, default_registry_path, new_run_id
 from runner.spec import RunSpec
-from runner.supervisor import (RUN_ENV, cancel_grace_s, kill_run, reconcile, run_processes, signal_run,
-                               worker_processes)
+from runner.supervisor import (RUN_ENV, cancel_grace_s, kill_run, reconcile, request_stop, run_processes,
+                               signal_run)
 
 __all__ = ["JobManager", "RunRecord"]
 
@@ -200,14 +200,9 @@ class JobManager:
         if rec.status != "running":
             return rec
         self.registry.update(rec.id, requested="stop", only_if_status=ACTIVE)
-        pids = worker_processes(rec.id)
-        if not pids and rec.worker_pid:
-            pids = [rec.worker_pid]
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGUSR1)
-            except ProcessLookupError:
-                pass
+        # SIGUSR1 to the training processes that registered in the run folder (never a launcher); a rank still
+        # starting up gets it from the supervisor once it has registered (Supervisor._forward_stop)
+        request_stop(rec.id, rec.run_dir)
         return self.get(rec.id)
 
     def resume(self, run_id: str) -> RunRecord:

@@ -122,17 +122,66 @@ def signal_run(run_id: str, sig: int, *, pgid: int | None = None, exclude: tuple
     return pids
 
 
-def worker_processes(run_id: str) -> list[int]:
-    """The training processes of a run (``runner.worker``, one per rank), not the supervisor or torchrun."""
+#: Folder of the run where every training process (each rank) registers itself: ``workers/rank<N>.json``.
+WORKERS_DIR = "workers"
+
+
+def worker_pid_path(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / WORKERS_DIR / f"rank{int(rank)}.json"
+
+
+def register_worker(run_dir: Path) -> Path:
+    """Mark this process as a training process of the run (call once its SIGUSR1 handler is installed): writes
+    ``workers/rank<RANK>.json`` with its pid and start time. Stop-and-save signals exactly these processes, so
+    a launcher (torchrun, accelerate launch, whose elastic agent dies of SIGUSR1) never gets the signal, and a
+    process is never signalled before it can handle it."""
+    rank = int(os.environ.get("RANK", "0"))
+    path = worker_pid_path(run_dir, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = psutil.Process()
+    tmp = path.with_name(f".{path.name}.{me.pid}.tmp")
+    tmp.write_text(json.dumps({"pid": me.pid, "rank": rank, "create_time": me.create_time()}), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def clear_workers(run_dir: Path) -> None:
+    """Forget the previous attempt's registrations (before a new attempt starts)."""
+    for path in (Path(run_dir) / WORKERS_DIR).glob("rank*.json"):
+        path.unlink(missing_ok=True)
+
+
+def worker_processes(run_id: str, run_dir: Path | None = None) -> list[int]:
+    """The training processes of a run, one per rank, as they registered in ``run_dir/workers/``
+    (``register_worker``): alive, carrying the run's marker and started when they said (so a reused pid is
+    not taken for a rank). Not the supervisor, not the launcher. Empty without a run folder or registrations."""
+    if run_dir is None:
+        return []
     pids = []
-    for pid in run_processes(run_id).get(run_id, []):
+    for path in sorted((Path(run_dir) / WORKERS_DIR).glob("rank*.json")):
         try:
-            cmdline = psutil.Process(pid).cmdline()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            entry = json.loads(path.read_text(encoding="utf-8"))
+            pid, started = int(entry["pid"]), float(entry["create_time"])
+            same = abs(psutil.Process(pid).create_time() - started) < 0.01
+        except (OSError, ValueError, KeyError, TypeError, psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if "runner.worker" in cmdline and "torch.distributed.run" not in cmdline and "launch" not in cmdline:
+        if same and is_run_process(pid, run_id):
             pids.append(pid)
     return pids
+
+
+def request_stop(run_id: str, run_dir: Path, already: set[int] | None = None) -> list[int]:
+    """SIGUSR1 (stop and save) to the run's registered training processes not in ``already``; returns them."""
+    sent = []
+    for pid in worker_processes(run_id, run_dir):
+        if already is not None and pid in already:
+            continue
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            continue
+        sent.append(pid)
+    return sent
 
 
 def kill_run(run_id: str, *, grace_s: float, pgid: int | None = None, exclude: tuple[int, ...] = ()) -> bool:
@@ -201,6 +250,7 @@ class Supervisor:
         self.run_dir = Path(run_dir)
         self.cancel_requested = False
         self.worker: subprocess.Popen | None = None
+        self.stop_sent: set[int] = set()  # ranks sent SIGUSR1 after a stop-and-save request
 
     def _on_term(self, signum, frame) -> None:
         self.cancel_requested = True
@@ -285,6 +335,7 @@ class Supervisor:
         if result.exists():  # a previous attempt's result: keep it, but out of the way
             result.rename(self.run_dir / f"result.attempt-{max(rec.attempts - 1, 0)}.json")
         cmd = self._command(rec.resume)
+        clear_workers(self.run_dir)
         env = dict(os.environ, **{RUN_ENV: self.run_id, "PYTHONUNBUFFERED": "1"})
         with open(self.run_dir / "log.txt", "ab", buffering=0) as log:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
@@ -310,6 +361,14 @@ class Supervisor:
             if time.monotonic() - last_beat >= min(HEARTBEAT_COPY_S, heartbeat_stale_s() / 2):
                 last_beat = time.monotonic()
                 self._copy_heartbeat()
+                self._forward_stop()
+
+    def _forward_stop(self) -> None:
+        """After a stop-and-save request, SIGUSR1 to the ranks that registered since (a rank still starting up
+        when the request came is signalled once it can handle it)."""
+        rec = self.registry.get(self.run_id)
+        if rec is not None and rec.requested == "stop":
+            self.stop_sent.update(request_stop(self.run_id, self.run_dir, self.stop_sent))
 
     def _copy_heartbeat(self) -> None:
         """Copy heartbeat.json into the registry; note a worker that stopped beating (hung, or swapping)."""

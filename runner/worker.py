@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress()
 
     def _on_usr1(signum, frame):  # stop and save: the StopOnRequest callback acts at the end of the step
-        print("worker: SIGUSR1 received, saving a checkpoint and stopping", flush=True)
+        if not stop_flag.is_set():  # the job manager and the supervisor may both deliver the request
+            print("worker: SIGUSR1 received, saving a checkpoint and stopping", flush=True)
         stop_flag.set()
 
     def _on_term(signum, frame):  # cancel: leave now, no checkpoint
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGUSR1, _on_usr1)
     signal.signal(signal.SIGTERM, _on_term)
+    from runner.supervisor import register_worker
+
+    register_worker(run_dir)  # now stop-and-save may signal this rank (runner/supervisor.py worker_processes)
     heartbeat = Heartbeat(run_dir / "heartbeat.json", progress).start() if _is_main() else None
     try:
         code = _run(run_dir, args.resume, stop_flag, progress)

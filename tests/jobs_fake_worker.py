@@ -37,6 +37,9 @@ signal.signal(signal.SIGTERM, lambda s, f: sys.exit(143))
 from runner.supervisor import register_worker  # noqa: E402  (after the handlers, as the real worker does)
 
 register_worker(run_dir)
+from runner.supervisor import register_worker  # noqa: E402  (after the handlers, as the real worker does)
+
+register_worker(run_dir)
 if mode == "child":
     subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
 start = 0

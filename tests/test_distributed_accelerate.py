@@ -1,0 +1,142 @@
+"""Stop-and-save under ``accelerate launch`` (two CPU ranks through the job manager), as under torchrun.
+
+``accelerate launch --multi_gpu --num_processes 2`` with ``TrainingArguments(use_cpu=True)`` runs two gloo ranks on
+CPU (REFERENCE.md "Multi-process on a CPU machine"). Stop-and-save signals only the processes that registered as
+training ranks in the run folder (``runner.supervisor.register_worker``), never the launcher: the old argv match
+(``"runner.worker" in cmdline and "launch" not in cmdline``) also picked ``python -m accelerate.commands.launch
+... -m runner.worker RUN_DIR``, SIGUSR1 killed its elastic agent, and the run ended "cancelled" instead of
+"stopped" (measured before this change on this machine).
+
+Slow: two real accelerate launches (about 2.5 minutes in all on the shared 2-core machine).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from runner.jobs import JobManager, read_metrics
+from runner.spec import DatasetSpec, DistributionSpec, RunSpec
+from runner.supervisor import run_processes, worker_processes
+
+ROWS, MICRO_BATCH, NPROC, MAX_STEPS = 24, 2, 2, 30
+
+
+@pytest.fixture
+def manager(tmp_path, monkeypatch):
+    monkeypatch.setenv("FTADVISOR_CANCEL_GRACE_S", "5")
+    monkeypatch.delenv("FTADVISOR_WORKER_CMD", raising=False)
+    mgr = JobManager(tmp_path / "runs")
+    yield mgr
+    for rec in mgr.list():  # never leave ranks behind, even when a test fails
+        if not rec.finished:
+            mgr.cancel(rec.id, grace_s=1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:  # accelerate's static rendezvous needs a port no other test run holds
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rows() -> list[dict]:
+    return [{"prompt": f"Q{i}: what is {i} plus {i}?", "completion": f" {2 * i}"} for i in range(ROWS)]
+
+
+def _wait_for(cond, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def _train_steps(run_dir: Path) -> list[dict]:
+    return [m for m in read_metrics(run_dir / "metrics.jsonl") if m.get("type") == "train"]
+
+
+@pytest.mark.slow
+def test_accelerate_two_ranks_stop_save_then_resume(manager, tmp_path, tiny_model_dir):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _rows()), encoding="utf-8")
+    spec = RunSpec(name="accelerate-two-ranks", model=str(tiny_model_dir), method="lora",
+                   dataset=DatasetSpec(path=str(data), eval_fraction=0.2), max_steps=MAX_STEPS, save_steps=100,
+                   micro_batch_size=MICRO_BATCH, seq_len=32, precision="fp32", device="cpu", learning_rate=1e-2,
+                   distribution=DistributionSpec(nproc_per_node=NPROC, strategy="ddp", launcher="accelerate",
+                                                 master_port=_free_port()))
+    rec = manager.launch(spec)
+    run_dir = Path(rec.output_dir)
+    assert _wait_for(lambda: len(_train_steps(run_dir)) >= 2, timeout_s=300), manager.log_tail(rec.id, 80)
+
+    # the ranks registered themselves; the launcher (which also has "runner.worker" in its argv) did not
+    workers = worker_processes(rec.id, run_dir)
+    assert len(workers) == NPROC
+    launchers = [p for p in run_processes(rec.id).get(rec.id, [])
+                 if "accelerate.commands.launch" in psutil.Process(p).cmdline()]
+    assert len(launchers) == 1 and launchers[0] not in workers
+
+    manager.stop_and_save(rec.id)
+    stopped = manager.wait(rec.id, timeout_s=200)
+    assert stopped.status == "stopped", (stopped.reason, manager.log_tail(rec.id, 80))
+    checkpoints = sorted(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*"))
+    assert checkpoints, "stop-and-save left no checkpoint"
+    stop_step = checkpoints[-1]
+    assert 2 <= stop_step < MAX_STEPS
+    # both ranks took part in the checkpoint (the Trainer saves one RNG state per rank)
+    assert {p.name for p in (run_dir / f"checkpoint-{stop_step}").glob("rng_state_*.pth")} == {
+        "rng_state_0.pth", "rng_state_1.pth"}
+    assert not run_processes(rec.id).get(rec.id)
+
+    resumed = manager.resume(rec.id)
+    done = manager.wait(resumed.id, timeout_s=400)
+    assert done.status == "completed", (done.reason, manager.log_tail(rec.id, 80))
+    steps = [m["step"] for m in _train_steps(run_dir)]
+    assert steps[-1] == MAX_STEPS and stop_step + 1 in steps  # continued after the checkpoint, not from step 1
+
+    # tokens are summed over both ranks (the Trainer's include_num_input_tokens_seen): this session ran
+    # (MAX_STEPS - stop_step) steps of MICRO_BATCH rows on each of NPROC ranks; each row is between the
+    # shortest and the longest row of the file (lengths from the tokenizer itself), and one rank alone could
+    # not reach the lower bound (shortest x 2 > longest here)
+    from runner import data as rdata
+    from runner.recipe import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    lengths = [len(rdata.encode(r, "prompt_completion", tok).input_ids) for r in _rows()]
+    rows_seen = (MAX_STEPS - stop_step) * MICRO_BATCH * NPROC
+    assert 2 * min(lengths) > max(lengths)
+    report = json.loads((run_dir / "report.json").read_text())
+    assert rows_seen * min(lengths) <= report["train_tokens"] <= rows_seen * max(lengths)
+
+
+def test_only_registered_ranks_are_workers(tmp_path):
+    """A process whose argv names runner.worker (as a launcher's does) is not a worker until it registers; a
+    registration whose pid now belongs to another process (start time differs) is ignored."""
+    import os
+    import subprocess
+    import sys
+
+    from runner.supervisor import RUN_ENV, worker_pid_path
+
+    run_id = f"reg-{os.getpid()}-{time.monotonic_ns()}"
+    env = dict(os.environ, **{RUN_ENV: run_id, "RANK": "1"})
+    code = ("import sys, time; from runner.supervisor import register_worker; "
+            "register_worker(sys.argv[1]) if sys.argv[2] == 'register' else None; time.sleep(60)")
+    launcher = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), "no", "-m", "runner.worker"], env=env)
+    rank = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), "register"], env=env)
+    try:
+        assert _wait_for(lambda: worker_processes(run_id, tmp_path) == [rank.pid], timeout_s=30)
+        entry = json.loads(worker_pid_path(tmp_path, 1).read_text())
+        assert entry["pid"] == rank.pid and entry["rank"] == 1
+        worker_pid_path(tmp_path, 1).write_text(json.dumps(entry | {"create_time": entry["create_time"] - 5}))
+        assert worker_processes(run_id, tmp_path) == []  # same pid, other start time: not our rank
+        assert worker_processes(run_id) == []  # no run folder, no registrations
+    finally:
+        for proc in (launcher, rank):
+            proc.kill()
+            proc.wait()
