@@ -261,8 +261,10 @@ def resolve_targets(model, targets: str | list[str]) -> list[str]:
 def _preset(model, linears: dict[str, Any], preset: str) -> list[str]:
     short = {name: name.rsplit(".", 1)[-1] for name in linears}
     if preset == "all-linear":
-        # names peft would move onto the fused experts are left out: presets adapt Linear modules only
-        return sorted(set(short.values()) - peft_remapped_names(model))
+        # names peft would move onto the fused experts are left out: presets adapt Linear modules only; so are
+        # MoE routers built as Linear subclasses (PhiMoE's router returns a tuple a LoRA layer cannot add to)
+        routers = {short[n] for n, m in linears.items() if "router" in type(m).__name__.lower()}
+        return sorted(set(short.values()) - peft_remapped_names(model) - routers)
     parents = _attention_parents(model)
     in_attn = {name for name in linears if name.rsplit(".", 1)[0] in parents}
     if not in_attn:
