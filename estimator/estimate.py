@@ -515,6 +515,19 @@ def _method_note(req: EstimateRequest) -> str:
     return f"{req.method}: fp32 master weights, {req.dtype} autocast (HF Trainer mixed precision)"
 
 
+def _moe_notes(req: EstimateRequest, inv: Inventory) -> list[str]:
+    """What an MoE estimate assumes (fused 3D experts as transformers 5 builds them; QLoRA rows per expert)."""
+    if not any(len(t.shape) == 3 or ".experts." in t.name and t.quantized for t in inv.tensors):
+        return []
+    notes = ["MoE: routed experts are fused 3D weights (transformers 5), run in the grouped layout whose tensors "
+             "are all sized by tokens x top_k, so the traced activations hold for any routing; FLOPs count the "
+             "top-k active experts (plus shared experts); presets never adapt routed experts"]
+    if req.method == "qlora":
+        notes.append("QLoRA on MoE: transformers' 4-bit loader leaves the fused experts unquantized; the runner "
+                     "quantizes each expert matrix to NF4 after loading (runner/experts.py), counted that way here")
+    return notes
+
+
 def _notes(req: EstimateRequest, inv: Inventory, acts: _Activations, mem: StepMemory, targets: list[str]) -> list[str]:
     from estimator.memory import GIB
 
@@ -553,6 +566,12 @@ def _notes(req: EstimateRequest, inv: Inventory, acts: _Activations, mem: StepMe
         notes.append(f"adapter on {', '.join(targets)} (rank {req.rank}, alpha {req.effective_alpha:g}"
                      f"{', DoRA' if req.dora else ''}{', rsLoRA' if req.rslora else ''}"
                      f"{', AdaLoRA' if req.adalora else ''}), lora_dropout {req.dropout:g}")
+        from estimator.params import is_mla
+
+        if is_mla(targets):
+            notes.append("multi-head latent attention (MLA): the query projection(s) (q_proj, or q_a_proj + q_b_proj) "
+                         "and the latent key/value projections (kv_a_proj_with_mqa, kv_b_proj) stand for q and v")
+    notes.extend(_moe_notes(req, inv))
     if req.sharding in ("zero3", "fsdp"):
         notes.append(f"{req.sharding}: weights, gradients and states split over {req.num_gpus} GPUs, plus two "
                      "unsharded layers gathered at a time (current + prefetched)")
