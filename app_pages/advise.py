@@ -1,7 +1,6 @@
 """Advisor: a few questions about your situation, one group at a time, then the method with its reasons,
 the figures that back it, the alternatives and why not, and a button that carries it to the Launch page."""
 
-import pandas as pd
 import streamlit as st
 from pydantic import ValidationError
 
@@ -9,6 +8,7 @@ from advisor.answers import Answers
 from ui import charts, datasets, estimates, state
 from ui.errors import show
 from ui.format import fmt_bytes, fmt_hours, fmt_params, fmt_usd
+from ui.lazy import pandas as pd  # pandas loads at the first table, not when the page starts
 from ui.recommend import recommend_cached
 
 SESSION = "session"

@@ -5,7 +5,6 @@ Every knob is bound to the URL query string, so the address bar is a shareable l
 
 import json
 
-import pandas as pd
 import streamlit as st
 from pydantic import ValidationError
 
@@ -14,6 +13,7 @@ from ftcore.errors import UserError
 from ui import charts, estimates, uploads
 from ui.errors import attempt, message_of, show
 from ui.format import fmt_bytes, fmt_flops, fmt_hours, fmt_params, fmt_usd
+from ui.lazy import pandas as pd  # pandas loads at the first table, not when the page starts
 from ui.report import estimate_cli, estimate_csv, estimate_markdown, estimate_rows
 
 RANKS = [4, 8, 16, 32, 64, 128, 256]  # the seed's rank guide spans 4-256 ("Comparing LoRA ranks")

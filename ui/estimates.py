@@ -10,7 +10,7 @@ import streamlit as st
 
 import estimator
 from estimator.request import EstimateRequest
-from ui.warmup import ready
+from ui.warmup import ready, wait_with_words
 
 METHODS = ("full", "lora", "qlora")
 METHOD_LABELS = {"full": "Full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
@@ -59,7 +59,8 @@ def _estimate(req_json: str):
 
 
 def estimate(req: EstimateRequest):
-    """The estimator's Estimate for ``req``, cached per request."""
+    """The estimator's Estimate for ``req``, cached per request (a spinner says so while the libraries load)."""
+    wait_with_words()
     return _estimate(req.model_dump_json())
 
 
@@ -75,6 +76,7 @@ def _fitting(req_json: str):
 
 def fitting(req: EstimateRequest):
     """[(gpu_id, Estimate)] for every catalog GPU with the request's other knobs."""
+    wait_with_words()
     return _fitting(req.model_dump_json())
 
 
@@ -85,6 +87,7 @@ def _min_gpus(req_json: str):
 
 def smallest_gpu_count(req: EstimateRequest):
     """Smallest GPU count that fits (None when no count does)."""
+    wait_with_words()
     return _min_gpus(req.model_dump_json())
 
 
@@ -96,4 +99,5 @@ def _limits(req_json: str) -> tuple[int, int]:
 
 def limits(req: EstimateRequest) -> tuple[int, int]:
     """(largest micro-batch, largest sequence length) that fit the request's GPU."""
+    wait_with_words()
     return _limits(req.model_dump_json())

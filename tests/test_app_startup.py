@@ -1,0 +1,61 @@
+"""What the app loads before its first question: no page's imports pull torch, and the Advisor's first question is
+on screen without torch, transformers or pandas (each import is seconds on a busy machine; benchmarks/
+bench_startup.py times it in a real browser). Each check runs in a new interpreter, so nothing imported by other
+tests hides an import."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = sorted((ROOT / "app_pages").glob("*.py"))
+HEAVY = ("torch", "transformers", "peft", "accelerate", "bitsandbytes")
+
+
+def _run(code: str, home: Path) -> str:
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180,
+                         env={"FTADVISOR_WARMUP": "0", "PATH": "/usr/bin:/bin", "FTADVISOR_HOME": str(home)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def _top_level_imports(path: Path) -> list[str]:
+    names = []
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+            names += [f"{node.module}.{a.name}" for a in node.names]
+    return names
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.stem for p in PAGES])
+def test_no_page_import_pulls_torch(page, tmp_path):
+    code = (f"import importlib, sys\nfor name in {_top_level_imports(page)!r}:\n"
+            "    try:\n        importlib.import_module(name)\n    except ImportError:\n        pass  # a name, not a module\n"
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    assert _run(code, tmp_path).strip().splitlines()[-1] == "[]"
+
+
+def test_first_question_without_torch_or_pandas(tmp_path):
+    code = ("import sys\nfrom streamlit.testing.v1 import AppTest\n"
+            "at = AppTest.from_file('app.py', default_timeout=120).run()\n"
+            "assert not at.exception, at.exception\n"
+            "assert at.title[0].value == 'Advisor' and at.button(key='adv_next').label == 'Next'\n"
+            f"print(sorted(m for m in {HEAVY + ('pandas',)!r} if m in sys.modules))")
+    assert _run(code, tmp_path).strip().splitlines()[-1] == "[]"
+
+
+def test_lazy_pandas_is_pandas():
+    from ui.lazy import pandas as pd
+
+    frame = pd.DataFrame([{"a": 1}])
+    import pandas
+
+    assert isinstance(frame, pandas.DataFrame) and pd.DataFrame is pandas.DataFrame
