@@ -10,7 +10,6 @@ import pandas as pd
 import streamlit as st
 from pydantic import ValidationError
 
-from estimator.request import EstimateRequest
 from ftcore.errors import UserError
 from runner.errors import RunnerError
 from runner.models import Download, check_model_available, hub_cache_dir, hub_offline
@@ -262,18 +261,12 @@ with side:
                           persist_state=SESSION)
     fits = True
     if spec is not None and gpu_id:
-        from runner.distributed import estimate_request_fields
+        from runner.estimate_request import estimate_request
 
         data_fields = {}
-        if report is not None and report.rows and report.token_lengths:
-            data_fields = {"examples": report.rows,
-                           "tokens_per_example": max(1, int(statistics.mean(report.token_lengths)))}
-        base_req = dict(model=spec.model, method=spec.method, rank=spec.peft.r, alpha=spec.peft.alpha,
-                        targets=spec.peft.target_modules, dora=spec.peft.use_dora, rslora=spec.peft.use_rslora,
-                        adalora=spec.peft.variant == "adalora", dtype=spec.precision, optimizer=spec.optimizer,
-                        batch_size=spec.micro_batch_size, seq_len=spec.seq_len,
-                        grad_checkpointing=spec.gradient_checkpointing, attention=spec.attention, gpu=gpu_id,
-                        epochs=spec.epochs, **data_fields)
+        if report is not None and report.rows and report.token_lengths:  # rows are truncated to seq_len
+            data_fields = {"examples": report.rows, "tokens_per_example": max(1, int(statistics.mean(
+                min(n, spec.seq_len) for n in report.token_lengths)))}
         world = spec.distribution.world_size
         if world > 1:
             st.caption(f"{world} processes: pick how they share the model (peak memory per GPU shown).")
@@ -281,7 +274,7 @@ with side:
             for s in STRATEGIES:
                 trial = spec.model_copy(update={"distribution": spec.distribution.model_copy(update={"strategy": s})})
                 try:
-                    e = estimates.estimate(EstimateRequest(**base_req, **estimate_request_fields(trial)))
+                    e = estimates.estimate(estimate_request(trial, gpu=gpu_id, **data_fields))
                     per[s] = f"{s}: {fmt_bytes(e.memory.peak_bytes)} per GPU ({'fits' if e.fits else 'does not fit'})"
                 except (UserError, ValidationError) as exc:
                     per[s] = f"{s}: {message_of(exc)}"
@@ -289,7 +282,7 @@ with side:
             st.toggle("CPU offload", key="ln_offload", persist_state=SESSION)
             spec = spec.model_copy(update={"distribution": spec.distribution.model_copy(
                 update={"strategy": ss["ln_strategy"], "offload": ss["ln_offload"]})})
-        req, err = attempt(EstimateRequest, **base_req, **estimate_request_fields(spec))
+        req, err = attempt(estimate_request, spec, gpu=gpu_id, **data_fields)
         est = None
         if req is not None:
             with st.spinner("Estimating..."):

@@ -133,7 +133,7 @@ def measure(method: str, model_dir: Path, data: Path, run_dir: Path, args, devic
 
     from estimator import estimate
     from runner import recipe
-    from runner.distributed import estimate_request
+    from runner.estimate_request import estimate_request
 
     spec = make_spec(method, model_dir, data, args, device)
     est = estimate(estimate_request(spec, gpu=args.gpu))

@@ -63,42 +63,12 @@ def is_distributed(spec: RunSpec) -> bool:
 def estimator_sharding(spec: RunSpec) -> str:
     """The estimator's sharding name (none | ddp | zero2 | zero3 | fsdp) for the launched strategy.
 
-    One process in total is ``none`` whatever the strategy says; the offload flag travels separately
-    (``spec.distribution.offload`` -> ``EstimateRequest.offload``).
+    One process in total is ``none`` whatever the strategy says. The whole spec -> request mapping (offload,
+    GPU count and the rest) is ``runner.estimate_request.estimate_request``.
     """
     if not is_distributed(spec):
         return "none"
     return spec.distribution.strategy
-
-
-def estimate_request_fields(spec: RunSpec) -> dict:
-    """``EstimateRequest`` keyword arguments that describe the launched layout: num_gpus, sharding, offload."""
-    return {
-        "num_gpus": spec.distribution.world_size,
-        "sharding": estimator_sharding(spec),
-        "offload": bool(spec.distribution.offload and is_distributed(spec)),
-    }
-
-
-def estimate_request(spec: RunSpec, gpu: str = "a100-80gb", **extra):
-    """The ``EstimateRequest`` for this spec on ``gpu`` (per-GPU figures for the launched strategy).
-
-    Maps every field the estimator models: method, adapter shape, precision, optimizer, micro-batch, sequence
-    length, recompute, attention, GPU count, sharding, offload. ``extra`` adds or overrides request fields
-    (e.g. ``examples``, ``tokens_per_example``).
-    """
-    from estimator.request import EstimateRequest
-
-    peft = spec.peft
-    fields = dict(
-        model=spec.model, method=spec.method, rank=peft.r, alpha=peft.alpha, targets=peft.target_modules,
-        dora=peft.use_dora, rslora=peft.use_rslora, adalora=peft.variant == "adalora", dtype=spec.precision,
-        optimizer=spec.optimizer, batch_size=spec.micro_batch_size, seq_len=spec.seq_len,
-        grad_checkpointing=spec.gradient_checkpointing, attention=spec.attention, gpu=gpu, epochs=spec.epochs,
-        **estimate_request_fields(spec),
-    )
-    fields.update(extra)
-    return EstimateRequest(**fields)
 
 
 def quant_storage_dtype(spec: RunSpec) -> str | None:
