@@ -201,6 +201,12 @@ def _build_inventory(entry, req: EstimateRequest) -> tuple[Inventory, Any, list[
                                           layer=layer, adapter=True))
     buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
     mapping = layer_map(types, num_layers, n_slice)
+    # buffers inside a layer (DeepSeek-V3's router e_score_correction_bias) repeat with the layer
+    layer_buffers: dict[int, int] = {}
+    for b_name, b in model.named_buffers():
+        if _layer_of(b_name) is not None:
+            layer_buffers[_layer_of(b_name)] = layer_buffers.get(_layer_of(b_name), 0) + b.numel() * b.element_size()
+    buffer_bytes += sum(layer_buffers.get(mapping[i], 0) for i in range(n_slice, num_layers))
     by_layer: dict[int, list[TensorInfo]] = {}
     for t in tensors:
         if t.layer is not None:
