@@ -81,17 +81,29 @@ def loss_curves(series: dict[str, tuple[list[float], list[float]]], title: str =
     return fig
 
 
-def intruder_bars(runs: dict[str, dict[int, int]], top_k: int, epsilon: float) -> go.Figure:
+def intruder_bars(runs: dict[str, dict[int, int]], top_k: int, epsilon: float,
+                  min_cos: dict[str, dict[int, float]] | None = None) -> go.Figure:
     """Intruder dimensions per layer, one bar series per run: ``runs[name] = {layer: intruders summed over the
-    layer's analysed modules}`` (report.json ``intruder_dimensions``; Shuttleworth et al. 2024)."""
+    layer's analysed modules}`` (report.json ``intruder_dimensions``; Shuttleworth et al. 2024). ``min_cos[name] =
+    {layer: lowest max |cos| of the layer's top singular vectors}`` adds one line per run on a right axis (1 = the
+    tuned top directions are the base's own; below epsilon = an intruder), with epsilon drawn."""
     fig = go.Figure()
     for name, per_layer in runs.items():
         layers = sorted(per_layer)
-        fig.add_bar(name=name, x=layers, y=[per_layer[l] for l in layers],
+        fig.add_bar(name=f"{name}: intruders", x=layers, y=[per_layer[l] for l in layers],
                     hovertemplate="layer %{x}: %{y} intruder dimensions<extra>" + name + "</extra>")
-    fig.update_layout(title=f"Intruder dimensions per layer (top {top_k} singular vectors, max |cos| < {epsilon:g})",
-                      xaxis_title="layer", yaxis_title="intruder dimensions", barmode="group",
-                      **{**_LAYOUT, "height": 320})
+    for name, per_layer in (min_cos or {}).items():
+        layers = sorted(per_layer)
+        fig.add_scatter(name=f"{name}: lowest max |cos|", x=layers, y=[per_layer[l] for l in layers],
+                        mode="lines+markers", yaxis="y2",
+                        hovertemplate="layer %{x}: lowest max |cos| %{y:.3f}<extra>" + name + "</extra>")
+    layout = dict(title=f"Intruder dimensions per layer (top {top_k} singular vectors, max |cos| < {epsilon:g})",
+                  xaxis_title="layer", yaxis=dict(title="intruder dimensions", rangemode="tozero"), barmode="group")
+    if min_cos:
+        layout["yaxis2"] = dict(title="lowest max |cos| to the base", overlaying="y", side="right", range=[0, 1.02])
+        fig.add_hline(y=epsilon, line_dash="dot", line_color="#B22222", yref="y2",
+                      annotation_text=f"epsilon {epsilon:g}")
+    fig.update_layout(**layout, **{**_LAYOUT, "height": 360})
     return fig
 
 
