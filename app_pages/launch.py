@@ -248,6 +248,10 @@ with side:
                                            for e in report.errors]), hide_index=True, width="stretch")
             for w in report.warnings:
                 st.warning(w)
+            if report.samples:  # what carries a loss in the first rows (the masks as the run builds them)
+                with st.expander("What is trained (first rows)"):
+                    st.dataframe(pd.DataFrame([{"row": s.row, "trained text": s.trained_text}
+                                               for s in report.samples]), hide_index=True, width="stretch")
 
     st.subheader("Will it fit?")
     gpu_list = estimates.gpus()
