@@ -16,6 +16,9 @@ the CLI or the terminal going away). It:
 
 Every process of a run carries ``FTADVISOR_RUN_ID=<id>`` in its environment (inherited through torchrun, whose
 ranks start in sessions of their own), which is how cancel finds all of them and how "no orphans" is checked.
+Stop-and-save (SIGUSR1) goes only to the training processes that registered in ``RUN_DIR/workers/`` once they
+could handle it (``register_worker``), never to a launcher; ranks that register after the request get it from
+the supervisor's loop.
 """
 
 from __future__ import annotations
