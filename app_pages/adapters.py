@@ -227,19 +227,19 @@ with intr:
         with st.spinner("Two SVDs per adapted module..."):
             rep, err = attempt(intruder.adapter_intruders, base, which_i)
         if rep:
-            ss["ad_intr_result"] = (names[which_i], rep.model_dump())
+            ss["ad_intr_result"] = (names[which_i], rep)  # an IntruderReport
     if ss.get("ad_intr_result"):
         label, rep = ss["ad_intr_result"]
         from runner.intruder import per_layer
         from ui import charts
 
-        s = rep["summary"]
+        s = rep.summary
         m1, m2, m3 = st.columns(3)
-        m1.metric("Intruder dimensions", s["total"])
-        m2.metric("Modules with intruders", f"{s['modules_with_intruders']} of {s['modules']}")
-        m3.metric("Per module", f"{s['mean_per_module']:.2f}")
-        st.plotly_chart(charts.intruder_bars({label: per_layer(rep)}, rep["top_k"], rep["epsilon"]),
+        m1.metric("Intruder dimensions", s.total)
+        m2.metric("Modules with intruders", f"{s.modules_with_intruders} of {s.modules}")
+        m3.metric("Per module", f"{s.mean_per_module:.2f}")
+        st.plotly_chart(charts.intruder_bars({label: per_layer(rep)}, rep.top_k, rep.epsilon),
                         key="ad_intr_chart")
-        st.dataframe(pd.DataFrame([{"module": m["module"], "intruders": m["intruders"],
-                                    "lowest max |cos|": min(m["max_cos"]), "||dW|| / ||W||": m["delta_norm_ratio"]}
-                                   for m in rep["per_module"]]), hide_index=True, width="stretch")
+        st.dataframe(pd.DataFrame([{"module": m.module, "intruders": m.intruders,
+                                    "lowest max |cos|": min(m.max_cos), "||dW|| / ||W||": m.delta_norm_ratio}
+                                   for m in rep.per_module]), hide_index=True, width="stretch")

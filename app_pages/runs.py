@@ -6,9 +6,10 @@ Runs are durable (a folder + a registry row each); this page only reads them and
 import pandas as pd
 import streamlit as st
 
+from runner.intruder import per_layer
+from runner.runfiles import EvalRow, Report, TrainRow, eval_rows, read_report, train_rows
 from ui import charts, jobs, state
 from ui.errors import attempt
-from runner.intruder import per_layer
 from ui.format import fmt_bytes, fmt_params, fmt_peak, fmt_seconds, last_user_turn
 
 st.title("Runs")
@@ -19,10 +20,14 @@ def _fmt_time(t) -> str:
     return t.astimezone().strftime("%Y-%m-%d %H:%M:%S") if t else ""
 
 
-def _train_eval(metrics: list[dict]) -> tuple[list[dict], list[dict]]:
-    train = [m for m in metrics if m.get("type") == "train" and m.get("loss") is not None]
-    evals = [m for m in metrics if m.get("type") == "eval" and m.get("eval_loss") is not None]
-    return train, evals
+def _train_eval(metrics: list[TrainRow | EvalRow]) -> tuple[list[TrainRow], list[EvalRow]]:
+    return train_rows(metrics), eval_rows(metrics)
+
+
+def _report(rec) -> Report | None:
+    """The run's report.json; None while it is not written (an off-contract file shows its error here)."""
+    report, _ = attempt(read_report, rec.run_dir)
+    return report
 
 
 @st.fragment(run_every=jobs.LIVE_REFRESH_S)
@@ -44,12 +49,12 @@ def live_run(run_id: str) -> None:
         return
     metrics = jm.metrics(run_id)
     train, evals = _train_eval(metrics)
-    last = train[-1] if train else {}
+    last = train[-1] if train else None
     st.subheader(f"{rec.name or rec.id} {jobs.status_badge(rec.status)}")
     st.caption(f"{rec.method} on `{rec.model}` · folder `{rec.output_dir}`")
 
-    max_steps = last.get("max_steps") or rec.max_steps
-    step = last.get("step") or rec.step or 0
+    max_steps = (last.max_steps if last else None) or rec.max_steps
+    step = (last.step if last else None) or rec.step or 0
     if rec.status == "completed":
         st.progress(1.0, text=f"completed: {step} steps")
     elif max_steps:
@@ -58,11 +63,11 @@ def live_run(run_id: str) -> None:
         st.progress(0.0, text=rec.status)
 
     c1, c2, c3, c4, c5 = st.columns(5)
-    c1.metric("Loss", f"{last['loss']:.4f}" if last.get("loss") is not None else "-")
-    c2.metric("Eval loss", f"{evals[-1]['eval_loss']:.4f}" if evals else "-")
-    c3.metric("Tokens / s", f"{last['tokens_per_s']:,.0f}" if last.get("tokens_per_s") else "-")
-    c4.metric("ETA", fmt_seconds(last.get("eta_s")) if rec.status == "running" else "-")
-    c5.metric("Memory", fmt_bytes(last.get("memory_bytes")) if last.get("memory_bytes") else "-")
+    c1.metric("Loss", f"{last.loss:.4f}" if last else "-")
+    c2.metric("Eval loss", f"{evals[-1].eval_loss:.4f}" if evals else "-")
+    c3.metric("Tokens / s", f"{last.tokens_per_s:,.0f}" if last and last.tokens_per_s else "-")
+    c4.metric("ETA", fmt_seconds(last.eta_s) if last and rec.status == "running" else "-")
+    c5.metric("Memory", fmt_bytes(last.memory_bytes) if last and last.memory_bytes else "-")
 
     if rec.status == "failed":
         st.error(f"**{rec.kind or 'failed'}**: {rec.reason or 'the worker exited with an error'}"
@@ -85,89 +90,96 @@ def live_run(run_id: str) -> None:
         st.rerun(scope="fragment")
 
     if train:
-        st.plotly_chart(charts.loss_curves({rec.name or rec.id: ([m["step"] for m in train], [m["loss"] for m in train])},
-                                           eval_series={rec.name or rec.id: ([m["step"] for m in evals],
-                                                                              [m["eval_loss"] for m in evals])}
+        st.plotly_chart(charts.loss_curves({rec.name or rec.id: ([m.step for m in train], [m.loss for m in train])},
+                                           eval_series={rec.name or rec.id: ([m.step for m in evals],
+                                                                              [m.eval_loss for m in evals])}
                         if evals else None), key=f"loss_{run_id}")
     with st.expander("Log (last lines)", expanded=rec.status == "failed"):
         st.code(jm.log_tail(run_id, n=40) or "(empty)", language="text")
-    report = jobs.read_json(rec.run_dir / "report.json")
+    report = _report(rec)
     if report:
         with st.expander("Final report", expanded=True):
             _show_report(report)
 
 
-def _show_report(report: dict) -> None:
+def _show_report(report: Report) -> None:
     k1, k2, k3, k4 = st.columns(4)
-    before, after = report.get("eval_loss_before"), report.get("eval_loss_after")
+    before, after = report.eval_loss_before, report.eval_loss_after
     if after is not None:
         k1.metric("Eval loss after", f"{after:.4f}",
                   delta=f"{after - before:+.4f} vs before" if before is not None else None, delta_color="inverse")
-    em_b, em_a = report.get("exact_match_before"), report.get("exact_match_after")
+    em_b, em_a = report.exact_match_before, report.exact_match_after
     if em_a is not None:
         k2.metric("Exact match after", f"{em_a:.0%}",
                   delta=f"{em_a - em_b:+.0%} vs before" if em_b is not None and em_a != em_b else None)
-    am_b, am_a = report.get("answer_match_before"), report.get("answer_match_after")
+    am_b, am_a = report.answer_match_before, report.answer_match_after
     if am_a is not None:
         k2.caption(f"answer match {am_a:.0%}" + (f" (before {am_b:.0%})" if am_b is not None else "")
                    + ": the reference contained in the answer, case-insensitive")
-    k3.metric("Trainable parameters", fmt_params(report.get("trainable_params")))
-    k4.metric("Adapter file", fmt_bytes(report.get("adapter_bytes")) if report.get("adapter_bytes") else "-")
-    st.caption(f"{report.get('steps', '?')} steps in {fmt_seconds(report.get('train_seconds'))} on "
-               f"{report.get('device', '?')} ({report.get('precision', '?')}); peak memory "
-               f"{fmt_peak(report.get('peak_memory'))}; output `{report.get('output', '')}`")
-    samples = [s for s in report.get("samples") or [] if isinstance(s, dict)]
-    if samples:
-        table = pd.DataFrame(samples)
-        if "prompt" in table:  # chat prompts: show the last user turn, not the template's system preamble
-            table["prompt"] = table["prompt"].map(last_user_turn)
+    k3.metric("Trainable parameters", fmt_params(report.trainable_params))
+    k4.metric("Adapter file", fmt_bytes(report.adapter_bytes) if report.adapter_bytes else "-")
+    st.caption(f"{report.steps} steps in {fmt_seconds(report.train_seconds)} on {report.device} "
+               f"({report.precision}); peak memory {fmt_peak(report.peak_memory)}; output `{report.output}`")
+    if report.samples:
+        table = pd.DataFrame([s.model_dump() for s in report.samples])
+        # chat prompts: show the last user turn, not the template's system preamble
+        table["prompt"] = table["prompt"].map(lambda p: last_user_turn(p) if p else p)
         st.dataframe(table, hide_index=True, width="stretch")
     _show_after_run(report)
-    for note in report.get("notes") or []:
+    for note in report.notes:
         st.caption(f"· {note}")
 
 
-def _show_after_run(report: dict) -> None:
+def _show_after_run(report: Report) -> None:
     """Forgetting (general-text loss before/after) and intruder dimensions, as report.json gives them."""
-    forget, intr = report.get("forgetting"), report.get("intruder_dimensions")
+    forget, intr = report.forgetting, report.intruder_dimensions
     if not forget and not intr:
         return
     st.markdown("**After the run: forgetting and intruder dimensions**")
     f1, f2, f3 = st.columns(3)
-    if forget and forget.get("after") is not None:
-        f1.metric("General-text loss after", f"{forget['after']:.4f}",
-                  delta=f"{forget['change']:+.4f} vs before" if forget.get("change") is not None else None,
-                  delta_color="inverse", help=f"mean next-token loss on {forget.get('texts')} general paragraphs "
-                                             f"({forget.get('tokens')} tokens, {forget.get('dataset')}); a rise "
+    if forget and forget.after is not None:
+        f1.metric("General-text loss after", f"{forget.after:.4f}",
+                  delta=f"{forget.change:+.4f} vs before" if forget.change is not None else None,
+                  delta_color="inverse", help=f"mean next-token loss on {forget.texts} general paragraphs "
+                                             f"({forget.tokens} tokens, {forget.dataset}); a rise "
                                              "means the model forgot some of its general language modelling")
     if intr:
-        s = intr["summary"]
-        f2.metric("Intruder dimensions", f"{s['total']}", help=f"{intr['reference']}: among the top "
-                  f"{intr['top_k']} singular vectors of each tuned weight, those with max |cos| < {intr['epsilon']} "
+        s = intr.summary
+        f2.metric("Intruder dimensions", f"{s.total}", help=f"{intr.reference}: among the top "
+                  f"{intr.top_k} singular vectors of each tuned weight, those with max |cos| < {intr.epsilon} "
                   "to every singular vector of the base weight")
-        f3.metric("Modules with intruders", f"{s['modules_with_intruders']} of {s['modules']}")
+        f3.metric("Modules with intruders", f"{s.modules_with_intruders} of {s.modules}")
         layers = per_layer(intr)
         if layers:
-            st.plotly_chart(charts.intruder_bars({report.get("method", "run"): layers}, intr["top_k"],
-                                                 intr["epsilon"]), key=f"intr_{report.get('output')}")
+            st.plotly_chart(charts.intruder_bars({report.method: layers}, intr.top_k, intr.epsilon),
+                            key=f"intr_{report.output}")
 
 
 def _final_figures(rec) -> dict:
     train, evals = _train_eval(jm.metrics(rec.id))
-    report = jobs.read_json(rec.run_dir / "report.json") or {}
-    return {"run": rec.name or rec.id, "status": rec.status, "method": rec.method,
-            "rank": rec.spec.peft.r if rec.method != "full" else None,
-            "final loss": report.get("final_loss", train[-1]["loss"] if train else None),
-            "final eval loss": report.get("eval_loss_after", evals[-1]["eval_loss"] if evals else None),
-            "exact match": report.get("exact_match_after"),
-            "answer match": report.get("answer_match_after"),
-            "trainable params": fmt_params(report.get("trainable_params")),
-            "adapter size": fmt_bytes(report.get("adapter_bytes")) if report.get("adapter_bytes") else "-",
-            "train time": fmt_seconds(report.get("train_seconds")),
-            "general-text loss before": (report.get("forgetting") or {}).get("before"),
-            "general-text loss after": (report.get("forgetting") or {}).get("after"),
-            "forgetting (change)": (report.get("forgetting") or {}).get("change"),
-            "intruder dimensions": ((report.get("intruder_dimensions") or {}).get("summary") or {}).get("total")}
+    report = _report(rec)
+    row = {"run": rec.name or rec.id, "status": rec.status, "method": rec.method,
+           "rank": rec.spec.peft.r if rec.method != "full" else None,
+           "final loss": train[-1].loss if train else None,
+           "final eval loss": evals[-1].eval_loss if evals else None,
+           "exact match": None, "answer match": None, "trainable params": "-", "adapter size": "-",
+           "train time": "-",
+           "general-text loss before": None, "general-text loss after": None, "forgetting (change)": None,
+           "intruder dimensions": None}
+    if report is None:  # still running (or failed before the report): the metrics so far
+        return row
+    forget, intr = report.forgetting, report.intruder_dimensions
+    return row | {
+        "final loss": report.final_loss if report.final_loss is not None else row["final loss"],
+        "final eval loss": report.eval_loss_after if report.eval_loss_after is not None else row["final eval loss"],
+        "exact match": report.exact_match_after, "answer match": report.answer_match_after,
+        "trainable params": fmt_params(report.trainable_params),
+        "adapter size": fmt_bytes(report.adapter_bytes) if report.adapter_bytes else "-",
+        "train time": fmt_seconds(report.train_seconds),
+        "general-text loss before": forget.before if forget else None,
+        "general-text loss after": forget.after if forget else None,
+        "forgetting (change)": forget.change if forget else None,
+        "intruder dimensions": intr.summary.total if intr else None}
 
 
 run_table()
@@ -196,18 +208,18 @@ with compare:
             train, evals = _train_eval(jm.metrics(rid))
             name = by_id[rid].name or rid
             if train:
-                series[name] = ([m["step"] for m in train], [m["loss"] for m in train])
+                series[name] = ([m.step for m in train], [m.loss for m in train])
             if evals:
-                eval_series[name] = ([m["step"] for m in evals], [m["eval_loss"] for m in evals])
+                eval_series[name] = ([m.step for m in evals], [m.eval_loss for m in evals])
         if series:
             st.plotly_chart(charts.loss_curves(series, "Training loss, overlaid", eval_series), key="cmp_loss")
         st.dataframe(pd.DataFrame([_final_figures(by_id[rid]) for rid in picked]), hide_index=True, width="stretch")
-        reports = {by_id[rid].name or rid: jobs.read_json(by_id[rid].run_dir / "report.json") or {} for rid in picked}
-        intr = {f"{name} ({rep.get('method')})": per_layer(rep["intruder_dimensions"])
-                for name, rep in reports.items() if rep.get("intruder_dimensions")}
+        reports = {by_id[rid].name or rid: _report(by_id[rid]) for rid in picked}
+        measured = {name: rep for name, rep in reports.items() if rep and rep.intruder_dimensions}
+        intr = {f"{name} ({rep.method})": per_layer(rep.intruder_dimensions) for name, rep in measured.items()}
         if intr:
-            first = next(rep["intruder_dimensions"] for rep in reports.values() if rep.get("intruder_dimensions"))
-            st.plotly_chart(charts.intruder_bars(intr, first["top_k"], first["epsilon"]), key="cmp_intruders")
+            first = next(iter(measured.values())).intruder_dimensions
+            st.plotly_chart(charts.intruder_bars(intr, first.top_k, first.epsilon), key="cmp_intruders")
             st.caption("Full fine-tuning is counted on the same modules a LoRA run with the spec's targets adapts "
                        "(tuned weight vs base weight). The seed article's claim: LoRA introduces intruder "
                        "dimensions, full fine-tuning does not (Shuttleworth et al. 2024).")
@@ -225,7 +237,7 @@ with sweep:
         for r in members:
             train, _ = _train_eval(jm.metrics(r.id))
             if train:
-                series[f"r={r.spec.peft.r}"] = ([m["step"] for m in train], [m["loss"] for m in train])
+                series[f"r={r.spec.peft.r}"] = ([m.step for m in train], [m.loss for m in train])
         if series:
             st.plotly_chart(charts.loss_curves(series, "Loss by rank"), key="sweep_loss")
     else:

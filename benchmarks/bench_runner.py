@@ -115,10 +115,11 @@ def run_worker(model_dir: Path, data: Path, steps: int, run_dir: Path, env: dict
                                stderr=subprocess.STDOUT, env=env)
     if code != 0:
         raise SystemExit(f"worker failed ({code}); see {run_dir / 'log.txt'}")
-    rep = json.loads((run_dir / "report.json").read_text())
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    elapsed = [x["elapsed_s"] for x in lines if x["type"] == "train"]
-    return {"train_tokens": rep["train_tokens"], "train_seconds": rep["train_seconds"], "steps": rep["steps"],
+    from runner.runfiles import METRICS_FILE, TrainRow, read_metrics, read_report
+
+    rep = read_report(run_dir)
+    elapsed = [x.elapsed_s for x in read_metrics(run_dir / METRICS_FILE) if isinstance(x, TrainRow)]
+    return {"train_tokens": rep.train_tokens, "train_seconds": rep.train_seconds, "steps": rep.steps,
             "elapsed": elapsed}
 
 

@@ -14,9 +14,6 @@ import threading
 import time
 from pathlib import Path
 
-from typing import Literal
-
-from pydantic import BaseModel, Field
 from transformers import TrainerCallback
 
 from runner import runfiles
@@ -43,16 +40,7 @@ def memory_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-class PeakMemory(BaseModel):
-    """report.json ``peak_memory``: the most memory this process held, and what kind of figure it is."""
-
-    kind: Literal["cuda_max_allocated", "cpu_max_rss"] = Field(
-        description="cuda_max_allocated: torch.cuda.max_memory_allocated() (tensors on the GPU, the allocator's "
-                    "cache not included); cpu_max_rss: the process's maximum resident set size (getrusage)")
-    bytes: int = Field(description="bytes, since the process started (CUDA: since the last peak reset)")
-
-
-def peak_memory() -> PeakMemory:
+def peak_memory() -> runfiles.PeakMemory:
     """The peak of this process: allocated CUDA memory on a GPU run, else the CPU's maximum resident set size.
 
     ``ru_maxrss`` is in kilobytes on Linux (getrusage(2)); bytes on macOS.
@@ -63,9 +51,9 @@ def peak_memory() -> PeakMemory:
     import torch
 
     if torch.cuda.is_initialized():
-        return PeakMemory(kind="cuda_max_allocated", bytes=int(torch.cuda.max_memory_allocated()))
+        return runfiles.PeakMemory(kind="cuda_max_allocated", bytes=int(torch.cuda.max_memory_allocated()))
     rss = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-    return PeakMemory(kind="cpu_max_rss", bytes=rss if sys.platform == "darwin" else rss * 1024)
+    return runfiles.PeakMemory(kind="cpu_max_rss", bytes=rss if sys.platform == "darwin" else rss * 1024)
 
 
 class Progress:
@@ -129,10 +117,9 @@ class MetricsCallback(TrainerCallback):
         self.last_time = None
         self.last_tokens = 0
 
-    def _append(self, obj: dict) -> None:
+    def _append(self, row: runfiles.TrainRow | runfiles.EvalRow) -> None:
         if self.write:
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(obj) + "\n")
+            runfiles.append_metrics(self.path, row)
 
     def on_train_begin(self, args, state, control, **kw):
         self.start_time = self.last_time = time.perf_counter()
@@ -153,14 +140,14 @@ class MetricsCallback(TrainerCallback):
         done = state.global_step - self.start_step
         eta = elapsed / done * (state.max_steps - state.global_step) if done else None
         window = now - self.last_time
-        self._append({
-            "type": "train", "step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
-            "loss": logs.get("loss"), "learning_rate": logs.get("learning_rate"),
-            "grad_norm": logs.get("grad_norm"),
-            "tokens_per_s": (tokens - self.last_tokens) / window if window > 0 else None,
-            "elapsed_s": round(elapsed, 3), "eta_s": round(eta, 1) if eta is not None else None,
-            "memory_bytes": memory_bytes(), "max_steps": state.max_steps, "time": time.time(),
-        })
+        self._append(runfiles.TrainRow(
+            step=state.global_step, epoch=round(state.epoch or 0.0, 4),
+            loss=logs.get("loss"), learning_rate=logs.get("learning_rate"),  # Trainer log keys, present or not
+            grad_norm=logs.get("grad_norm"),
+            tokens_per_s=(tokens - self.last_tokens) / window if window > 0 else None,
+            elapsed_s=round(elapsed, 3), eta_s=round(eta, 1) if eta is not None else None,
+            memory_bytes=memory_bytes(), max_steps=state.max_steps, time=time.time(),
+        ))
         self.last_time, self.last_tokens = now, tokens
 
     def session_tokens(self, state) -> int:
@@ -170,9 +157,9 @@ class MetricsCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, **kw):
         metrics = metrics or {}
         if "eval_loss" in metrics:
-            self._append({"type": "eval", "step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
-                          "eval_loss": metrics["eval_loss"], "memory_bytes": memory_bytes(),
-                          "max_steps": state.max_steps, "time": time.time()})
+            self._append(runfiles.EvalRow(step=state.global_step, epoch=round(state.epoch or 0.0, 4),
+                                          eval_loss=metrics["eval_loss"], memory_bytes=memory_bytes(),
+                                          max_steps=state.max_steps, time=time.time()))
 
 
 class StopOnRequest(TrainerCallback):

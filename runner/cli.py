@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ftcore.errors import UserError
+from runner.runfiles import EvalRow, Report, TrainRow, eval_rows, read_report
 
 #: Seconds between polls of a followed run's metrics and status.
 FOLLOW_POLL_S = 0.5
@@ -171,19 +172,32 @@ def _hms(seconds) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def progress_line(row: dict) -> str:
+def progress_line(row: TrainRow | EvalRow) -> str:
     """One line per logged step: step/max, loss, tokens/s, ETA (eval rows: the eval loss)."""
-    if row.get("type") == "eval":
-        return f"eval  step {row.get('step')}: eval_loss {row.get('eval_loss', float('nan')):.4f}"
-    parts = [f"step {row.get('step')}/{row.get('max_steps', '?')}"]
-    if row.get("loss") is not None:
-        parts.append(f"loss {row['loss']:.4f}")
-    if row.get("learning_rate") is not None:
-        parts.append(f"lr {row['learning_rate']:.2e}")
-    if row.get("tokens_per_s") is not None:
-        parts.append(f"{row['tokens_per_s']:,.0f} tok/s")
-    parts.append(f"ETA {_hms(row.get('eta_s'))}")
+    if isinstance(row, EvalRow):
+        return f"eval  step {row.step}: eval_loss {row.eval_loss:.4f}"
+    parts = [f"step {row.step}/{row.max_steps}"]
+    if row.loss is not None:
+        parts.append(f"loss {row.loss:.4f}")
+    if row.learning_rate is not None:
+        parts.append(f"lr {row.learning_rate:.2e}")
+    if row.tokens_per_s is not None:
+        parts.append(f"{row.tokens_per_s:,.0f} tok/s")
+    parts.append(f"ETA {_hms(row.eta_s)}")
     return "  ".join(parts)
+
+
+def _report_line(rep: Report) -> str:
+    """The final report in one line: steps, time, eval loss before -> after, trainable parameters, weights."""
+    parts = [f"{rep.steps} steps in {_hms(rep.train_seconds)} on {rep.device} ({rep.precision})"]
+    if rep.eval_loss_after is not None:
+        before = f"{rep.eval_loss_before:.4f} -> " if rep.eval_loss_before is not None else ""
+        parts.append(f"eval loss {before}{rep.eval_loss_after:.4f}")
+    parts.append(f"{rep.trainable_params:,} trainable params")
+    weights = rep.adapter_bytes if rep.adapter_bytes is not None else rep.model_bytes
+    if weights is not None:
+        parts.append(f"{'adapter' if rep.adapter_bytes is not None else 'model'} {weights:,} bytes")
+    return "; ".join(parts)
 
 
 def _when(value: datetime | None) -> str:
@@ -240,11 +254,10 @@ def _finish(manager, rec, args) -> int:
             print(f"run {rec.id} completed" + (f"; saved {saved}" if saved else "") + f"; folder {rec.output_dir}")
             from runner.demo import before_after
 
-            report = rec.run_dir / "report.json"
-            data = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else {}
             from runner.forgetting import after_run_line
 
-            for line in (before_after(data) if data else None, after_run_line(data)):
+            report = read_report(rec.run_dir)
+            for line in (before_after(report), after_run_line(report)) if report else ():
                 if line:
                     print(line)
         return 0
@@ -325,12 +338,15 @@ def cmd_runs_show(args) -> int:
     manager = _manager()
     rec = manager.get(args.id)
     rows = manager.metrics(rec.id)
+    train = [r for r in rows if isinstance(r, TrainRow)]
+    evals = eval_rows(rows)
+    report = read_report(rec.run_dir)
     if _json_wanted(args):
         data = rec.summary()
         data["spec"] = rec.spec.model_dump(mode="json")
-        data["last_metrics"] = [r for r in rows if r.get("type") == "train"][-1:] or None
-        evals = [r for r in rows if r.get("type") == "eval"]
-        data["last_eval"] = evals[-1] if evals else None
+        data["last_metrics"] = [r.model_dump(mode="json") for r in train[-1:]] or None
+        data["last_eval"] = evals[-1].model_dump(mode="json") if evals else None
+        data["report"] = report.model_dump(mode="json") if report else None
         print(json.dumps(data, indent=2))
         return 0
     fields = [("id", rec.id), ("name", rec.name), ("status", rec.status), ("method", rec.method),
@@ -340,12 +356,12 @@ def cmd_runs_show(args) -> int:
     for key, value in fields:
         if value not in (None, ""):
             print(f"{key + ':':<10} {value}")
-    train = [r for r in rows if r.get("type") == "train"]
-    evals = [r for r in rows if r.get("type") == "eval"]
     if train:
         print(f"{'last:':<10} {progress_line(train[-1])}")
     if evals:
         print(f"{'eval:':<10} {progress_line(evals[-1])}")
+    if report:
+        print(f"{'report:':<10} {_report_line(report)}")
     if rec.status == "failed":
         tail = manager.log_tail(rec.id, FAILURE_LOG_LINES)
         print(f"--- last log lines ---\n{tail}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ftcore.paths import data_path
 from runner.models import DEMO_MODEL_ID
+from runner.runfiles import Report
 from runner.spec import DatasetSpec, PeftSettings, RunSpec
 
 DEMO_TRAIN = data_path("datasets", "demo_sentiment.jsonl")
@@ -37,8 +38,8 @@ def demo_spec(**overrides) -> RunSpec:
     return RunSpec(**fields)
 
 
-def before_after(report: dict) -> str | None:
-    """One line with a finished run's held-out figures before -> after training (report.json keys), e.g.
+def before_after(report: Report) -> str | None:
+    """One line with a finished run's held-out figures before -> after training (report.json), e.g.
     ``held-out (40 rows): exact match 0% -> 100%, answer match 93% -> 100%, eval loss 2.31 -> 0.0080``.
 
     Exact match asks for the reference word for word; the answer match (``runner.recipe.answer_contains``) only
@@ -46,14 +47,14 @@ def before_after(report: dict) -> str | None:
     None when the run measured neither.
     """
     parts = []
-    for key, label in (("exact_match", "exact match"), ("answer_match", "answer match")):
-        b, a = report.get(f"{key}_before"), report.get(f"{key}_after")
+    for label, b, a in (("exact match", report.exact_match_before, report.exact_match_after),
+                        ("answer match", report.answer_match_before, report.answer_match_after)):
         if a is not None:
             parts.append(f"{label} {b:.0%} -> {a:.0%}" if b is not None else f"{label} {a:.0%}")
-    b, a = report.get("eval_loss_before"), report.get("eval_loss_after")
+    b, a = report.eval_loss_before, report.eval_loss_after
     if a is not None:
         parts.append(f"eval loss {b:.3g} -> {a:.3g}" if b is not None else f"eval loss {a:.3g}")
     if not parts:
         return None
-    rows = report.get("exact_match_rows")
+    rows = report.exact_match_rows
     return f"held-out{f' ({rows} rows)' if rows else ''}: " + ", ".join(parts)

@@ -258,11 +258,11 @@ def layer_of(module: str) -> int | None:
     return None
 
 
-def per_layer(report: dict | None) -> dict[int, int]:
+def per_layer(report: IntruderReport | None) -> dict[int, int]:
     """``{layer: intruders}`` summed over the modules of each layer, from a report.json ``intruder_dimensions``."""
     out: dict[int, int] = {}
-    for row in (report or {}).get("per_module") or []:
-        layer = layer_of(row["module"])
+    for row in report.per_module if report else []:
+        layer = layer_of(row.module)
         if layer is not None:
-            out[layer] = out.get(layer, 0) + int(row["intruders"])
+            out[layer] = out.get(layer, 0) + row.intruders
     return out

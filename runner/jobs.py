@@ -28,6 +28,7 @@ from ftcore.paths import REPO_ROOT, runs_dir as default_runs_dir
 from runner.errors import RunnerError
 from runner.failures import run_log_tail
 from runner.registry import ACTIVE, TERMINAL, Registry, RunRecord, default_registry_path, new_run_id
+from runner.runfiles import METRICS_FILE, EvalRow, TrainRow, read_metrics
 from runner.spec import RunSpec
 from runner.supervisor import (RUN_ENV, cancel_grace_s, kill_run, reconcile, request_stop, run_processes,
                                signal_run)
@@ -151,9 +152,9 @@ class JobManager:
                 records = self.registry.list()
         return records
 
-    def metrics(self, run_id: str) -> list[dict]:
+    def metrics(self, run_id: str) -> list[TrainRow | EvalRow]:
         """Rows of ``metrics.jsonl`` (train and eval), skipping a partly written last line."""
-        return read_metrics(self._lookup(run_id).run_dir / "metrics.jsonl")
+        return read_metrics(self._lookup(run_id).run_dir / METRICS_FILE)
 
     def log_tail(self, run_id: str, n: int = 50) -> str:
         """The last ``n`` lines of the run's log (rank 0's log first when distributed)."""
@@ -259,23 +260,3 @@ def _write_atomic(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """Parse a JSONL metrics file written while we read it: a partial or broken line is skipped."""
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return []
-    rows = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows

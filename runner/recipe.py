@@ -27,6 +27,7 @@ from runner.callbacks import (AdaLoraCallback, MetricsCallback, Progress, StopOn
                               write_json)
 from runner.errors import RunnerError
 from runner.models import log_progress, resolve_model_dir
+from runner.runfiles import REPORT_FILE, DatasetSummary, Report, Sample, write_model
 from runner.spec import RunSpec
 
 #: Eval rows used for exact match (greedy generation is the slow part of the report on CPU).
@@ -676,7 +677,7 @@ def _cleanup(r: Run) -> None:
     if not r.is_main:
         return
     r.tokenizer.save_pretrained(out)
-    write_json(r.run_dir / "report.json", report(r, out))
+    write_model(r.run_dir / REPORT_FILE, report(r, out))
     r.progress.update(phase="done")
 
 
@@ -697,51 +698,52 @@ def trainable_params(model) -> tuple[int, int]:
     return trainable, total
 
 
-def report(r: Run, out: Path) -> dict:
+def report(r: Run, out: Path) -> Report:
+    """report.json (``runner.runfiles.Report``). ``r.before`` / ``r.after`` are this module's evaluation dicts."""
     trainable, total = trainable_params(r.model)
     weights = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     state = r.trainer.state
     losses = [h["loss"] for h in state.log_history if "loss" in h]
-    rep = {
-        "model": r.spec.model, "model_dir": str(r.model_dir), "method": r.spec.method,
-        "peft_variant": r.spec.peft.variant if r.spec.method != "full" else None,
-        "rank": r.spec.peft.r if r.spec.method != "full" else None,
-        "device": r.device, "precision": r.precision, "precision_requested": r.spec.precision,
-        "dataset": r.dataset_report.summary() | {"errors": [], "path": r.spec.dataset.path},
-        "train_rows": len(r.train_rows), "eval_rows": len(r.eval_rows),
-        "steps": state.global_step, "max_steps": state.max_steps, "epochs": state.epoch,
-        "train_seconds": round(r.train_seconds, 3), "train_tokens": r.train_tokens,
-        "tokens_per_s": r.train_tokens / r.train_seconds if r.train_seconds else None,
-        "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-        "eval_loss_before": r.before.get("eval_loss"), "eval_loss_after": r.after.get("eval_loss"),
-        "exact_match_before": r.before.get("exact_match"), "exact_match_after": r.after.get("exact_match"),
-        "answer_match_before": r.before.get("answer_match"), "answer_match_after": r.after.get("answer_match"),
-        "exact_match_rows": r.after.get("exact_match_rows", 0),
-        "samples": _merge_samples(r.before.get("samples", []), r.after.get("samples", [])),
-        "trainable_params": trainable, "total_params": total,
-        ("adapter_bytes" if r.spec.method != "full" else "model_bytes"): weights,
-        "output": str(out), "resumed_from": r.resume_from, "peak_memory": peak_memory().model_dump(),
-        "notes": r.notes,
-    }
-    rep["forgetting"] = _forgetting(r)
-    rep["intruder_dimensions"] = _intruders(r, out)
-    if r.adalora is not None:
-        rep["adalora_update_calls"] = r.adalora.calls
-        rep["adalora_rank_pattern"] = _rank_pattern(r.model)
-    return rep
+    adapter = r.spec.method != "full"
+    summary = r.dataset_report.summary()
+    dataset = DatasetSummary.model_validate(summary | {"token_length": summary["token_length"] or None,
+                                                        "errors": [], "path": r.spec.dataset.path})
+    forgetting = _forgetting(r)
+    intruders = _intruders(r, out)  # may add a note, so before the notes are taken
+    return Report(
+        model=r.spec.model, model_dir=str(r.model_dir), method=r.spec.method,
+        peft_variant=r.spec.peft.variant if adapter else None, rank=r.spec.peft.r if adapter else None,
+        device=r.device, precision=r.precision, precision_requested=r.spec.precision, dataset=dataset,
+        train_rows=len(r.train_rows), eval_rows=len(r.eval_rows),
+        steps=state.global_step, max_steps=state.max_steps, epochs=state.epoch,
+        train_seconds=round(r.train_seconds, 3), train_tokens=r.train_tokens,
+        tokens_per_s=r.train_tokens / r.train_seconds if r.train_seconds else None,
+        first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
+        eval_loss_before=r.before.get("eval_loss"), eval_loss_after=r.after.get("eval_loss"),
+        exact_match_before=r.before.get("exact_match"), exact_match_after=r.after.get("exact_match"),
+        answer_match_before=r.before.get("answer_match"), answer_match_after=r.after.get("answer_match"),
+        exact_match_rows=r.after.get("exact_match_rows", 0),
+        samples=_merge_samples(r.before.get("samples", []), r.after.get("samples", [])),
+        trainable_params=trainable, total_params=total,
+        adapter_bytes=weights if adapter else None, model_bytes=None if adapter else weights,
+        output=str(out), resumed_from=r.resume_from, peak_memory=peak_memory(), notes=r.notes,
+        forgetting=forgetting, intruder_dimensions=intruders,
+        adalora_update_calls=r.adalora.calls if r.adalora is not None else None,
+        adalora_rank_pattern=_rank_pattern(r.model) if r.adalora is not None else None,
+    )
 
 
-def _forgetting(r: Run) -> dict | None:
+def _forgetting(r: Run):
     """report.json "forgetting": general-text loss before/after/change (runner/forgetting.py), None if skipped."""
     from runner.forgetting import forgetting_report
 
     before, after = r.before.get("general_loss"), r.after.get("general_loss")
     if before is None and after is None:
         return None
-    return forgetting_report(before, after, tokens=r.after.get("general_tokens") or 0).model_dump()
+    return forgetting_report(before, after, tokens=r.after.get("general_tokens") or 0)
 
 
-def _intruders(r: Run, out: Path) -> dict | None:
+def _intruders(r: Run, out: Path):
     """report.json "intruder_dimensions" (runner/intruder.py): adapter runs from base + adapter files, full runs
     from the saved weights vs the base over the modules a LoRA run with this spec's targets would adapt."""
     from runner import intruder
@@ -750,11 +752,11 @@ def _intruders(r: Run, out: Path) -> dict | None:
         if r.spec.method == "full":
             targets = resolve_targets(r.model, r.spec.peft.target_modules)
             suffixes = None if targets == "all-linear" else list(targets)
-            return intruder.full_intruders(r.model_dir, out, suffixes).model_dump()
+            return intruder.full_intruders(r.model_dir, out, suffixes)
         if r.spec.peft.variant == "adalora":
             r.notes.append("intruder dimensions are not measured for AdaLoRA adapters")
             return None
-        return intruder.adapter_intruders(r.model_dir, out).model_dump()
+        return intruder.adapter_intruders(r.model_dir, out)
     except RunnerError as exc:  # the run itself succeeded; say why the figure is missing
         r.notes.append(f"intruder dimensions not measured: {exc}")
         return None
@@ -768,10 +770,10 @@ def _rank_pattern(model) -> dict | None:
     return {k: int(sum(bool(x) for x in v)) for k, v in pattern.items()}
 
 
-def _merge_samples(before: list[dict], after: list[dict]) -> list[dict]:
+def _merge_samples(before: list[dict], after: list[dict]) -> list[Sample]:
     merged = []
     for i, a in enumerate(after or before):
         b = before[i] if i < len(before) else {}
-        merged.append({"prompt": a.get("prompt"), "reference": a.get("reference"),
-                       "before": b.get("generated"), "after": a.get("generated") if after else None})
+        merged.append(Sample(prompt=a.get("prompt"), reference=a.get("reference"), before=b.get("generated"),
+                             after=a.get("generated") if after else None))
     return merged

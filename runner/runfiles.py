@@ -183,6 +183,9 @@ class Report(RunFile):
     eval_loss_after: float | None = None
     exact_match_before: float | None = None
     exact_match_after: float | None = None
+    answer_match_before: float | None = Field(None, description="share of held-out answers containing the "
+                                                              "reference (runner.recipe.answer_contains)")
+    answer_match_after: float | None = None
     exact_match_rows: int = 0
     samples: list[Sample] = Field(default_factory=list)
     trainable_params: int

@@ -8,15 +8,15 @@ The device queue runs the launches in order; ``sweep_rows`` reads each finished 
 
 from __future__ import annotations
 
-import json
 import secrets
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
 from runner.errors import RunnerError
-from runner.jobs import JobManager, read_metrics
+from runner.jobs import JobManager
 from runner.registry import RunRecord
+from runner.runfiles import METRICS_FILE, eval_rows, read_metrics, read_report
 from runner.spec import RunSpec
 
 #: Same bounds as ``PeftSettings.r``.
@@ -31,7 +31,8 @@ class SweepRow(BaseModel):
     alpha: float
     status: str
     trainable_params: int | None = Field(None, description="from the run's report.json")
-    final_eval_loss: float | None = Field(None, description="last eval row of metrics.jsonl (or report.json)")
+    final_eval_loss: float | None = Field(None, description="report.json eval_loss_after, else the last eval row "
+                                                            "of metrics.jsonl")
     adapter_bytes: int | None = Field(None, description="bytes on disk of adapter/*.safetensors")
     train_seconds: float | None = Field(None, description="report.json train time, else the run's wall time")
     reason: str | None = None
@@ -86,35 +87,19 @@ def adapter_weight_bytes(folder: Path) -> int | None:
     return sum(p.stat().st_size for p in files) if files else None
 
 
-def _report(run_dir: Path) -> dict:
-    try:
-        data = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _first(data: dict, *keys):
-    for key in keys:
-        if data.get(key) is not None:
-            return data[key]
-    return None
-
-
 def sweep_row(manager: JobManager, rec: RunRecord) -> SweepRow:
-    """Read one run folder into a table row."""
+    """Read one run folder into a table row: the report when the run finished, else its metrics so far."""
     run_dir = rec.run_dir
-    report = _report(run_dir)
-    evals = [m["eval_loss"] for m in read_metrics(run_dir / "metrics.jsonl")
-             if m.get("type") == "eval" and m.get("eval_loss") is not None]
-    eval_loss = _first(report, "eval_loss_after", "final_eval_loss")  # the final evaluation, when reported
+    report = read_report(run_dir)
+    evals = eval_rows(read_metrics(run_dir / METRICS_FILE))
+    eval_loss = report.eval_loss_after if report else None  # the final evaluation
     if eval_loss is None and evals:
-        eval_loss = evals[-1]
-    train_s = _first(report, "train_seconds", "train_runtime", "train_s")
+        eval_loss = evals[-1].eval_loss
+    train_s = report.train_seconds if report else None
     if train_s is None and rec.started_at and rec.ended_at:
         train_s = (rec.ended_at - rec.started_at).total_seconds()
     return SweepRow(run_id=rec.id, rank=rec.spec.peft.r, alpha=rec.spec.peft.alpha, status=rec.status,
-                    trainable_params=_first(report, "trainable_params", "trainable_parameters"),
+                    trainable_params=report.trainable_params if report else None,
                     final_eval_loss=eval_loss, adapter_bytes=adapter_weight_bytes(run_dir / "adapter"),
                     train_seconds=train_s, reason=rec.reason)
 

@@ -40,3 +40,19 @@ def tiny_qwen_dir(tmp_path_factory):
     from runner.tinymodel import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), arch="qwen2")
+
+
+@pytest.fixture
+def make_report():
+    """A ``runner.runfiles.Report`` with plausible required fields, for tests of what reads one; keyword
+    arguments set or override fields (validated: an unknown one is an error)."""
+    from runner.runfiles import DatasetSummary, Report
+
+    def make(**fields) -> Report:
+        base = dict(model="tiny", model_dir="/tmp/tiny", method="lora", rank=8, device="cpu", precision="fp32",
+                    precision_requested="auto", dataset=DatasetSummary(rows=10), train_rows=10, eval_rows=2,
+                    steps=4, max_steps=4, train_seconds=1.5, trainable_params=1000, total_params=100_000,
+                    adapter_bytes=4000, output="/tmp/run/adapter")
+        return Report.model_validate(base | fields)
+
+    return make

@@ -9,7 +9,6 @@ a grandchild in its own session, as torchrun does
 with its ranks, to test that cancel leaves no orphans).
 """
 
-import json
 import os
 import signal
 import subprocess
@@ -17,7 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from runner.runfiles import HEARTBEAT_FILE, RESULT_FILE, Heartbeat, Result, write_model
+from runner.runfiles import (HEARTBEAT_FILE, METRICS_FILE, REPORT_FILE, RESULT_FILE, DatasetSummary, EvalRow,
+                             Heartbeat, Report, Result, TrainRow, append_metrics, write_model)
+from runner.spec import RunSpec
 
 run_dir = Path(sys.argv[1])
 resume = "--resume" in sys.argv
@@ -37,9 +38,6 @@ signal.signal(signal.SIGTERM, lambda s, f: sys.exit(143))
 from runner.supervisor import register_worker  # noqa: E402  (after the handlers, as the real worker does)
 
 register_worker(run_dir)
-from runner.supervisor import register_worker  # noqa: E402  (after the handlers, as the real worker does)
-
-register_worker(run_dir)
 if mode == "child":
     subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
 start = 0
@@ -48,32 +46,36 @@ if resume:
     start = ckpts[-1] if ckpts else 0
     print(f"resuming from step {start}", flush=True)
 print(f"fake worker pid {os.getpid()} steps {steps}", flush=True)
-with open(run_dir / "metrics.jsonl", "a") as metrics:
-    for step in range(start + 1, steps + 1):
-        time.sleep(step_s)
-        row = {"type": "train", "step": step, "max_steps": steps, "loss": 3.0 / step, "tokens_per_s": 1000.0,
-               "eta_s": (steps - step) * step_s, "elapsed_s": step * step_s, "time": time.time()}
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
-        write_model(run_dir / HEARTBEAT_FILE, Heartbeat(pid=os.getpid(), step=step, max_steps=steps, phase="train",
-                                                        time=time.time()))
-        if step % 5 == 0 or stop["flag"]:
-            (run_dir / f"checkpoint-{step}").mkdir(exist_ok=True)
-        if mode == "hang" and step == 3:  # alive but silent: no more heartbeats
-            time.sleep(600)
-        if mode == "oom" and step == 3:
-            print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", flush=True)
-            result("failed", 5, "oom_step", "out of memory at step 3", "lower micro_batch_size")
-            sys.exit(5)
-        if stop["flag"]:
-            result("stopped", 6, "stopped", f"stopped and saved at step {step}", "resume it")
-            sys.exit(6)
-    metrics.write(json.dumps({"type": "eval", "step": steps, "eval_loss": 1.5}) + "\n")
-rank = json.loads((run_dir / "spec.json").read_text())["peft"]["r"]
+for step in range(start + 1, steps + 1):
+    time.sleep(step_s)
+    append_metrics(run_dir / METRICS_FILE, TrainRow(step=step, max_steps=steps, loss=3.0 / step,
+                                                     tokens_per_s=1000.0, eta_s=(steps - step) * step_s,
+                                                     elapsed_s=step * step_s, time=time.time()))
+    write_model(run_dir / HEARTBEAT_FILE, Heartbeat(pid=os.getpid(), step=step, max_steps=steps, phase="train",
+                                                    time=time.time()))
+    if step % 5 == 0 or stop["flag"]:
+        (run_dir / f"checkpoint-{step}").mkdir(exist_ok=True)
+    if mode == "hang" and step == 3:  # alive but silent: no more heartbeats
+        time.sleep(600)
+    if mode == "oom" and step == 3:
+        print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", flush=True)
+        result("failed", 5, "oom_step", "out of memory at step 3", "lower micro_batch_size")
+        sys.exit(5)
+    if stop["flag"]:
+        result("stopped", 6, "stopped", f"stopped and saved at step {step}", "resume it")
+        sys.exit(6)
+append_metrics(run_dir / METRICS_FILE, EvalRow(step=steps, max_steps=steps, eval_loss=1.5, time=time.time()))
+spec = RunSpec.load(run_dir / "spec.json")
+rank = spec.peft.r
 (run_dir / "adapter").mkdir(exist_ok=True)
 (run_dir / "adapter" / "adapter_model.safetensors").write_bytes(b"x" * (1000 * rank))  # size grows with rank
 (run_dir / "adapter" / "tokenizer.json").write_text("{}")
-(run_dir / "report.json").write_text(json.dumps({"trainable_params": 100 * rank, "eval_loss_after": 2.0 / rank,
-                                                 "train_seconds": steps * step_s}))
+write_model(run_dir / REPORT_FILE, Report(
+    model=spec.model, model_dir=spec.model, method=spec.method, peft_variant=spec.peft.variant, rank=rank,
+    device="cpu", precision="fp32", precision_requested=spec.precision,
+    dataset=DatasetSummary(format="prompt_completion", rows=steps, path=spec.dataset.path),
+    train_rows=steps, eval_rows=0, steps=steps, max_steps=steps, train_seconds=steps * step_s,
+    final_loss=3.0 / steps, eval_loss_after=2.0 / rank, trainable_params=100 * rank, total_params=10_000,
+    adapter_bytes=1000 * rank, output=str(run_dir / "adapter")))
 result("completed", 0)
 print("done", flush=True)

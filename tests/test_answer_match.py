@@ -39,11 +39,11 @@ def test_exact_and_answer_match_shares(monkeypatch):
     assert [s["match"] for s in out["samples"]] == [False, True, False, False]
 
 
-def test_demo_before_after_line():
+def test_demo_before_after_line(make_report):
     from runner.demo import before_after
 
-    rep = {"exact_match_before": 0.0, "exact_match_after": 1.0, "answer_match_before": 0.925,
-           "answer_match_after": 1.0, "eval_loss_before": 2.31, "eval_loss_after": 0.008, "exact_match_rows": 40}
+    rep = make_report(exact_match_before=0.0, exact_match_after=1.0, answer_match_before=0.925,
+                      answer_match_after=1.0, eval_loss_before=2.31, eval_loss_after=0.008, exact_match_rows=40)
     assert before_after(rep) == ("held-out (40 rows): exact match 0% -> 100%, answer match 92% -> 100%, "
                                  "eval loss 2.31 -> 0.008")
-    assert before_after({"eval_loss_before": None}) is None
+    assert before_after(make_report(eval_loss_before=None)) is None

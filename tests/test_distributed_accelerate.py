@@ -20,7 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from runner.jobs import JobManager, read_metrics
+from runner.jobs import JobManager
+from runner.runfiles import TrainRow, read_metrics
 from runner.spec import DatasetSpec, DistributionSpec, RunSpec
 from runner.supervisor import run_processes, worker_processes
 
@@ -57,8 +58,8 @@ def _wait_for(cond, timeout_s: float) -> bool:
     return False
 
 
-def _train_steps(run_dir: Path) -> list[dict]:
-    return [m for m in read_metrics(run_dir / "metrics.jsonl") if m.get("type") == "train"]
+def _train_steps(run_dir: Path) -> list[TrainRow]:
+    return [m for m in read_metrics(run_dir / "metrics.jsonl") if isinstance(m, TrainRow)]
 
 
 @pytest.mark.slow
@@ -96,7 +97,7 @@ def test_accelerate_two_ranks_stop_save_then_resume(manager, tmp_path, tiny_mode
     resumed = manager.resume(rec.id)
     done = manager.wait(resumed.id, timeout_s=400)
     assert done.status == "completed", (done.reason, manager.log_tail(rec.id, 80))
-    steps = [m["step"] for m in _train_steps(run_dir)]
+    steps = [m.step for m in _train_steps(run_dir)]
     assert steps[-1] == MAX_STEPS and stop_step + 1 in steps  # continued after the checkpoint, not from step 1
 
     # tokens are summed over both ranks (the Trainer's include_num_input_tokens_seen): this session ran

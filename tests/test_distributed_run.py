@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from runner.jobs import JobManager, read_metrics
+from runner.jobs import JobManager
+from runner.runfiles import TrainRow, read_metrics
 from runner.spec import DatasetSpec, DistributionSpec, RunSpec
 from runner.supervisor import run_processes
 
@@ -94,8 +95,8 @@ def _wait_for(cond, timeout_s: float) -> bool:
     return False
 
 
-def _train_steps(run_dir: Path) -> list[dict]:
-    return [m for m in read_metrics(run_dir / "metrics.jsonl") if m.get("type") == "train"]
+def _train_steps(run_dir: Path) -> list[TrainRow]:
+    return [m for m in read_metrics(run_dir / "metrics.jsonl") if isinstance(m, TrainRow)]
 
 
 def _hashes(run_dir: Path) -> dict[int, dict]:
@@ -122,8 +123,8 @@ def test_two_ranks_train_identical_adapters_rank0_writes(manager, tmp_path, tiny
     # The data is split between the ranks: a step consumes micro-batch x 2 ranks rows, so after 4 steps
     # 4 * 2 * 2 = 16 of the 20 training rows are seen -> epoch 0.8 (one rank alone would be at 0.4).
     steps = _train_steps(run_dir)
-    assert [m["step"] for m in steps] == [1, 2, 3, 4]  # rank 0 alone writes metrics: no duplicate lines
-    assert steps[-1]["epoch"] == pytest.approx(4 * MICRO_BATCH * NPROC / TRAIN_ROWS)
+    assert [m.step for m in steps] == [1, 2, 3, 4]  # rank 0 alone writes metrics: no duplicate lines
+    assert steps[-1].epoch == pytest.approx(4 * MICRO_BATCH * NPROC / TRAIN_ROWS)
     # Checkpoints every 2 steps; the final adapter by rank 0 equals what both ranks hold.
     assert (run_dir / "checkpoint-2").is_dir() and (run_dir / "checkpoint-4").is_dir()
     # The Trainer saves each rank's RNG state in a checkpoint: proof that both ranks took part in saving it.
@@ -165,7 +166,7 @@ def test_two_ranks_stop_save_then_resume(manager, tmp_path, tiny_model_dir):
     resumed = manager.resume(rec.id)
     done = manager.wait(resumed.id, timeout_s=400)
     assert done.status == "completed", (done.reason, manager.log_tail(rec.id, 80))
-    steps = [m["step"] for m in _train_steps(run_dir)]
+    steps = [m.step for m in _train_steps(run_dir)]
     assert steps[-1] == 30 and stop_step + 1 in steps  # continued after the checkpoint, not from step 1
     hashes = _hashes(run_dir)
     assert hashes[0]["sha256"] == hashes[1]["sha256"] and hashes[0]["step"] == 30

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from runner.jobs import JobManager, read_metrics
+from runner.jobs import JobManager
+from runner.runfiles import TrainRow, read_metrics
 from runner.spec import RunSpec
 from runner.supervisor import run_processes
 
@@ -57,7 +58,7 @@ def test_launch_returns_at_once_and_completes(manager, spec):
     done = manager.wait(rec.id, timeout_s=30)
     assert done.status == "completed", (done.reason, manager.log_tail(rec.id))
     assert done.exit_code == 0 and done.started_at and done.ended_at and done.ended_at >= done.started_at
-    steps = [m["step"] for m in manager.metrics(rec.id) if m["type"] == "train"]
+    steps = [m.step for m in manager.metrics(rec.id) if m.type == "train"]
     assert steps == list(range(1, 21))
     assert "fake worker pid" in manager.log_tail(rec.id)  # worker output goes to log.txt
     assert not run_processes(rec.id)
@@ -66,8 +67,8 @@ def test_launch_returns_at_once_and_completes(manager, spec):
 
 def test_metrics_tolerates_partial_last_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"type": "train", "step": 1}\n{"type": "train", "st')
-    assert read_metrics(path) == [{"type": "train", "step": 1}]
+    path.write_text('{"type": "train", "step": 1, "max_steps": 2}\n{"type": "train", "st')
+    assert read_metrics(path) == [TrainRow(step=1, max_steps=2)]
     assert read_metrics(tmp_path / "missing.jsonl") == []
 
 
@@ -116,7 +117,7 @@ def test_cancel_while_queued(manager, spec, monkeypatch):
 
 def test_sigkill_mid_run_is_failed_with_reason_and_resume_finishes(manager, spec):
     rec = manager.launch(spec)
-    assert _wait_for(lambda: any(m.get("step", 0) >= 7 for m in manager.metrics(rec.id)))
+    assert _wait_for(lambda: any(m.step >= 7 for m in manager.metrics(rec.id)))
     worker = manager.get(rec.id).worker_pid
     os.kill(worker, signal.SIGKILL)
     failed = manager.wait(rec.id, timeout_s=20)
@@ -134,7 +135,7 @@ def test_sigkill_mid_run_is_failed_with_reason_and_resume_finishes(manager, spec
 def test_stop_and_save_then_resume(manager, spec, monkeypatch):
     monkeypatch.setenv("FAKE_STEPS", "200")
     rec = manager.launch(spec)
-    assert _wait_for(lambda: any(m.get("step", 0) >= 3 for m in manager.metrics(rec.id)))
+    assert _wait_for(lambda: any(m.step >= 3 for m in manager.metrics(rec.id)))
     manager.stop_and_save(rec.id)
     stopped = manager.wait(rec.id, timeout_s=20)
     assert stopped.status == "stopped" and stopped.exit_code == 6

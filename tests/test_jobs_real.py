@@ -42,7 +42,7 @@ def _spec(model_dir, dataset, **kw) -> RunSpec:
 def _wait_step(manager, run_id, step, timeout_s=120.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if any(m.get("type") == "train" and m.get("step", 0) >= step for m in manager.metrics(run_id)):
+        if any(m.type == "train" and m.step >= step for m in manager.metrics(run_id)):
             return True
         if manager.get(run_id).finished:
             return False

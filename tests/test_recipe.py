@@ -65,6 +65,11 @@ def _check_run(run_dir, adapter=True):
     assert [x["step"] for x in train] == list(range(1, STEPS + 1))
     assert all(x["tokens_per_s"] > 0 and x["memory_bytes"] > 0 and x["max_steps"] == STEPS for x in train)
     assert any(x["type"] == "eval" for x in lines)
+    # what the real worker wrote reads back through the run-folder contract, field for field
+    from runner.runfiles import read_metrics, read_report
+
+    assert read_report(run_dir).model_dump(mode="json") == rep
+    assert [row.model_dump(mode="json") for row in read_metrics(run_dir / "metrics.jsonl")] == lines
     out = run_dir / ("adapter" if adapter else "model")
     assert (out / "tokenizer.json").is_file()
     if adapter:

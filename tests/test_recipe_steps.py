@@ -67,6 +67,6 @@ def test_report_peak_memory_is_a_named_peak(tiny_model_dir, dataset, tmp_path):
     with open("/proc/self/statm") as fh:
         resident = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     assert peak["bytes"] >= resident * 0.98  # statm is read after the report, so allow for pages freed since
-    from runner.callbacks import PeakMemory
+    from runner.runfiles import read_report
 
-    assert PeakMemory.model_validate(peak).bytes == peak["bytes"]
+    assert read_report(tmp_path / "run").peak_memory.bytes == peak["bytes"]  # the typed contract reads it back

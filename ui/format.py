@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from runner.runfiles import PeakMemory
+
 GIB = 1024**3  # bytes in a GiB: GPU memory is sold and reported by drivers in binary units
 _BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
@@ -78,12 +83,12 @@ def last_user_turn(prompt: str) -> str:
     return prompt.rsplit(marker, 1)[1].split("<|im_end|>", 1)[0].strip()
 
 
-#: What report.json's ``peak_memory.kind`` measures (runner/callbacks.py PeakMemory), as shown on the Runs page.
+#: What report.json's ``peak_memory.kind`` measures (runner/runfiles.py PeakMemory), as shown on the Runs page.
 PEAK_KINDS = {"cuda_max_allocated": "CUDA max allocated", "cpu_max_rss": "CPU max RSS"}
 
 
-def fmt_peak(peak: dict | None) -> str:
-    """report.json ``peak_memory`` ({"kind", "bytes"}) as e.g. '812.40 MiB (CPU max RSS)'. None -> '-'."""
-    if not peak:
+def fmt_peak(peak: PeakMemory | None) -> str:
+    """report.json ``peak_memory`` as e.g. '812.40 MiB (CPU max RSS)'. None -> '-'."""
+    if peak is None:
         return "-"
-    return f"{fmt_bytes(peak['bytes'])} ({PEAK_KINDS.get(peak['kind'], peak['kind'])})"
+    return f"{fmt_bytes(peak.bytes)} ({PEAK_KINDS[peak.kind]})"

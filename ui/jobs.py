@@ -1,9 +1,6 @@
-"""The job manager the pages share, plus small readers for the run folder's JSON files (formatting only)."""
+"""The job manager the pages share (the run folder's files are read through ``runner.runfiles``)."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import streamlit as st
 
@@ -25,16 +22,6 @@ def _manager(folder: str):
 def manager():
     """One JobManager per runs folder (it keeps no state in memory beyond the folder; safe to share)."""
     return _manager(str(runs_dir()))
-
-
-def read_json(path: Path) -> dict | None:
-    """A run folder's JSON file (report.json, result.json), or None while it is not written yet."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None  # being rewritten by the worker right now: the next refresh reads it
 
 
 def status_badge(status: str) -> str:
