@@ -1,0 +1,53 @@
+"""The estimator against GPU memory measured by others and published (data/validation/published_gpu_memory.csv).
+
+Every row is estimated in its own regime (method, dtype, master dtype, optimizer, adapter, batch, length,
+checkpointing, attention, GPUs, sharding) and estimate / measured must fall in the band of its kind
+(``estimator.validation.BANDS``: max_memory_allocated vs our allocated peak, max_memory_reserved vs our reserved
+peak, nvidia-smi vs what we say the card holds). The measured figures are independent: other people's runs on
+real GPUs, each row citing its source.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("torch")
+
+from estimator.validation import BANDS, compare, compare_all, kind_of, request_for, rows  # noqa: E402
+
+
+def test_table_is_well_formed_and_every_row_maps_to_a_request():
+    from estimator.catalog import resolve_model
+
+    table = rows()
+    assert len(table) >= 20
+    ids = [r["id"] for r in table]
+    assert len(ids) == len(set(ids))
+    for r in table:
+        assert r["source"].strip(), r["id"]  # every figure says where it comes from
+        assert r["measured"] in ("max_allocated", "max_reserved", "nvidia_smi"), r["id"]
+        assert int(float(r["value_bytes"])) > 2**30, r["id"]
+        assert kind_of(r) in BANDS
+        resolve_model(r["catalog_id"])  # a catalog id, no "config" placeholder
+        req, _ = request_for(r)
+        assert req.gpu == r["gpu"] and req.batch_size == int(r["batch"]) and req.seq_len == int(r["seq_len"])
+
+
+def test_issue_case_pure_bf16_full_is_within_one_percent():
+    """fms-acceleration, Mistral-7B full fine-tuning, pure bf16, 4 x 4096, checkpointing, one A100-80GB:
+    72,971,724,288 B max_memory_allocated; ours (pure bf16, the runner's regime) within 1%."""
+    row = next(r for r in rows() if r["id"] == "fms-full-bs4")
+    c = compare(row)
+    assert abs(c.ratio - 1) < 0.01, c
+
+
+@pytest.mark.slow
+def test_every_published_row_is_within_its_band():
+    """All rows (about 30 s with warm trace caches, a few minutes cold)."""
+    out = compare_all()
+    bad = [(c.id, c.kind, round(c.ratio, 3), BANDS[c.kind]) for c in out
+           if not BANDS[c.kind][0] <= c.ratio <= BANDS[c.kind][1]]
+    assert not bad, bad
+    # the goal of issue 10 on the runs whose regime we model: within 10% (worst row: QLoRA, -11.6%)
+    hf = [c.ratio for c in out if c.kind == "hf_allocated"]
+    assert sum(abs(r - 1) <= 0.10 for r in hf) >= len(hf) - 2
