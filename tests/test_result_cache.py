@@ -154,3 +154,25 @@ def test_torn_file_is_a_miss_and_cache_can_be_off(home, monkeypatch):
 
 def test_hub_ids_are_not_cached(home):
     assert result_cache.lookup(EstimateRequest(model="someone/some-model")) == (None, None)
+
+
+def test_lora_estimate_at_the_terminal_skips_bitsandbytes_with_the_same_figures(home):
+    """A terminal LoRA estimate keeps bitsandbytes (1.2 s of CPU at import) out of its process; its figures equal
+    an estimate made where bitsandbytes is loaded (this test process, through peft)."""
+    import bitsandbytes  # noqa: F401 - this side has it loaded, as the app does
+
+    from estimator.estimate import estimate
+
+    probe = ("import sys; from ftadvisor.cli import main; rc = main(sys.argv[1:]); "
+             "print('BNB', 'bitsandbytes' in sys.modules and sys.modules['bitsandbytes'] is not None, "
+             "file=sys.stderr); sys.exit(rc)")
+    env = {**os.environ, "FTADVISOR_HOME": str(home), "FTADVISOR_RESULT_CACHE": "0"}
+    out = subprocess.run([sys.executable, "-c", probe, *ARGS, "--json"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "BNB False" in out.stderr
+    theirs = json.loads(out.stdout)
+    ours = estimate(EstimateRequest(model="smollm2-135m", method="lora", rank=8, seq_len=64, gpu="l4")).to_json()
+    theirs.pop("trace_seconds")
+    ours.pop("trace_seconds")
+    assert theirs == ours
