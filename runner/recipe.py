@@ -27,7 +27,7 @@ from runner.callbacks import (AdaLoraCallback, MetricsCallback, Progress, StopOn
                               write_json)
 from runner.errors import RunnerError
 from runner.models import log_progress, resolve_model_dir
-from runner.runfiles import REPORT_FILE, DatasetSummary, Report, Sample, write_model
+from runner.runfiles import METRICS_FILE, REPORT_FILE, DatasetSummary, Report, Sample, write_model
 from runner.spec import RunSpec
 
 #: Eval rows used for exact match (greedy generation is the slow part of the report on CPU).
@@ -486,7 +486,7 @@ def _build_trainer(r: Run):
         optimizers = (_loraplus_optimizer(r, args), None)
     agree = distributed.any_rank if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     r.stopper = StopOnRequest(r.stop_flag, agree)
-    r.metrics = MetricsCallback(r.run_dir / "metrics.jsonl", r.progress, write=r.is_main)
+    r.metrics = MetricsCallback(r.run_dir / METRICS_FILE, r.progress, write=r.is_main)
     callbacks = [r.metrics, r.stopper]
     if spec.method != "full" and spec.peft.variant == "adalora":
         r.adalora = AdaLoraCallback(r.model)

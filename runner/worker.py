@@ -27,7 +27,7 @@ from ftcore.errors import UserError  # noqa: E402
 from runner import exitcodes  # noqa: E402
 from runner.callbacks import Heartbeat, Progress  # noqa: E402
 from runner.errors import RunnerError  # noqa: E402
-from runner.runfiles import RESULT_FILE, Result, write_model  # noqa: E402
+from runner.runfiles import HEARTBEAT_FILE, RESULT_FILE, Result, write_model  # noqa: E402
 
 #: Exit status after SIGTERM: 128 + signal number, the shell convention for "killed by signal".
 CANCEL_EXIT = 128 + signal.SIGTERM
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from runner.supervisor import register_worker
 
     register_worker(run_dir)  # now stop-and-save may signal this rank (runner/supervisor.py worker_processes)
-    heartbeat = Heartbeat(run_dir / "heartbeat.json", progress).start() if _is_main() else None
+    heartbeat = Heartbeat(run_dir / HEARTBEAT_FILE, progress).start() if _is_main() else None
     try:
         code = _run(run_dir, args.resume, stop_flag, progress)
     finally:
