@@ -27,6 +27,8 @@ REQUIRED_MODELS = {
     "llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b", "mistral-7b", "mixtral-8x7b", "qwen2.5-0.5b",
     "qwen2.5-1.5b", "qwen2.5-7b", "qwen2.5-14b", "qwen2.5-32b", "qwen2.5-72b", "gemma-2-2b", "gemma-2-9b",
     "gemma-2-27b", "phi-3-mini-4k", "tinyllama-1.1b", "smollm2-135m",
+    # MoE beyond Mixtral (issue 10): fine-grained experts, MLA with shared experts and dense first layers
+    "qwen3-30b-a3b", "olmoe-1b-7b", "deepseek-v2-lite", "deepseek-v3", "phi-3.5-moe",
 }
 REQUIRED_GPUS = {
     "rtx-3090", "rtx-4090", "rtx-a6000", "t4", "l4", "a10g", "l40s", "v100-32gb", "a100-40gb", "a100-80gb",
@@ -63,6 +65,22 @@ def test_meta_model_matches_published_parameter_count(model_id):
         assert abs(total - entry.published_params) <= ROUNDED_TOLERANCE * entry.published_params
     if model_id in REFERENCE_TOTALS:
         assert total == REFERENCE_TOTALS[model_id]
+
+
+# Parameters used per token, from sources independent of the meta model: Mistral's announcement for Mixtral
+# (12.9B, rounded), a recount of Qwen3-30B-A3B's checkpoint (3,353,032,704) and of DeepSeek-V3's config
+# (37,552,282,624 active; the paper says 37B).
+PUBLISHED_ACTIVE = {"qwen3-30b-a3b": 3_353_032_704, "deepseek-v3": 37_552_282_624}
+
+
+@pytest.mark.parametrize("model_id", sorted(PUBLISHED_ACTIVE))
+def test_moe_active_parameters_match_published_counts(model_id):
+    assert count_parameters(build_meta_model(resolve_model(model_id))).active == PUBLISHED_ACTIVE[model_id]
+
+
+def test_mixtral_active_parameters_are_the_announced_12_9b():
+    active = count_parameters(build_meta_model(resolve_model("mixtral-8x7b"))).active
+    assert abs(active - 12.9e9) <= 0.005 * 12.9e9
 
 
 def test_only_gpt3_uses_a_rounded_published_figure():
