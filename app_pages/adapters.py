@@ -230,7 +230,7 @@ with intr:
             ss["ad_intr_result"] = (names[which_i], rep)  # an IntruderReport
     if ss.get("ad_intr_result"):
         label, rep = ss["ad_intr_result"]
-        from runner.intruder import per_layer
+        from runner.intruder import layer_min_cos, per_layer
         from ui import charts
 
         s = rep.summary
@@ -238,8 +238,8 @@ with intr:
         m1.metric("Intruder dimensions", s.total)
         m2.metric("Modules with intruders", f"{s.modules_with_intruders} of {s.modules}")
         m3.metric("Per module", f"{s.mean_per_module:.2f}")
-        st.plotly_chart(charts.intruder_bars({label: per_layer(rep)}, rep.top_k, rep.epsilon),
-                        key="ad_intr_chart")
+        st.plotly_chart(charts.intruder_bars({label: per_layer(rep)}, rep.top_k, rep.epsilon,
+                                             {label: layer_min_cos(rep)}), key="ad_intr_chart")
         st.dataframe(pd.DataFrame([{"module": m.module, "intruders": m.intruders,
                                     "lowest max |cos|": min(m.max_cos), "||dW|| / ||W||": m.delta_norm_ratio}
                                    for m in rep.per_module]), hide_index=True, width="stretch")

@@ -6,7 +6,7 @@ Runs are durable (a folder + a registry row each); this page only reads them and
 import pandas as pd
 import streamlit as st
 
-from runner.intruder import per_layer
+from runner.intruder import layer_min_cos, per_layer
 from runner.runfiles import EvalRow, Report, TrainRow, eval_rows, read_report, train_rows
 from ui import charts, jobs, state
 from ui.errors import attempt
@@ -151,8 +151,8 @@ def _show_after_run(report: Report) -> None:
         f3.metric("Modules with intruders", f"{s.modules_with_intruders} of {s.modules}")
         layers = per_layer(intr)
         if layers:
-            st.plotly_chart(charts.intruder_bars({report.method: layers}, intr.top_k, intr.epsilon),
-                            key=f"intr_{report.output}")
+            st.plotly_chart(charts.intruder_bars({report.method: layers}, intr.top_k, intr.epsilon,
+                                                 {report.method: layer_min_cos(intr)}), key=f"intr_{report.output}")
 
 
 def _final_figures(rec) -> dict:
@@ -219,7 +219,8 @@ with compare:
         intr = {f"{name} ({rep.method})": per_layer(rep.intruder_dimensions) for name, rep in measured.items()}
         if intr:
             first = next(iter(measured.values())).intruder_dimensions
-            st.plotly_chart(charts.intruder_bars(intr, first.top_k, first.epsilon), key="cmp_intruders")
+            cos = {f"{name} ({rep.method})": layer_min_cos(rep.intruder_dimensions) for name, rep in measured.items()}
+            st.plotly_chart(charts.intruder_bars(intr, first.top_k, first.epsilon, cos), key="cmp_intruders")
             st.caption("Full fine-tuning is counted on the same modules a LoRA run with the spec's targets adapts "
                        "(tuned weight vs base weight). The seed article's claim: LoRA introduces intruder "
                        "dimensions, full fine-tuning does not (Shuttleworth et al. 2024).")

@@ -266,3 +266,14 @@ def per_layer(report: IntruderReport | None) -> dict[int, int]:
         if layer is not None:
             out[layer] = out.get(layer, 0) + row.intruders
     return out
+
+
+def layer_min_cos(report: IntruderReport | None) -> dict[int, float]:
+    """``{layer: lowest max |cos|}`` over the top-k tuned singular vectors of the layer's analysed modules: 1.0 when
+    the tuned top directions are the base's own, below epsilon where an intruder is."""
+    out: dict[int, float] = {}
+    for row in report.per_module if report else []:
+        layer = layer_of(row.module)
+        if layer is not None and row.max_cos:
+            out[layer] = min(out.get(layer, 1.0), min(row.max_cos))
+    return out

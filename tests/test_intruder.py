@@ -136,3 +136,13 @@ def test_full_run_compare(tiny_model_dir, tmp_path):
 def test_layer_of():
     assert intruder.layer_of("model.layers.12.self_attn.q_proj") == 12
     assert intruder.layer_of("lm_head") is None
+
+
+def test_per_layer_and_min_cos(tiny_model_dir, crafted):
+    rand = intruder.adapter_intruders(tiny_model_dir, crafted["random"])
+    counts, cos = intruder.per_layer(rand), intruder.layer_min_cos(rand)
+    assert set(counts) == set(cos) == {0, 1}
+    assert sum(counts.values()) == rand.summary.total
+    assert all(c < intruder.INTRUDER_EPSILON for c in cos.values())  # each layer has an intruder
+    aligned = intruder.layer_min_cos(intruder.adapter_intruders(tiny_model_dir, crafted["aligned"]))
+    assert all(c > 0.999 for c in aligned.values())
