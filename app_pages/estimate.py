@@ -84,6 +84,18 @@ with inputs:
     optimizer = c2.selectbox("Optimizer", ["adamw", "adamw-8bit", "paged-adamw-8bit", "sgd", "adafactor"],
                              key="opt", bind=QP)
     c1, c2 = st.columns(2)
+    regime = c1.selectbox("Full fine-tuning regime", ["fp32 master weights", "pure 16-bit"], key="regime",
+                          bind=QP, disabled=method != "full" or dtype == "fp32",
+                          help="fp32 master weights with 16-bit autocast (mixed precision), or pure 16-bit: "
+                               "weights, gradients and AdamW states in the precision above (torchtune, TRL with "
+                               "a bf16 model, LLaMA-Factory pure_bf16). --master-dtype on the command line.")
+    qlora_regime = c2.selectbox("QLoRA regime", ["paper", "peft-upcast"], key="qregime", bind=QP,
+                                disabled=method != "qlora",
+                                help="paper: norms fp32, embeddings and LM head in the compute dtype (the QLoRA "
+                                     "paper); peft-upcast: every non-quantized weight fp32 "
+                                     "(prepare_model_for_kbit_training). --qlora-regime on the command line.")
+    master_dtype = dtype if method == "full" and regime == "pure 16-bit" and dtype != "fp32" else "fp32"
+    c1, c2 = st.columns(2)
     batch = c1.number_input("Micro-batch per GPU", min_value=1, max_value=4096, value=1, key="batch", bind=QP)
     seq_len = c2.number_input("Sequence length (tokens)", min_value=1, max_value=1_048_576, value=512, step=128,
                               key="seq", bind=QP)
@@ -95,7 +107,8 @@ with inputs:
     default_gpu = "a100-80gb" if "a100-80gb" in gpu_ids else (gpu_ids[0] if gpu_ids else None)
     gpu_id = st.selectbox("GPU", gpu_ids, index=gpu_ids.index(default_gpu) if default_gpu else 0, key="gpu",
                           bind=QP)
-    st.caption(f"{gpu_by_id[gpu_id].name}: {fmt_bytes(gpu_by_id[gpu_id].memory_bytes)}, "
+    st.caption(f"{gpu_by_id[gpu_id].name}: {fmt_bytes(gpu_by_id[gpu_id].memory_bytes)} "
+               f"({fmt_bytes(gpu_by_id[gpu_id].usable_bytes)} usable, the nvidia-smi total), "
                f"${gpu_by_id[gpu_id].price_usd_per_hour:.2f} per hour")
     c1, c2 = st.columns(2)
     num_gpus = c1.number_input("GPUs", min_value=1, max_value=65536, value=1, key="n", bind=QP)
@@ -117,7 +130,8 @@ with inputs:
 
 # ---- the request ----------------------------------------------------------------------------------------------
 fields = dict(model=model_ref, method=method, rank=rank, alpha=alpha or None, targets=targets, dora=dora,
-              rslora=rslora, dtype=dtype, optimizer=optimizer, batch_size=batch, seq_len=seq_len,
+              rslora=rslora, dtype=dtype, master_dtype=master_dtype, qlora_regime=qlora_regime,
+              optimizer=optimizer, batch_size=batch, seq_len=seq_len,
               grad_checkpointing=grad_ckpt, attention=attention, gpu=gpu_id, num_gpus=num_gpus, sharding=sharding,
               offload=offload, examples=examples, tokens_per_example=tokens_per_example, epochs=epochs,
               mfu=mfu or None, price=price or None)
@@ -140,21 +154,38 @@ with results:
     m1, m2, m5 = st.columns(3)
     m3, m4, m6 = st.columns(3)
     m6.metric("Time", fmt_hours(est.compute.hours) if est.compute else "-", help="wall-clock for the data given")
-    m1.metric("Peak per GPU", fmt_bytes(mem.peak_bytes), help=f"Peak phase: {mem.peak_phase}")
-    m2.metric("GPU memory", fmt_bytes(est.gpu.memory_bytes))
+    m1.metric("Peak per GPU", fmt_bytes(mem.peak_bytes), help=f"What the card holds at the peak ({mem.peak_phase}): "
+              "reserved + CUDA context (+ NCCL)")
+    m2.metric("Usable GPU memory", fmt_bytes(est.gpu.usable_bytes or est.gpu.memory_bytes),
+              help=f"nvidia-smi total; datasheet {fmt_bytes(est.gpu.memory_bytes)}")
     m3.metric("Parameters", fmt_params(est.model.total_params))
     m4.metric("Trainable", fmt_params(est.model.trainable_params))
     m5.metric("Cost", fmt_usd(est.compute.cost_usd) if est.compute else "-",
               help="GPU-hours x price per GPU-hour")
+    a1, a2, a3, a4 = st.columns(4)
+    a1.metric("Allocated peak", fmt_bytes(mem.allocated_peak_bytes), help="tensors + cuBLAS workspaces: what "
+              "torch.cuda.max_memory_allocated reports")
+    a2.metric("Reserved peak", fmt_bytes(mem.reserved_peak_bytes), help="+ the caching allocator's cached and "
+              "fragmented blocks: what torch.cuda.max_memory_reserved reports")
+    a3.metric("Headroom", fmt_bytes(mem.headroom_bytes), help="kept free above the peak before calling it a fit")
+    a4.metric("Margin", ("-" if mem.margin_bytes < 0 else "") + fmt_bytes(abs(mem.margin_bytes)),
+              help="usable - headroom - peak; negative: does not fit")
+    if est.eval_memory is not None and est.host_memory is not None:
+        ev = est.eval_memory
+        st.caption(f"Eval phase: {fmt_bytes(ev.device_peak_bytes)} on the card ({ev.phase}, KV cache "
+                   f"{fmt_bytes(ev.kv_cache_bytes)}){'' if est.eval_fits else ' - does not fit'}. Host RAM per "
+                   f"process: {fmt_bytes(est.host_memory.peak_bytes)}.")
     if est.fits:
-        st.success(f"Fits: peak {fmt_bytes(mem.peak_bytes)} of {fmt_bytes(est.gpu.memory_bytes)} per GPU "
+        st.success(f"Fits: peak {fmt_bytes(mem.peak_bytes)} of {fmt_bytes(est.gpu.usable_bytes)} usable per GPU, "
+                   f"margin {fmt_bytes(mem.margin_bytes)} after {fmt_bytes(mem.headroom_bytes)} headroom "
                    f"(peak during {mem.peak_phase}).", icon=":material/check_circle:")
     else:
         hint = ""
         more, _ = attempt(estimates.smallest_gpu_count, req.model_copy(update={"sharding": "zero3"}))
         if more:
             hint = f" With ZeRO-3 it needs {more} x {est.gpu.name}."
-        st.error(f"Does not fit: peak {fmt_bytes(mem.peak_bytes)} > {fmt_bytes(est.gpu.memory_bytes)} per GPU "
+        st.error(f"Does not fit: peak {fmt_bytes(mem.peak_bytes)} + {fmt_bytes(mem.headroom_bytes)} headroom > "
+                 f"{fmt_bytes(est.gpu.usable_bytes)} usable per GPU "
                  f"(peak during {mem.peak_phase}).{hint} Try QLoRA, gradient checkpointing, a smaller "
                  "micro-batch or more GPUs with sharding.", icon=":material/block:")
 
@@ -175,7 +206,7 @@ with results:
                     failures[m] = message_of(exc)
                     continue
                 columns[estimates.METHOD_LABELS[m]] = e.memory.model_dump()
-            st.plotly_chart(charts.memory_bars(columns, est.gpu.memory_bytes, est.gpu.name), key="mem_chart")
+            st.plotly_chart(charts.memory_bars(columns, est.gpu.usable_bytes or est.gpu.memory_bytes, est.gpu.name), key="mem_chart")
             for m, msg in failures.items():
                 st.warning(f"{estimates.METHOD_LABELS[m]}: {msg}")
             rows = [{"part": k.removeprefix("memory.").removesuffix("_bytes").replace("_", " "),

@@ -751,7 +751,7 @@ def fitting_gpus(req: EstimateRequest) -> list[tuple[str, Estimate]]:
     for gpu in list_gpus():
         r = _with(req, gpu=gpu.id)
         if r.dtype == "bf16" and not gpu.bf16_support:
-            r = _with(r, dtype="fp16")
+            r = _with(r, dtype="fp16", master_dtype="fp16" if r.master_dtype != "fp32" else "fp32")
         out.append((gpu.id, estimate(r)))
     return out
 

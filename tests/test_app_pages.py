@@ -245,6 +245,18 @@ def test_estimate_a_larger_model_raises_the_peak():
     assert {m.label: m.value for m in large.metric}["Peak per GPU"] == fmt_bytes(_peak_bytes(large))
 
 
+def test_estimate_page_shows_allocated_reserved_headroom_and_the_regime_knob():
+    """Issue 10: the page shows allocated, reserved, headroom and margin; the full fine-tuning regime is a knob
+    (pure 16-bit halves weights and gradients, so the peak drops)."""
+    mixed = _estimate_page(model="qwen2.5-0.5b", method="full")
+    pure = _estimate_page(model="qwen2.5-0.5b", method="full", regime="pure 16-bit")
+    for at in (mixed, pure):
+        assert not at.exception and not _errors(at)
+        assert {"Allocated peak", "Reserved peak", "Headroom", "Margin"} <= {m.label for m in at.metric}
+    assert pure.selectbox(key="regime").value == "pure 16-bit"
+    assert _peak_bytes(pure) < _peak_bytes(mixed)
+
+
 def test_estimate_link_sets_the_knobs_and_every_tab_renders():
     for tab in ["Parameters", "Time and cost", "Which GPUs fit", "Ranks", "Storage", "Download"]:
         at = _estimate_page(model="qwen2.5-0.5b", method="qlora", gpu="rtx-4090", batch="2", tab=tab)

@@ -65,8 +65,9 @@ def estimate(req: EstimateRequest):
 
 
 def for_method(req: EstimateRequest, method: str):
-    """The same request with another method (full / lora / qlora)."""
-    return req.model_copy(update={"method": method})
+    """The same request with another method (full / lora / qlora); pure 16-bit is full fine-tuning's only."""
+    update = {"method": method} if method == "full" else {"method": method, "master_dtype": "fp32"}
+    return req.model_copy(update=update)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
