@@ -57,6 +57,18 @@ def test_one_epoch_is_one_epoch(tiny_model_dir, dataset, tmp_path, packing):
     assert rep["train_tokens"] == state.num_input_tokens_seen
 
 
+def test_gradient_accumulation_keeps_the_last_partial_update(tiny_model_dir, dataset, tmp_path):
+    """54 rows / batch 4 = 14 batches; with 4 accumulation steps the Trainer makes ceil(14 / 4) = 4 updates per
+    epoch (the last one from 2 batches). The old floor gave 3 steps and stopped at epoch 0.75."""
+    from runner import recipe
+
+    spec = RunSpec(model=str(tiny_model_dir), dataset=DatasetSpec(path=str(dataset), eval_fraction=0.1), epochs=1,
+                   micro_batch_size=BATCH, gradient_accumulation_steps=4, seq_len=64, save_steps=1000,
+                   precision="fp32", learning_rate=1e-3)
+    state = recipe.run(spec, tmp_path / "run").trainer.state
+    assert state.global_step == 4 and state.epoch == pytest.approx(1.0)
+
+
 def test_report_peak_memory_is_a_named_peak(tiny_model_dir, dataset, tmp_path):
     _run(tiny_model_dir, dataset, tmp_path / "run", packing=False)
     rep = json.loads((tmp_path / "run" / "report.json").read_text())
