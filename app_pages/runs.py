@@ -162,10 +162,9 @@ def _final_figures(rec) -> dict:
            "rank": rec.spec.peft.r if rec.method != "full" else None,
            "final loss": train[-1].loss if train else None,
            "final eval loss": evals[-1].eval_loss if evals else None,
-           "exact match": None, "answer match": None, "trainable params": "-", "adapter size": "-",
-           "train time": "-",
+           "exact match": None, "answer match": None,
            "general-text loss before": None, "general-text loss after": None, "forgetting (change)": None,
-           "intruder dimensions": None}
+           "intruder dimensions": None, "trainable params": "-", "adapter size": "-", "train time": "-"}
     if report is None:  # still running (or failed before the report): the metrics so far
         return row
     forget, intr = report.forgetting, report.intruder_dimensions
