@@ -176,7 +176,7 @@ def format_recommendation(rec) -> str:
     if rec.alternatives:
         lines.append("Alternatives:")
         for alt in rec.alternatives:
-            fig = f"peak {_gib(alt.peak_bytes)}, cost {_usd(alt.cost_usd)}"
+            fig = f"peak {_gib(alt.peak_bytes)}, cost {_usd(alt.cost_usd)}, at {alt.knobs}"
             lines.append(f"  - {alt.method}: {fig}; {alt.why_not}")
         lines.append("")
     if rec.warnings:

@@ -4,7 +4,9 @@ Flow (each step recorded as a ``Reason``):
 1. ``parse_answers``: validate, including the GPU and the model against the catalogs.
 2. ``walk_tree``: Q1..Q6 of the seed's decision tree; ``choose_method``: the method the rules want.
 3. ``configure``: rank, alpha, targets, learning rate, batch... for every method.
-4. Physics: each candidate becomes an ``EstimateRequest``; a candidate whose peak memory does not fit the GPUs,
+4. Physics: each candidate is the ``RunSpec`` it would launch, estimated through the one spec -> request mapping
+   (``runner.estimate_request``), so the figure shown is the figure of the run handed over; a candidate whose
+   peak memory does not fit the GPUs,
    or whose cost (all tasks) exceeds the budget, is rejected with the figure. The fallback ladder is walked from
    the wanted method: full -> LoRA -> QLoRA -> + gradient checkpointing -> + micro-batch 1 (same effective
    batch) -> + more GPUs sharded with ZeRO-3. The first rung that fits is the recommendation.
@@ -15,6 +17,7 @@ Flow (each step recorded as a ``Reason``):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -40,6 +43,8 @@ from advisor.rules import (
 MethodName = Literal["full", "lora", "qlora"]
 # The ladder's method order (issue #3, from the seed's memory ranking: full > LoRA > QLoRA).
 LADDER_METHODS: tuple[str, ...] = ("full", "lora", "qlora")
+#: Full fine-tuning's lean regimes, tried right after plain full fine-tuning and before any other method.
+LEAN_FULL_RUNGS: tuple[str, ...] = ("l_pure_bf16", "l_pure_bf16_8bit")
 # Renting: GPU counts tried on the "more GPUs" rung. One node of 8 is the seed's "GPU Cluster (8+ A100s)"
 # (Decision Framework, Q2) and the largest single-node NVLink box in the catalog (HGX, 8 GPUs).
 RENT_GPU_COUNTS: tuple[int, ...] = (2, 4, 8)
@@ -51,6 +56,15 @@ DEFAULT_OPTIMIZER = "adamw"
 # Run spec strategy for each estimator sharding name (runner.spec.DistributionSpec knows ddp | fsdp | zero2 | zero3;
 # ZeRO-1 is not offered there, so the next stage up, which saves at least as much memory, stands in).
 RUN_STRATEGY = {"none": "ddp", "ddp": "ddp", "zero1": "zero2", "zero2": "zero2", "zero3": "zero3", "fsdp": "fsdp"}
+# Processes per node when more GPUs than DistributionSpec.nproc_per_node allows (64) are given: the largest
+# divisor of the count up to 8, the GPUs of one HGX node (the catalog's largest single-node box).
+GPUS_PER_NODE = 8
+MAX_NPROC_PER_NODE = 64  # runner.spec.DistributionSpec.nproc_per_node's bound
+# The dataset is chosen at launch (Recommendation.to_run_spec); candidates carry this placeholder path.
+NO_DATASET = ""
+# The knobs the ladder turns for memory, besides the method itself: an alternative "at the winner's knobs" takes
+# these from the recommendation and keeps its own method settings (rank, optimizer, quantization).
+KNOBS = ("gradient_checkpointing", "micro_batch_size", "gradient_accumulation_steps", "sharding")
 
 
 class NothingFits(AdvisorError):
@@ -68,10 +82,18 @@ class Reason(Step):
 
 
 class Alternative(BaseModel):
-    """Another method, with its own figures and why it was not chosen."""
+    """Another method, with its own figures and why it was not chosen.
+
+    The figures are of one configuration, named in ``knobs``: the method's own first fitting rung of the ladder
+    (``at="own_rung"``) or the recommendation's knobs (``at="winner_knobs"``: checkpointing, micro-batch x
+    accumulation, sharding). A lighter method is never shown needing more than a heavier one because of
+    different knobs: such a pair is shown at the winner's knobs.
+    """
 
     method: MethodName
     rank: int | None
+    at: Literal["own_rung", "winner_knobs"] = Field(description="which configuration the figures are of")
+    knobs: str = Field(description="that configuration's knobs, e.g. 'checkpointing, micro-batch 4x4'")
     fits: bool = Field(description="peak memory fits the GPUs")
     within_budget: bool | None = Field(description="cost of all tasks within the budget (None: no cost figure)")
     peak_bytes: int | None
@@ -92,7 +114,8 @@ class Candidate(BaseModel):
     rung: str
     method: MethodName
     settings: dict[str, Any]
-    request: dict[str, Any]
+    spec: dict[str, Any] = Field(description="the RunSpec this candidate launches (dataset path chosen at launch)")
+    request: dict[str, Any] = Field(description="runner.estimate_request.estimate_request(spec) as JSON")
     fits: bool = False
     within_budget: bool = False
     peak_bytes: int | None = None
@@ -145,7 +168,8 @@ class Recommendation(BaseModel):
     cost_usd: float | None = Field(description="estimated cost of all tasks, USD")
     estimate: dict[str, Any] = Field(description="the estimator's JSON (Estimate.to_json) plus memory breakdown")
     storage: dict[str, Any] = Field(default_factory=dict, description="storage for the N tasks (estimator)")
-    request: dict[str, Any] = Field(description="the EstimateRequest behind the estimate")
+    request: dict[str, Any] = Field(description="the EstimateRequest behind the estimate (mapped from run_spec)")
+    run_spec: dict[str, Any] = Field(description="the RunSpec the estimate is of; to_run_spec adds the dataset")
     reasons: list[Reason]
     alternatives: list[Alternative]
     warnings: list[str]
@@ -159,36 +183,13 @@ class Recommendation(BaseModel):
         return EstimateRequest.model_validate(self.request)
 
     def to_run_spec(self, dataset_path: str, **overrides):
-        """A runner RunSpec that launches this recommendation as it is; ``overrides`` replace top-level fields."""
-        from runner.spec import DatasetSpec, DistributionSpec, PeftSettings, RunSpec
+        """The RunSpec whose estimate this is, training on ``dataset_path``; ``overrides`` replace top-level fields
+        (an override of a modelled field changes the run, so re-estimate it)."""
+        from runner.spec import RunSpec
 
-        peft = PeftSettings(
-            r=self.rank or PeftSettings().r,
-            alpha=self.alpha or PeftSettings().alpha,
-            dropout=self.dropout if self.dropout is not None else PeftSettings().dropout,
-            target_modules=self.target_modules or PeftSettings().target_modules,
-            use_rslora=self.rslora,
-            use_dora=self.dora,
-        )
-        spec = dict(
-            name=f"{self.method} {self.model}" + (f" r={self.rank}" if self.rank else ""),
-            model=self.model,
-            method=self.method,
-            peft=peft,
-            quantization=self.quantization,
-            optimizer=self.optimizer,
-            learning_rate=self.learning_rate,
-            epochs=self.epochs,
-            micro_batch_size=self.micro_batch_size,
-            gradient_accumulation_steps=self.gradient_accumulation_steps,
-            seq_len=self.seq_len,
-            gradient_checkpointing=self.gradient_checkpointing,
-            precision=self.dtype,
-            dataset=DatasetSpec(path=str(dataset_path)),
-            distribution=DistributionSpec(nproc_per_node=self.num_gpus, strategy=RUN_STRATEGY[self.sharding]),
-        )
-        spec.update(overrides)
-        return RunSpec.model_validate(spec)
+        data = dict(self.run_spec, dataset=dict(self.run_spec["dataset"], path=str(dataset_path)))
+        data.update(overrides)
+        return RunSpec.model_validate(data)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -253,36 +254,73 @@ def _settings_dict(settings: Settings) -> dict[str, Any]:
         gradient_accumulation_steps=int(v.get("gradient_accumulation_steps", 1)),
         sharding=v.get("sharding"),
         gradient_checkpointing=False,
+        pure_16bit=False,  # full fine-tuning in pure bf16 (master_dtype bf16): the lean full rungs set it
     )
 
 
-def _request(ctx: _Context, method: str, s: dict[str, Any], gpu, num_gpus: int):
-    from estimator.request import EstimateRequest
+def _distribution(num_gpus: int, sharding: str | None):
+    """The launch layout of ``num_gpus`` ranks: one node while DistributionSpec allows it, else nodes of the
+    largest divisor of the count up to GPUS_PER_NODE."""
+    from runner.spec import DistributionSpec
 
-    sharding = s["sharding"] or ("ddp" if num_gpus > 1 else "none")
-    if num_gpus == 1:
-        sharding = "none"
-    return EstimateRequest(
+    per_node = num_gpus
+    if num_gpus > MAX_NPROC_PER_NODE:
+        per_node = max(d for d in range(1, GPUS_PER_NODE + 1) if num_gpus % d == 0)
+    return DistributionSpec(nproc_per_node=per_node, nnodes=num_gpus // per_node,
+                            strategy=RUN_STRATEGY[sharding or "ddp"])
+
+
+def _run_spec(ctx: _Context, method: str, s: dict[str, Any], gpu, num_gpus: int):
+    """The RunSpec one candidate launches: the rung's settings ``s`` (``_settings_dict`` keys) for ``method`` on
+    ``num_gpus`` x ``gpu``. A setting that changes the run must be mapped here, or the estimate misses it."""
+    from runner.spec import DatasetSpec, PeftSettings, RunSpec
+
+    default = PeftSettings()
+    adapter = method != "full"
+    peft = PeftSettings(
+        r=s["rank"] or default.r,
+        alpha=s["alpha"] or default.alpha,
+        dropout=s["dropout"] if s["dropout"] is not None else default.dropout,
+        target_modules=s["target_modules"] or default.target_modules,
+        use_rslora=bool(s["rslora"] and adapter),
+        use_dora=bool(s["dora"] and adapter),
+    )
+    dist = _distribution(num_gpus, s["sharding"])
+    return RunSpec(
+        name=f"{method} {ctx.answers.model}" + (f" r={s['rank']}" if s["rank"] and adapter else ""),
         model=ctx.answers.model,
         method=method,
-        rank=s["rank"] or 16,
-        alpha=s["alpha"],
-        targets=s["target_modules"] or "attention-qv",
-        dora=s["dora"],
-        rslora=s["rslora"],
-        dropout=s["dropout"] if s["dropout"] is not None else 0.05,
-        dtype=_dtype_for(gpu),
+        peft=peft,
+        quantization="nf4" if method == "qlora" else "none",
         optimizer=s["optimizer"],
-        batch_size=s["micro_batch_size"],
-        seq_len=ctx.seq_len,
-        grad_checkpointing=s["gradient_checkpointing"],
-        gpu=gpu.id,
-        num_gpus=num_gpus,
-        sharding=sharding,
-        examples=ctx.answers.examples,
-        tokens_per_example=min(ctx.answers.tokens_per_example, ctx.seq_len),
+        learning_rate=s["learning_rate"],
         epochs=ctx.answers.epochs,
+        micro_batch_size=s["micro_batch_size"],
+        gradient_accumulation_steps=s["gradient_accumulation_steps"],
+        seq_len=ctx.seq_len,
+        gradient_checkpointing=s["gradient_checkpointing"],
+        precision=_dtype_for(gpu),
+        master_dtype=_master_dtype(method, s, gpu, dist),
+        dataset=DatasetSpec(path=NO_DATASET),
+        distribution=dist,
     )
+
+
+def _master_dtype(method: str, s: dict[str, Any], gpu, dist) -> str:
+    """bf16 for a lean full rung (pure bf16) where it can run: a card with bf16 (pure fp16 has no loss scaling)
+    and one process or DDP (FSDP and ZeRO keep their own fp32 master weights); else fp32 master weights."""
+    pure = s.get("pure_16bit") and method == "full" and gpu.bf16_support
+    if pure and (dist.world_size == 1 or dist.strategy == "ddp"):
+        return "bf16"
+    return "fp32"
+
+
+def _request(ctx: _Context, spec, gpu):
+    """The estimate of ``spec`` on ``gpu`` with the answers' data size: the one mapping, as every caller uses it."""
+    from runner.estimate_request import estimate_request
+
+    return estimate_request(spec, gpu=gpu.id, examples=ctx.answers.examples,
+                            tokens_per_example=ctx.answers.tokens_per_example)
 
 
 def _evaluate(ctx: _Context, rung: str, method: str, s: dict[str, Any], gpu, num_gpus: int) -> tuple[Candidate, Any]:
@@ -290,8 +328,10 @@ def _evaluate(ctx: _Context, rung: str, method: str, s: dict[str, Any], gpu, num
     from estimator.estimate import estimate
     from estimator.errors import EstimatorError
 
-    req = _request(ctx, method, s, gpu, num_gpus)
-    cand = Candidate(rung=rung, method=method, settings=dict(s, sharding=req.sharding), request=req.model_dump(mode="json"))
+    spec = _run_spec(ctx, method, s, gpu, num_gpus)
+    req = _request(ctx, spec, gpu)
+    cand = Candidate(rung=rung, method=method, settings=dict(s, sharding=req.sharding),
+                     spec=spec.model_dump(mode="json"), request=req.model_dump(mode="json"))
     where = f"{num_gpus}x {gpu.name}"
     try:
         est = estimate(req)
@@ -299,9 +339,9 @@ def _evaluate(ctx: _Context, rung: str, method: str, s: dict[str, Any], gpu, num
         cand.error = str(exc)
         cand.verdict = f"{method} on {where}: the estimator cannot model it ({exc})"
         return cand, None
-    cand.fits = bool(est.fits)
+    cand.fits = bool(est.fits) and bool(est.eval_fits)  # the eval phase (generation's KV cache) must fit too
     cand.peak_bytes = int(est.memory.peak_bytes)
-    cand.gpu_memory_bytes = int(est.gpu.memory_bytes)
+    cand.gpu_memory_bytes = int(est.gpu.usable_bytes or est.gpu.memory_bytes)  # what a process can fill
     compute = est.compute
     if compute is not None and compute.cost_usd is not None:
         cand.cost_usd = float(compute.cost_usd) * ctx.answers.num_tasks
@@ -310,7 +350,11 @@ def _evaluate(ctx: _Context, rung: str, method: str, s: dict[str, Any], gpu, num
     else:
         cand.within_budget = True
     label = _label(method, s)
-    if not cand.fits:
+    if est.fits and not est.eval_fits:
+        cand.verdict = (f"{label} trains in {_gib(cand.peak_bytes)} per GPU but its eval phase needs "
+                        f"{_gib(est.eval_memory.device_peak_bytes)} ({est.eval_memory.phase}); the {gpu.name} has "
+                        f"{_gib(est.gpu.usable_bytes)}")
+    elif not cand.fits:
         on = f" on {num_gpus} GPUs" if num_gpus > 1 else ""
         cand.verdict = (f"{label} needs {_gib(cand.peak_bytes)} per GPU{on} ({est.memory.peak_phase}); "
                         f"the {gpu.name} has {_gib(cand.gpu_memory_bytes)}")
@@ -329,8 +373,12 @@ def _label(method: str, s: dict[str, Any]) -> str:
     bits = []
     if s.get("rank"):
         bits.append(f"r={s['rank']}")
+    if s.get("pure_16bit"):
+        bits.append("pure bf16")
     if s.get("gradient_checkpointing"):
         bits.append("checkpointing")
+    if s.get("optimizer") in ("adamw-8bit", "paged-adamw-8bit"):
+        bits.append("8-bit AdamW")
     bits.append(f"micro-batch {s['micro_batch_size']}x{s['gradient_accumulation_steps']}")
     if s.get("sharding") in ("zero3", "fsdp"):
         bits.append(s["sharding"].upper() if s["sharding"] == "fsdp" else "ZeRO-3")
@@ -357,25 +405,35 @@ def _rungs(ctx: _Context, wanted: str) -> list[tuple[str, str, dict[str, Any], l
         one = [(ctx.gpu, a.num_gpus)]
         many = [(ctx.gpu, a.num_gpus)] if a.num_gpus > 1 else []
 
-    def variants(m: str):
-        base = _settings_dict(ctx.settings[m])
-        ckpt = dict(base, gradient_checkpointing=True)
-        small = dict(ckpt, micro_batch_size=1,  # same effective batch: micro x accumulation is kept
-                     gradient_accumulation_steps=ckpt["gradient_accumulation_steps"] * ckpt["micro_batch_size"])
-        out = [(f"l_{m}", m, base, one), ("l_checkpointing", m, ckpt, one)]
-        if base["micro_batch_size"] > 1:
-            out.append(("l_micro_batch", m, small, one))
-        if many and small["sharding"] != SHARDED:
-            out.append(("l_more_gpus", m, dict(small, sharding=SHARDED), many))
-        return out
-
-    per_method = {m: variants(m) for m in methods}
+    per_method = {m: _method_rungs(ctx, m, one, many) for m in methods}
     if a.rent_in_cloud:
         return [r for m in methods for r in per_method[m]]
     ordered = [per_method[m][0] for m in methods]
+    if methods[0] == "full":  # the lean full regimes come before giving up on full (issue 10)
+        ordered[1:1] = [r for r in per_method["full"] if r[0] in LEAN_FULL_RUNGS]
     for rung in ("l_checkpointing", "l_micro_batch", "l_more_gpus"):
         ordered += [r for m in methods for r in per_method[m] if r[0] == rung]
     return ordered
+
+
+def _method_rungs(ctx: _Context, m: str, one: list[tuple[Any, int]], many: list[tuple[Any, int]]
+                  ) -> list[tuple[str, str, dict[str, Any], list[tuple[Any, int]]]]:
+    """One method's rungs in order, each (rung id, method, settings dict, GPU choices): base -> checkpointing ->
+    micro-batch 1 (same effective batch) -> ZeRO-3 over more GPUs. Used by the ladder and by the alternatives."""
+    base = _settings_dict(ctx.settings[m])
+    ckpt = dict(base, gradient_checkpointing=True)
+    small = dict(ckpt, micro_batch_size=1,  # same effective batch: micro x accumulation is kept
+                 gradient_accumulation_steps=ckpt["gradient_accumulation_steps"] * ckpt["micro_batch_size"])
+    out = [(f"l_{m}", m, base, one)]
+    if m == "full":  # pure bf16 + checkpointing, then + 8-bit AdamW: what torchtune / TRL users train in
+        pure = dict(ckpt, pure_16bit=True)
+        out += [("l_pure_bf16", m, pure, one), ("l_pure_bf16_8bit", m, dict(pure, optimizer="adamw-8bit"), one)]
+    out.append(("l_checkpointing", m, ckpt, one))
+    if base["micro_batch_size"] > 1:
+        out.append(("l_micro_batch", m, small, one))
+    if many and small["sharding"] != SHARDED:
+        out.append(("l_more_gpus", m, dict(small, sharding=SHARDED), many))
+    return out
 
 
 def _walk_ladder(ctx: _Context, wanted: str) -> tuple[Candidate | None, Any, list[Candidate]]:
@@ -491,32 +549,37 @@ def recommend(answers: Answers | dict[str, Any]) -> Recommendation:
     storage = storage_for_tasks(est, answers.num_tasks)
     alternatives = _alternatives(ctx, method, wanted, tried, chosen)
     req = chosen.request
+    from runner.spec import RunSpec
+
+    spec = RunSpec.model_validate(chosen.spec)  # the settings shown are read back from the run handed over
+    adapter = method != "full"
 
     return Recommendation(
-        model=answers.model,
-        method=method,
-        rank=s["rank"],
-        alpha=s["alpha"],
-        dropout=s["dropout"],
-        target_modules=s["target_modules"],
-        rslora=s["rslora"] and method != "full",
-        dora=s["dora"] and method != "full",
-        quantization="nf4" if method == "qlora" else "none",
-        optimizer=s["optimizer"],
-        learning_rate=s["learning_rate"],
-        epochs=answers.epochs,
-        micro_batch_size=s["micro_batch_size"],
-        gradient_accumulation_steps=s["gradient_accumulation_steps"],
-        gradient_checkpointing=s["gradient_checkpointing"],
-        seq_len=seq_len,
-        dtype=req["dtype"],
+        model=spec.model,
+        method=spec.method,
+        rank=spec.peft.r if adapter else None,
+        alpha=spec.peft.alpha if adapter else None,
+        dropout=spec.peft.dropout if adapter else None,
+        target_modules=spec.peft.target_modules if adapter else None,
+        rslora=spec.peft.use_rslora,
+        dora=spec.peft.use_dora,
+        quantization=spec.quantization,
+        optimizer=spec.optimizer,
+        learning_rate=spec.learning_rate,
+        epochs=spec.epochs,
+        micro_batch_size=spec.micro_batch_size,
+        gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        gradient_checkpointing=spec.gradient_checkpointing,
+        seq_len=spec.seq_len,
+        dtype=spec.precision,
         sharding=req["sharding"],
-        num_gpus=req["num_gpus"],
+        num_gpus=spec.distribution.world_size,
         gpu=req["gpu"],
         cost_usd=chosen.cost_usd,
         estimate=estimate_json,
         storage=storage,
         request=req,
+        run_spec=chosen.spec,
         reasons=reasons,
         alternatives=alternatives,
         warnings=warnings,
@@ -606,60 +669,133 @@ def _conflicts(nodes: list[TreeNode], method_rule, method: str, wanted: str, tri
     return reasons, warnings
 
 
+_SHARDING_LABEL = {"ddp": "DDP", "zero1": "ZeRO-1", "zero2": "ZeRO-2", "zero3": "ZeRO-3", "fsdp": "FSDP"}
+
+
+def _knob_values(cand: Candidate) -> tuple:
+    return tuple(cand.settings.get(k) for k in KNOBS)
+
+
+def _knobs_text(cand: Candidate) -> str:
+    """The memory knobs of a candidate in words: 'checkpointing, micro-batch 4x4' (+ the sharding on >1 GPU)."""
+    s = cand.settings
+    bits = ["checkpointing" if s.get("gradient_checkpointing") else "no checkpointing",
+            f"micro-batch {s['micro_batch_size']}x{s['gradient_accumulation_steps']}"]
+    if cand.request["num_gpus"] > 1:
+        bits.append(_SHARDING_LABEL.get(s.get("sharding"), str(s.get("sharding"))))
+    if cand.method == "full" and s.get("pure_16bit"):  # the lean full rungs' regime (their own knobs)
+        bits.append("pure bf16" + (", 8-bit AdamW" if s.get("optimizer") in ("adamw-8bit", "paged-adamw-8bit")
+                                   else ""))
+    return ", ".join(bits)
+
+
+@dataclass
+class _Shown:
+    """One alternative method: its own first fitting rung (if any), at the winner's knobs, and which is shown."""
+
+    own: tuple[Candidate, Any] | None
+    winner: tuple[Candidate, Any]
+    at: Literal["own_rung", "winner_knobs"]
+
+    @property
+    def pick(self) -> tuple[Candidate, Any]:
+        return self.own if self.at == "own_rung" and self.own is not None else self.winner
+
+
 def _alternatives(ctx: _Context, method: str, wanted: str, tried: list[Candidate],
                   chosen: Candidate) -> list[Alternative]:
-    """The other methods, each at its base rung on the chosen GPUs, with figures and why not."""
-    from estimator.estimate import storage_for_tasks
+    """The other methods on the chosen GPUs, each at its own first fitting rung of the ladder (base ->
+    checkpointing -> micro-batch 1 -> ZeRO-3), or at the recommendation's knobs when it fits no rung, or when
+    its own rung would show a lighter method (QLoRA < LoRA < full) needing more memory than a heavier one."""
     from estimator.catalog import get_gpu
 
     gpu = get_gpu(chosen.request["gpu"])
     count = chosen.request["num_gpus"]
-    out = []
+    here = [(gpu, count)]
+    shown: dict[str, _Shown] = {}
     for m in LADDER_METHODS:
         if m == method:
             continue
-        s = _settings_dict(ctx.settings[m])
-        if ctx.answers.rent_in_cloud and count > 1 and m != "full":
-            s["sharding"] = s["sharding"] or "ddp"
-        cand, est = _evaluate(ctx, f"l_{m}", m, s, gpu, count)
-        storage = None
-        if est is not None:
-            st = storage_for_tasks(est, ctx.answers.num_tasks)
-            storage = _storage_bytes(st, m)
-        if cand.error:
-            why = cand.verdict
-        elif not cand.fits or not cand.within_budget:
-            why = "rejected: " + cand.verdict
-            if not cand.fits and m == wanted:  # the method the rules asked for: say what it would take
-                why += _lightest_note(ctx, m, s, gpu, count)
-        elif LADDER_METHODS.index(m) < LADDER_METHODS.index(wanted):
-            why = f"fits ({cand.verdict}), but the rules did not ask for it: {_rules_prefer(wanted, ctx)}"
-        elif LADDER_METHODS.index(m) > LADDER_METHODS.index(method):
-            why = (f"also fits ({cand.verdict}), but {method} "
-                   + ("is what the rules want, and it fits" if method == wanted else
-                      "fits too and is higher on the ladder (fewer trade-offs in quality)"))
-        else:
-            why = f"fits ({cand.verdict}), but the ladder stopped at {method}"
+        ok = first_fit = None
+        for rung, _, s, _ in _method_rungs(ctx, m, here, here if count > 1 else []):
+            cand, est = _evaluate(ctx, rung, m, s, gpu, count)
+            if cand.ok:
+                ok = (cand, est)
+                break
+            if cand.fits and cand.error is None and first_fit is None:
+                first_fit = (cand, est)  # fits the memory, over the budget: kept unless a later rung is in budget
+        own = ok or first_fit
+        at_winner = dict(_settings_dict(ctx.settings[m]), **{k: chosen.settings[k] for k in KNOBS})
+        shown[m] = _Shown(own=own, winner=_evaluate(ctx, "winner_knobs", m, at_winner, gpu, count),
+                          at="own_rung" if own is not None else "winner_knobs")
+    _keep_memory_order(method, chosen, shown)
+
+    from estimator.estimate import storage_for_tasks
+
+    out = []
+    for m, sh in shown.items():
+        cand, est = sh.pick
+        storage = _storage_bytes(storage_for_tasks(est, ctx.answers.num_tasks), m) if est is not None else None
         out.append(Alternative(
-            method=m, rank=s["rank"], fits=cand.fits, within_budget=cand.within_budget if cand.cost_usd else None,
-            peak_bytes=cand.peak_bytes, gpu_memory_bytes=cand.gpu_memory_bytes, gpu=gpu.id, num_gpus=count,
-            cost_usd=cand.cost_usd, hours=cand.hours, storage_bytes=storage, why_not=why,
+            method=m, rank=cand.settings["rank"], at=sh.at, knobs=_knobs_text(cand), fits=cand.fits,
+            within_budget=cand.within_budget if cand.cost_usd else None, peak_bytes=cand.peak_bytes,
+            gpu_memory_bytes=cand.gpu_memory_bytes, gpu=gpu.id, num_gpus=count, cost_usd=cand.cost_usd,
+            hours=cand.hours, storage_bytes=storage, why_not=_why_not(ctx, m, method, wanted, chosen, sh, gpu.name),
         ))
     return out
 
 
-def _lightest_note(ctx: _Context, method: str, s: dict[str, Any], gpu, count: int) -> str:
-    """Would the method fit with every memory saver (checkpointing, micro-batch 1, ZeRO-3 on several GPUs)?"""
-    light = dict(s, gradient_checkpointing=True, micro_batch_size=1,
-                 gradient_accumulation_steps=s["gradient_accumulation_steps"] * s["micro_batch_size"])
-    if count > 1:
-        light["sharding"] = SHARDED
-    cand, _ = _evaluate(ctx, "l_micro_batch", method, light, gpu, count)
-    if cand.ok:
-        return (f"; with gradient checkpointing and micro-batch 1{' and ZeRO-3' if count > 1 else ''} it would fit "
-                f"({_gib(cand.peak_bytes)}, {_usd(cand.cost_usd)}), but the ladder changes the method before it "
-                f"trades compute for memory")
-    return ""
+def _keep_memory_order(method: str, chosen: Candidate, shown: dict[str, _Shown]) -> None:
+    """Where a lighter method would be shown needing more memory than a heavier one at different knobs, show the
+    alternatives of that pair at the recommendation's knobs instead (at equal knobs the figures are physics)."""
+    for _ in LADDER_METHODS:  # each pass moves at least one alternative to the winner's knobs, or stops
+        def cand_of(m: str) -> Candidate:
+            return chosen if m == method else shown[m].pick[0]
+
+        moved = False
+        for i, heavy in enumerate(LADDER_METHODS):
+            for light in LADDER_METHODS[i + 1:]:
+                h, lt = cand_of(heavy), cand_of(light)
+                if h.peak_bytes is None or lt.peak_bytes is None or lt.peak_bytes <= h.peak_bytes:
+                    continue
+                if _knob_values(h) == _knob_values(lt):
+                    continue
+                for m in (heavy, light):
+                    if m != method and shown[m].at == "own_rung":
+                        shown[m].at = "winner_knobs"
+                        moved = True
+        if not moved:
+            return
+
+
+def _why_not(ctx: _Context, m: str, method: str, wanted: str, chosen: Candidate, sh: _Shown, gpu_name: str) -> str:
+    """Why the alternative ``m`` was not recommended, opening with which configuration its figures are of."""
+    cand, _ = sh.pick
+    same = _knob_values(cand) == _knob_values(chosen)
+    if sh.at == "own_rung":
+        where = f"At its own first fitting rung ({_knobs_text(cand)}" + (
+            ", the recommendation's knobs)" if same else ")")
+    else:
+        where = f"At the recommendation's knobs ({_knobs_text(cand)})"
+    if cand.error:
+        return f"{where}: {cand.verdict}"
+    if not cand.fits or not cand.within_budget:
+        why = f"{where}: rejected: {cand.verdict}"
+        own = sh.own[0] if sh.own is not None else None
+        if sh.at == "winner_knobs" and own is not None and own.ok:
+            why += (f". At its own first fitting rung ({_knobs_text(own)}) it fits ({_gib(own.peak_bytes)}, "
+                    f"{_usd(own.cost_usd)}), but the ladder tried {_label(method, chosen.settings)} first")
+        elif sh.at == "winner_knobs" and own is None and not cand.fits:
+            why += f". It fits no rung of the ladder on {cand.request['num_gpus']}x {gpu_name}"
+        return why
+    if LADDER_METHODS.index(m) < LADDER_METHODS.index(wanted):
+        return f"{where}: fits ({cand.verdict}), but the rules did not ask for it: {_rules_prefer(wanted, ctx)}"
+    if LADDER_METHODS.index(m) > LADDER_METHODS.index(method):
+        return (f"{where}: also fits ({cand.verdict}), but {method} "
+                + ("is what the rules want, and it fits" if method == wanted else
+                   "fits too and is higher on the ladder (fewer trade-offs in quality)"))
+    return (f"{where}: fits ({cand.verdict}), but the ladder tried {_label(method, chosen.settings)} first "
+            f"(it changes the method before it trades compute for memory)")
 
 
 def _rules_prefer(wanted: str, ctx: _Context) -> str:
@@ -747,8 +883,8 @@ def _what_would_fit(ctx: _Context, cand: Candidate) -> list[str]:
     for other in list_gpus():
         if other.memory_bytes <= gpu.memory_bytes:
             continue
-        try:
-            est = estimate(EstimateRequest.model_validate(dict(cand.request, gpu=other.id, dtype=_dtype_for(other))))
+        try:  # the same run on the other GPU: its precision follows the GPU (bf16 or fp16)
+            est = estimate(_request(ctx, _run_spec(ctx, cand.method, cand.settings, other, req.num_gpus), other))
         except EstimatorError:
             continue
         if est.fits:

@@ -165,13 +165,16 @@ with left:
                  hide_index=True, width="stretch", height="content")
 with right:
     st.subheader("Alternatives and why not")
+    st.caption("Each method at its own first fitting rung of the ladder, or at the recommendation's knobs "
+               "(checkpointing, micro-batch x accumulation, sharding) where that compares fairly; the knobs are named.")
     for a in rec.alternatives:
         name = estimates.METHOD_LABELS.get(a.method, a.method) + (f" (r = {a.rank})" if a.rank else "")
         fit = ":green-badge[fits]" if a.fits else ":red-badge[does not fit]"
         with st.container(border=True):
+            at = "its own first fitting rung" if a.at == "own_rung" else "the recommendation's knobs"
             st.markdown(f"**{name}** {fit} · peak {fmt_bytes(a.peak_bytes)} per GPU"
                         f"{f' of {fmt_bytes(a.gpu_memory_bytes)}' if a.gpu_memory_bytes else ''} · "
-                        f"cost {fmt_usd(a.cost_usd)}")
+                        f"cost {fmt_usd(a.cost_usd)} · at {at}: {a.knobs}")
             st.caption(a.why_not)
 
 with st.expander("Every rule that fired (with the seed's words)"):
