@@ -56,6 +56,7 @@ if st.session_state.get(state.LAUNCH_LOADED) != token:
         "ln_warmup": float(p["warmup_ratio"]), "ln_epochs": float(p["epochs"]), "ln_max_steps": p["max_steps"] or 0,
         "ln_mb": p["micro_batch_size"], "ln_ga": p["gradient_accumulation_steps"], "ln_seq": p["seq_len"],
         "ln_gc": p["gradient_checkpointing"], "ln_prec": p["precision"], "ln_attn": p["attention"],
+        "ln_master": p.get("master_dtype", "fp32"), "ln_qregime": p.get("qlora_regime", "paper"),
         "ln_save": p["save_steps"], "ln_eval": p["eval_steps"] or 0, "ln_seed": p["seed"], "ln_device": p["device"],
         "ln_nproc": d["nproc_per_node"], "ln_nnodes": d["nnodes"], "ln_strategy": d["strategy"],
         "ln_offload": d["offload"], "ln_launcher": d["launcher"], "ln_trust": p.get("trust_remote_code", False),
@@ -126,6 +127,12 @@ with form:
     c2.selectbox("Precision", ["bf16", "fp16", "fp32"], key="ln_prec", persist_state=SESSION)
     c3.selectbox("Attention", ["sdpa", "eager"], key="ln_attn", persist_state=SESSION)
     c4.selectbox("Device", ["auto", "cpu", "cuda"], key="ln_device", persist_state=SESSION)
+    c1, c2 = st.columns(2)
+    c1.selectbox("Master weights (full fine-tuning)", ["fp32", "bf16", "fp16"], key="ln_master",
+                 persist_state=SESSION, help="fp32: mixed precision with fp32 master weights; bf16/fp16: pure 16-bit "
+                                            "(weights, gradients and AdamW states), equal to Precision")
+    c2.selectbox("QLoRA regime", ["paper", "peft-upcast"], key="ln_qregime", persist_state=SESSION,
+                 help="paper: norms fp32, the rest in the compute dtype; peft-upcast: every non-quantized weight fp32")
     c1, c2, c3 = st.columns(3)
     c1.number_input("Checkpoint every N steps", 1, 10_000_000, key="ln_save", persist_state=SESSION)
     c2.number_input("Eval every N steps (0 = per epoch)", 0, 10_000_000, key="ln_eval", persist_state=SESSION)
@@ -190,6 +197,7 @@ spec_dict = {
     "warmup_ratio": ss["ln_warmup"], "epochs": ss["ln_epochs"], "max_steps": ss["ln_max_steps"] or None,
     "micro_batch_size": ss["ln_mb"], "gradient_accumulation_steps": ss["ln_ga"], "seq_len": ss["ln_seq"],
     "gradient_checkpointing": ss["ln_gc"], "precision": ss["ln_prec"], "attention": ss["ln_attn"],
+    "master_dtype": ss.get("ln_master", "fp32"), "qlora_regime": ss.get("ln_qregime", "paper"),
     "save_steps": ss["ln_save"], "eval_steps": ss["ln_eval"] or None, "seed": ss["ln_seed"],
     "device": ss["ln_device"], "trust_remote_code": trust,
     "distribution": {"nproc_per_node": ss["ln_nproc"], "nnodes": ss["ln_nnodes"],
