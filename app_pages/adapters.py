@@ -174,7 +174,8 @@ with exp:
     gtype = e2.radio("GGUF weights", ["f16", "q8_0"], key="ad_exp_gtype", horizontal=True, disabled=fmt != "gguf")
     verify = e3.checkbox("Read the GGUF back and compare logits", key="ad_exp_verify", disabled=fmt != "gguf",
                          help="loads the file with transformers' GGUF reader (about a minute for a 135M model)")
-    exp_name = st.text_input("Name of the export", safe_name(f"{names[which_e]}-{fmt}"), key="ad_exp_name")
+    exp_name = st.text_input("Name of the export", safe_name(f"{names[which_e]}-{fmt}"),
+                             key=f"ad_exp_name_{fmt}")  # one box per format, so the default follows the format
     if st.button("Export", icon=":material/ios_share:", key="ad_export"):
         ready()
         from runner import adapters as ra
@@ -210,9 +211,9 @@ with exp:
                     st.download_button(f"Download {zipped.name}", fh, file_name=zipped.name, key="ad_exp_dl",
                                        icon=":material/download:")
         st.markdown("**Serve it**")
-        st.code(res["serve"], language="bash")
+        st.code(res["serve"], language="bash", wrap_lines=True)
         st.markdown("**Or serve the adapter as it is with vLLM** (one base, adapters loaded per request)")
-        st.code(res["vllm_lora"]["command"], language="bash")
+        st.code(res["vllm_lora"]["command"], language="bash", wrap_lines=True)
 
 with intr:
     st.write("Intruder dimensions (Shuttleworth et al. 2024, arXiv:2410.21228): for each adapted weight, the top "
