@@ -135,6 +135,12 @@ def _pick(names: list[str], limit: int) -> list[str]:
     return [names[int(i * step)] for i in range(limit)]
 
 
+def _module_order(module: str) -> tuple[int, str]:
+    """Layer 2 before layer 10: by layer number, then by name."""
+    layer = layer_of(module)
+    return (-1 if layer is None else layer, module)
+
+
 def _lora_scale(cfg: dict, module: str) -> float:
     """alpha / r (alpha / sqrt(r) with rsLoRA), with peft's per-module rank_pattern / alpha_pattern."""
     r, alpha = cfg["r"], cfg["lora_alpha"]
@@ -184,8 +190,8 @@ def adapter_intruders(base_dir: str | Path, adapter_dir: str | Path, top_k: int 
         raise RunnerError(f"intruder dimensions are measured for LoRA-type adapters (got {cfg.get('peft_type')})",
                           field="adapter", fix="pass a LoRA, rsLoRA, DoRA or QLoRA adapter")
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    modules = sorted(k.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight") for k in tensors
-                     if k.endswith(".lora_A.weight"))
+    modules = sorted((k.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight") for k in tensors
+                      if k.endswith(".lora_A.weight")), key=_module_order)
     base = _Weights(resolve_model_dir(str(base_dir)))
     rows = []
     for module in _pick(modules, max_modules):
@@ -219,7 +225,7 @@ def full_intruders(base_dir: str | Path, tuned_dir: str | Path, module_suffixes:
         if module_suffixes and not any(module.endswith(s) for s in module_suffixes):
             continue
         modules.append(module)
-    modules.sort()
+    modules.sort(key=_module_order)
     rows = []
     for module in _pick(modules, max_modules):
         w0, w1 = base.get(f"{module}.weight"), tuned.get(f"{module}.weight")
