@@ -51,7 +51,7 @@ def build_tokenizer(vocab_size: int = 512):
 
 
 def tiny_config(arch: str = "llama", vocab_size: int = 512, hidden_size: int = 64, layers: int = 2):
-    """A small config of a real architecture (llama, qwen2 or gpt2)."""
+    """A small config of a real architecture (llama, qwen2, gpt2 or mixtral)."""
     from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
     if arch == "llama":
@@ -64,7 +64,14 @@ def tiny_config(arch: str = "llama", vocab_size: int = 512, hidden_size: int = 6
                            max_position_embeddings=512, tie_word_embeddings=True)
     if arch == "gpt2":
         return GPT2Config(vocab_size=vocab_size, n_embd=hidden_size, n_layer=layers, n_head=4, n_positions=512)
-    raise ValueError(f"arch must be llama, qwen2 or gpt2 (got {arch!r})")
+    if arch == "mixtral":  # MoE: 4 experts, 2 active, fused 3D expert weights in transformers 5
+        from transformers import MixtralConfig
+
+        return MixtralConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                             num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=512,
+                             tie_word_embeddings=False)
+    raise ValueError(f"arch must be llama, qwen2, gpt2 or mixtral (got {arch!r})")
 
 
 def build_tiny_model(folder: str | Path, arch: str = "llama", seed: int = 0, **config_kwargs) -> Path:
