@@ -2,8 +2,10 @@
 
 How (see ``shared/REFERENCE.md``, "Memory of one training step"):
 
-1. The model is the real transformers architecture with ``num_hidden_layers`` cut to 2 (3 when the layers
-   alternate types, e.g. Gemma-2's sliding/full attention), built on the meta device with the real peft
+1. The model is the real transformers architecture with ``num_hidden_layers`` cut to 2, or, when layers differ
+   (sliding/full attention of any ratio such as Gemma-2's 1:1 or Gemma-3's 5:1, dense layers before MoE ones as
+   in DeepSeek or Qwen-MoE), to layer 0 plus one layer of each other kind (``slice_config``), built on the meta
+   device with the real peft
    adapter, then materialised with ``to_empty(device="cpu")`` inside ``FakeTensorMode`` so that no byte is
    allocated. QLoRA's frozen Linears are replaced by a module that stores exactly what bitsandbytes stores
    (NF4 + double quantization) and runs the same ops as bitsandbytes' training path on CUDA
@@ -14,8 +16,9 @@ How (see ``shared/REFERENCE.md``, "Memory of one training step"):
 3. Markers (forward pre-hooks of each decoder layer, gradient hooks on each layer's output) cut the step
    into segments: pre, layer 0, layer 1, post (forward), then the same backwards. For each segment we keep
    the change in live bytes, the peak above its start and its FLOPs.
-4. The full model's step is the slice's segments replayed with layer 1 repeated ``L - 1`` times (exact: every
-   layer after the first runs the same ops on the same shapes). ``extrapolate`` returns activations held at
+4. The full model's step is the slice's segments replayed, each layer after the first by its slice twin of the
+   same kind (exact: layers of one kind run the same ops on the same shapes). MoE experts run in transformers'
+   grouped layout, whose tensors are sized by tokens x top_k whatever the routing (``estimator/experts.py``). ``extrapolate`` returns activations held at
    the end of the forward pass, the forward/backward peak above the weights, and the FLOPs of one micro-step.
 
 The step traced is the one the runner runs with HF Trainer: weights as stored (fp32 master weights for full
@@ -821,8 +824,10 @@ def trace_slice(config, settings: TraceSettings) -> SliceTrace:
         raise
     except TraceError:
         raise
-    except (RuntimeError, NotImplementedError, TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
-        # unsupported op under fake tensors, data-dependent control flow (MoE routing), ...
+    except (RuntimeError, NotImplementedError, TypeError, ValueError, AttributeError, KeyError, IndexError,
+            AssertionError, ArithmeticError) as exc:
+        # unsupported op under fake tensors, data-dependent control flow, a fake kernel's shape assertion
+        # (transformers' grouped_mm fallback asserts), ...: the caller notes it and uses the formula
         raise TraceError(f"{type(exc).__name__}: {exc}") from exc
     finally:
         fake_log.setLevel(old_level)
