@@ -203,7 +203,8 @@ def peft_remapped_names(model) -> set[str]:
     """
     from estimator.experts import fused_experts
 
-    if not fused_experts(model):
+    quantized = any(type(m).__name__ == "NF4Experts" for m in model.modules())  # the runner's QLoRA experts
+    if not fused_experts(model) and not quantized:
         return set()
     try:
         from peft.utils import transformers_weight_conversion as conv

@@ -259,3 +259,24 @@ def test_runner_qlora_builder_quantizes_the_experts_and_trains(tmp_path):
     assert all(".lora_" in n for n, p in model.named_parameters() if p.grad is not None)
     est = estimate(EstimateRequest(model=str(folder), method="qlora", batch_size=1, seq_len=16))
     assert est.memory.weights_bytes == stored
+
+
+def test_presets_resolve_the_same_before_and_after_the_expert_swap():
+    """The runner resolves targets after quantize_fused_experts, the estimator on the fused meta model: one
+    resolution (estimator.params.resolve_targets) must give both the same names (OLMoE: peft would move
+    gate/up/down_proj onto the experts, so all-linear is the attention Linears either way)."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, OlmoeConfig
+
+    from estimator.params import PRESETS, resolve_targets
+    from runner.experts import quantize_fused_experts
+
+    cfg = OlmoeConfig(vocab_size=256, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2,
+                      max_position_embeddings=512, eos_token_id=1, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    before = {p: resolve_targets(model, p) for p in PRESETS}
+    assert quantize_fused_experts(model, torch.bfloat16)[0] == 2
+    assert {p: resolve_targets(model, p) for p in PRESETS} == before
+    assert before["all-linear"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
