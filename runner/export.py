@@ -64,12 +64,15 @@ DEFAULT_RDZV_PORT = 29500
 # --------------------------------------------------------------------------------------------------- public
 
 
-def export_bundle(spec: RunSpec, out_dir: Path, zip: bool = False, *, overwrite: bool = False) -> Path:
+def export_bundle(spec: RunSpec, out_dir: Path, zip: bool = False, *, overwrite: bool = False,
+                  gpu: str | None = None) -> Path:
     """Write the bundle folder ``out_dir``; returns it, or the ``.zip`` next to it when ``zip`` is true.
 
     Refuses a non-empty folder that is not an earlier bundle (RunnerError on field ``output``) unless
-    ``overwrite``. Never touches the network.
+    ``overwrite``. ``gpu`` (a GPU catalog id) adds the per-GPU memory estimate of this spec to the README; a GPU
+    or spec the estimator refuses raises its UserError before anything is written. Never touches the network.
     """
+    estimate = memory_lines(spec, gpu) if gpu else None
     out_dir = Path(out_dir).expanduser().resolve()
     _prepare_folder(out_dir, overwrite)
     portable, notes = portable_spec(spec, out_dir)
@@ -80,7 +83,8 @@ def export_bundle(spec: RunSpec, out_dir: Path, zip: bool = False, *, overwrite:
     (out_dir / "requirements.txt").write_text(reqs, encoding="utf-8")
     _write_executable(out_dir / "launch.sh", launch_script(portable))
     _write_executable(out_dir / "slurm.sbatch", slurm_script(portable))
-    (out_dir / "README.md").write_text(readme(portable, [p.name for p in configs], notes), encoding="utf-8")
+    text = readme(portable, [p.name for p in configs], notes, estimate=estimate)
+    (out_dir / "README.md").write_text(text, encoding="utf-8")
     (out_dir / MARKER).write_text("finetune-advisor export bundle\n", encoding="utf-8")
     if not zip:
         return out_dir
@@ -291,7 +295,20 @@ srun --kill-on-bad-exit=1 bash -c 'torchrun \\
 """
 
 
-def readme(spec: RunSpec, configs: list[str], notes: list[str]) -> str:
+def memory_lines(spec: RunSpec, gpu: str) -> list[str]:
+    """README lines with the per-GPU estimate of ``spec`` on catalog GPU ``gpu``, through the one spec -> request
+    mapping (runner.estimate_request) the app and the advisor use."""
+    from estimator.estimate import estimate
+    from runner.estimate_request import estimate_request
+
+    est = estimate(estimate_request(spec, gpu=gpu))
+    gib = 2 ** 30
+    verdict = "fits" if est.fits else "does not fit"
+    return [f"- peak {est.memory.peak_bytes / gib:.1f} GiB per GPU of {est.gpu.memory_bytes / gib:.1f} GiB on "
+            f"{est.gpu.count} x {est.gpu.name} ({verdict}; peak during {est.memory.peak_phase})"]
+
+
+def readme(spec: RunSpec, configs: list[str], notes: list[str], estimate: list[str] | None = None) -> str:
     """The bundle's README: what it is, install, launch (one node, several, SLURM), where the results go."""
     dist = spec.distribution
     strategy = {"ddp": "DDP (each GPU holds a full replica)", "fsdp": "FSDP full shard (FSDP2)",
@@ -338,6 +355,8 @@ def readme(spec: RunSpec, configs: list[str], notes: list[str]) -> str:
         "Change the number of processes or nodes by exporting again: the DeepSpeed batch size and the accelerate "
         "config are computed from them.",
     ]
+    if estimate:
+        lines += ["", "## Memory estimate (finetune-advisor's estimator)"] + estimate
     if notes:
         lines += ["", "## Check before running"] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"

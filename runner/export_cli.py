@@ -15,6 +15,7 @@ def register(subparsers) -> None:
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="bundle folder to write (new or empty)")
     p.add_argument("--zip", action="store_true", help="also write DIR.zip")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    p.add_argument("--gpu", metavar="ID", help="GPU catalog id: put this spec's per-GPU memory estimate in the README")
     p.set_defaults(func=export_command)
 
 
@@ -31,7 +32,7 @@ def export_command(args) -> int:
                           fix="give the path of a spec.json (a run folder holds one)")
     spec = RunSpec.load(spec_path)
     _check_model_name(spec.model)
-    result = export_bundle(spec, Path(args.output), zip=args.zip, overwrite=args.force)
+    result = export_bundle(spec, Path(args.output), zip=args.zip, overwrite=args.force, gpu=args.gpu)
     folder = Path(args.output).expanduser().resolve()
     print(f"bundle: {folder}")
     if args.zip:
