@@ -528,7 +528,10 @@ def _moe_notes(req: EstimateRequest, inv: Inventory) -> list[str]:
     notes = ["MoE: routed experts are fused 3D weights (transformers 5), run in the grouped layout whose tensors "
              "are all sized by tokens x top_k, so the traced activations hold for any routing; FLOPs count the "
              "top-k active experts (plus shared experts); presets never adapt routed experts"]
-    if req.method == "qlora":
+    if req.method == "qlora" and any(len(t.shape) == 3 for t in inv.tensors):
+        notes.append("QLoRA on MoE: this architecture's experts (biases, interleaved gate/up or a post-expert norm) "
+                     "are not quantized by the runner and stay 3D tensors in the load dtype, counted so here")
+    elif req.method == "qlora":
         notes.append("QLoRA on MoE: transformers' 4-bit loader leaves the fused experts unquantized; the runner "
                      "quantizes each expert matrix to NF4 after loading (runner/experts.py), counted that way here")
     return notes
