@@ -1,8 +1,15 @@
-"""GPU check: measured peak memory of the runner's full, LoRA and QLoRA paths vs the estimator's prediction.
+"""GPU check: measured peak memory of the runner's regimes vs the estimator's prediction.
+
+Cases (``CASES``): full fine-tuning with fp32 master weights and in pure bf16, LoRA, QLoRA in the paper's regime
+and with peft's fp32 upcast, and LoRA on an MoE (Mixtral's shape). Each case trains in a fresh process, so
+``torch.cuda.max_memory_allocated`` and ``max_memory_reserved`` start from zero and are compared with the
+estimate's allocated and reserved peaks (error of each printed). The rows are stored with the GPU's name, the
+library versions and the date (``--store``, default ``data/validation/gpu_check/<date>-<gpu>.json``).
 
 Run on a machine with one CUDA GPU (no network needed):
 
     python benchmarks/gpu_check.py [--model llama-2-7b] [--layers 2] [--batch 4] [--seq-len 512] [--steps 3]
+        [--cases full,full-bf16,lora,qlora,qlora-upcast,moe-lora] [--store PATH]
 
 It builds a 2-layer slice of a real architecture (the catalog model's config.json with ``num_hidden_layers``
 cut to ``--layers``; random weights, fixed seed; a small locally trained tokenizer, whose ids are valid in the
@@ -23,6 +30,7 @@ import argparse
 import gc
 import json
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +40,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 #: Methods the runner implements, each with its own build path in runner/recipe.py.
 METHODS = ("full", "lora", "qlora")
+#: case -> (method, master_dtype, qlora_regime, model override or None): the regimes issue 10 asks to check.
+CASES = {
+    "full": ("full", "fp32", "paper", None),
+    "full-bf16": ("full", "bf16", "paper", None),
+    "lora": ("lora", "fp32", "paper", None),
+    "qlora": ("qlora", "fp32", "paper", None),
+    "qlora-upcast": ("qlora", "fp32", "peft-upcast", None),
+    "moe-lora": ("lora", "fp32", "paper", "mixtral-8x7b"),
+}
 #: Words for the synthetic training text (any text works: each row is cut to exactly seq_len tokens).
 WORDS = ("the a model data train loss rank adapter memory token review good bad great poor movie service product "
          "what is of and to in for on with user assistant system plus minus equals").split()
@@ -44,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4, help="micro-batch (sequences)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per method")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of full,lora,qlora")
+    parser.add_argument("--methods", default=None, help="(old name of --cases) subset of full,lora,qlora")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
+    parser.add_argument("--store", type=Path, default=None, help="where the results are stored (default "
+                        "data/validation/gpu_check/<date>-<gpu>.json; 'none' to skip)")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: one case
     parser.add_argument("--gpu", default="h200-141gb", help="GPU catalog id for the estimate (memory size only "
                                                               "matters for 'fits')")
     parser.add_argument("--smoke", action="store_true", help="CPU plumbing check with a tiny model")
@@ -57,24 +78,73 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device: skipped")
         return 0
     device = "cpu" if args.smoke else "cuda"
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
+    cases = [m.strip() for m in (args.methods or args.cases).split(",") if m.strip()]
+    unknown = sorted(set(cases) - set(CASES))
     if unknown:
-        parser.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+        parser.error(f"--cases: unknown {unknown}; choose from {', '.join(CASES)}")
+    if args.one:
+        return _child(args, device)
 
     work = Path(tempfile.mkdtemp(prefix="ftadvisor-gpu-check-"))
-    model_dir = build_slice(work / "model", args.model, args.layers, smoke=args.smoke)
-    data = write_dataset(work / "train.jsonl", rows=max(8, args.batch * (args.steps + 1)),
-                         words_per_row=args.seq_len * 2)
     rows = []
-    for method in methods:
-        rows.append(measure(method, model_dir, data, work / f"run-{method}", args, device))
+    for case in cases:
+        out = work / f"{case}.json"
+        cmd = [sys.executable, __file__, "--one", case, "--json", str(out), "--model", args.model, "--layers",
+               str(args.layers), "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps",
+               str(args.steps), "--gpu", args.gpu] + (["--smoke"] if args.smoke else [])
+        done = subprocess.run(cmd, check=False)
+        if done.returncode != 0 or not out.is_file():
+            rows.append({"case": case, "error": f"exit status {done.returncode}"})
+            print(f"{case}: failed (exit status {done.returncode})", flush=True)
+            continue
+        rows.append(json.loads(out.read_text()))
         print(format_row(rows[-1]), flush=True)
     print()
-    print(format_table(rows, args, device))
+    print(format_table([r for r in rows if "error" not in r], args, device))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    if str(args.store).lower() != "none" and not args.smoke:
+        path = store(rows, args)
+        print(f"\nstored in {path}")
     return 0
+
+
+def _child(args, device: str) -> int:
+    """One case in this (fresh) process: build its model slice, train, write its row to ``args.json``."""
+    method, master, regime, model = CASES[args.one]
+    work = Path(tempfile.mkdtemp(prefix=f"ftadvisor-gpu-check-{args.one}-"))
+    model_dir = build_slice(work / "model", model or args.model, args.layers, smoke=args.smoke)
+    data = write_dataset(work / "train.jsonl", rows=max(8, args.batch * (args.steps + 1)),
+                         words_per_row=args.seq_len * 2)
+    row = measure(method, model_dir, data, work / "run", args, device, master_dtype=master, qlora_regime=regime)
+    row.update(case=args.one, model=model or args.model)
+    args.json.write_text(json.dumps(row, indent=2) + "\n")
+    return 0
+
+
+def store(rows: list[dict], args) -> Path:
+    """The results with the GPU, the library versions and the date, as data (``data/validation/gpu_check``)."""
+    import datetime
+    import importlib.metadata as md
+
+    import torch
+
+    versions = {}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    today = datetime.date.today().isoformat()
+    path = args.store or (Path(__file__).resolve().parents[1] / "data" / "validation" / "gpu_check"
+                          / f"{today}-{gpu.replace(' ', '_')}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"date": today, "gpu": gpu, "cuda": torch.version.cuda, "versions": versions,
+               "settings": {"model": args.model, "layers": args.layers, "batch": args.batch,
+                            "seq_len": args.seq_len, "steps": args.steps}, "rows": rows}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
 
 
 def build_slice(folder: Path, model_id: str, layers: int, *, smoke: bool) -> Path:
@@ -117,28 +187,32 @@ def write_dataset(path: Path, rows: int, words_per_row: int) -> Path:
     return path
 
 
-def make_spec(method: str, model_dir: Path, data: Path, args, device: str):
+def make_spec(method: str, model_dir: Path, data: Path, args, device: str, master_dtype: str = "fp32",
+              qlora_regime: str = "paper"):
     from runner.spec import DatasetSpec, RunSpec
 
     return RunSpec(model=str(model_dir), method=method, dataset=DatasetSpec(path=str(data), format="text",
                                                                            eval_fraction=0.0),
                    max_steps=args.steps, save_steps=10_000, micro_batch_size=args.batch, seq_len=args.seq_len,
-                   precision="bf16", device=device, learning_rate=1e-4, logging_steps=1,
+                   precision="bf16", master_dtype=master_dtype, qlora_regime=qlora_regime, device=device,
+                   learning_rate=1e-4, logging_steps=1,
                    peft={"target_modules": "all-linear"} if method != "full" else {})
 
 
-def measure(method: str, model_dir: Path, data: Path, run_dir: Path, args, device: str) -> dict:
-    """Train ``args.steps`` steps in this process and return predicted vs measured bytes."""
+def measure(method: str, model_dir: Path, data: Path, run_dir: Path, args, device: str, master_dtype: str = "fp32",
+            qlora_regime: str = "paper") -> dict:
+    """Train ``args.steps`` steps in this process and return predicted vs measured bytes (allocated and
+    reserved, each against the estimate's figure of the same kind)."""
     import torch
 
     from estimator import estimate
     from runner import recipe
     from runner.estimate_request import estimate_request
 
-    spec = make_spec(method, model_dir, data, args, device)
+    spec = make_spec(method, model_dir, data, args, device, master_dtype, qlora_regime)
     est = estimate(estimate_request(spec, gpu=args.gpu))
     predicted = est.memory.peak_bytes
-    overhead = est.memory.overhead_bytes
+    overhead = est.memory.peak_bytes - est.memory.allocated_peak_bytes
     gc.collect()
     measured = reserved = None
     if device == "cuda":
@@ -157,7 +231,11 @@ def measure(method: str, model_dir: Path, data: Path, run_dir: Path, args, devic
         "predicted_without_overhead_bytes": predicted - overhead, "peak_phase": est.memory.peak_phase,
         "activation_source": est.memory.activation_source,
         "measured_max_allocated_bytes": measured, "measured_max_reserved_bytes": reserved,
-        "error_pct": (100.0 * (predicted - overhead - measured) / measured) if measured else None,
+        "predicted_allocated_bytes": est.memory.allocated_peak_bytes,
+        "predicted_reserved_bytes": est.memory.reserved_peak_bytes,
+        "master_dtype": master_dtype, "qlora_regime": qlora_regime,
+        "error_pct": (100.0 * (est.memory.allocated_peak_bytes - measured) / measured) if measured else None,
+        "reserved_error_pct": (100.0 * (est.memory.reserved_peak_bytes - reserved) / reserved) if reserved else None,
         "steps": state.trainer.state.global_step if state.trainer else None, "seconds": round(seconds, 1),
     }
     del state
@@ -173,9 +251,11 @@ def _gib(value) -> str:
 
 def format_row(row: dict) -> str:
     err = "n/a" if row["error_pct"] is None else f"{row['error_pct']:+.1f}%"
-    return (f"{row['method']}: predicted {_gib(row['predicted_without_overhead_bytes'])} GiB (+ overhead "
-            f"{_gib(row['predicted_overhead_bytes'])}), measured {_gib(row['measured_max_allocated_bytes'])} GiB, "
-            f"error {err}, {row['steps']} steps in {row['seconds']} s")
+    rerr = "n/a" if row.get("reserved_error_pct") is None else f"{row['reserved_error_pct']:+.1f}%"
+    return (f"{row.get('case', row['method'])}: allocated predicted {_gib(row['predicted_allocated_bytes'])} GiB, "
+            f"measured {_gib(row['measured_max_allocated_bytes'])} GiB, error {err}; reserved predicted "
+            f"{_gib(row['predicted_reserved_bytes'])} GiB, measured {_gib(row['measured_max_reserved_bytes'])} GiB, "
+            f"error {rerr}; {row['steps']} steps in {row['seconds']} s")
 
 
 def format_table(rows: list[dict], args, device: str) -> str:
@@ -183,14 +263,15 @@ def format_table(rows: list[dict], args, device: str) -> str:
     head = (f"{model} cut to {args.layers} layers, micro-batch {args.batch} x {args.seq_len} tokens, bf16, "
             f"device {device}")
     lines = [head, "",
-             "| method | predicted peak GiB | predicted w/o overhead GiB | measured max allocated GiB "
+             "| case | allocated predicted GiB | max allocated GiB | error % | reserved predicted GiB "
              "| max reserved GiB | error % | peak phase | activations |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         err = "n/a" if r["error_pct"] is None else f"{r['error_pct']:+.1f}"
-        lines.append(f"| {r['method']} | {_gib(r['predicted_peak_bytes'])} | "
-                     f"{_gib(r['predicted_without_overhead_bytes'])} | {_gib(r['measured_max_allocated_bytes'])} | "
-                     f"{_gib(r['measured_max_reserved_bytes'])} | {err} | {r['peak_phase']} | "
+        rerr = "n/a" if r.get("reserved_error_pct") is None else f"{r['reserved_error_pct']:+.1f}"
+        lines.append(f"| {r.get('case', r['method'])} | {_gib(r['predicted_allocated_bytes'])} | "
+                     f"{_gib(r['measured_max_allocated_bytes'])} | {err} | {_gib(r['predicted_reserved_bytes'])} | "
+                     f"{_gib(r['measured_max_reserved_bytes'])} | {rerr} | {r['peak_phase']} | "
                      f"{r['activation_source']} |")
     return "\n".join(lines)
 

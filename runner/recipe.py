@@ -395,6 +395,11 @@ def prepare_qlora_paper(model, use_gradient_checkpointing: bool = False):
     for name, module in model.named_modules():
         if "norm" in name:
             module.to(torch.float32)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None and head.weight.dtype != torch.float32:
+        # the fp32 final norm hands fp32 hidden states to the 16-bit LM head: autocast casts them in training;
+        # outside it (generation, the general-text loss) cast them the same way (one 16-bit copy, as autocast)
+        head.register_forward_pre_hook(lambda mod, args: (args[0].to(mod.weight.dtype),) + tuple(args[1:]))
     if use_gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed layers need an input that requires grad
     return model

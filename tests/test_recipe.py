@@ -122,6 +122,11 @@ def test_qlora_real_4bit(tiny_model_dir, dataset, tmp_path):
     assert "Linear4bit" in kinds
     q = r.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
     assert q.weight.quant_state.quant_type == "nf4" and q.weight.quant_state.nested  # double quantization
+    if r.precision == "bf16":  # the QLoRA paper's regime (the default): norms fp32, embeddings and LM head bf16
+        dtypes = {n: str(p.dtype) for n, p in r.model.named_parameters()
+                  if str(p.dtype) != "torch.uint8" and "lora_" not in n}
+        assert {d for n, d in dtypes.items() if "norm" in n} == {"torch.float32"}
+        assert {d for n, d in dtypes.items() if "norm" not in n} == {"torch.bfloat16"}
 
 
 def test_loraplus_optimizer_groups(tiny_model_dir, dataset, tmp_path):
