@@ -300,7 +300,8 @@ def export(base: str, adapter: str | Path, fmt: str, output: str | Path, gguf_ty
         gguf_file = out / f"{out.name}.gguf"
         gguf_export.write_gguf(model, tok, gguf_file, gguf_type, name=out.name)
         (out / "Modelfile").write_text(gguf_export.ollama_modelfile(gguf_file.name, getattr(tok, "chat_template", None),
-                                                                    tok.eos_token), encoding="utf-8")
+                                                                    tok.eos_token, gguf_export.default_system_prompt(tok)),
+                                       encoding="utf-8")
         result["gguf_type"] = gguf_type
         result["serve"] = f"cd {out.resolve()} && ollama create {out.name} -f Modelfile && ollama run {out.name}"
         if verify:

@@ -257,10 +257,26 @@ def write_gguf(model, tokenizer, out_file: str | Path, gguf_type: str = "f16", n
 # ------------------------------------------------------------------------------------------- Ollama / vLLM
 
 
-def ollama_modelfile(gguf_name: str, chat_template: str | None, eos_token: str | None) -> str:
+def default_system_prompt(tokenizer) -> str | None:
+    """The system message a ChatML chat template inserts when the conversation has none (SmolLM2's does), read by
+    rendering the template with one user message; None when it inserts none."""
+    import re
+
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    m = re.match(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", text, re.S)
+    return m.group(1) if m else None
+
+
+def ollama_modelfile(gguf_name: str, chat_template: str | None, eos_token: str | None,
+                     system: str | None = None) -> str:
     """An Ollama ``Modelfile`` for a GGUF beside it. ChatML templates (``<|im_start|>``) get Ollama's Go template
-    and stop token written out; for other templates Ollama reads ``tokenizer.chat_template`` from the file."""
-    lines = [f"# Ollama: ollama create my-model -f Modelfile && ollama run my-model", f"FROM ./{gguf_name}", ""]
+    and stop token written out, and ``system`` (the template's default system message) as SYSTEM; for other
+    templates Ollama reads ``tokenizer.chat_template`` from the file."""
+    lines = ["# Ollama: ollama create my-model -f Modelfile && ollama run my-model", f"FROM ./{gguf_name}", ""]
+    if system and chat_template and "<|im_start|>" in chat_template:
+        lines += [f'SYSTEM """{system}"""']
     if chat_template and "<|im_start|>" in chat_template:
         lines += ['TEMPLATE """{{- if .System }}<|im_start|>system',
                   '{{ .System }}<|im_end|>',

@@ -152,10 +152,19 @@ def test_merged_export_and_serving_lines(tiny_model_dir, tmp_path):
     assert res["serve"] == f"vllm serve {out.resolve()}"
 
 
-def test_modelfile_chatml():
+def test_modelfile_chatml(tiny_model_dir):
     text = gguf_export.ollama_modelfile("m.gguf", "{{ '<|im_start|>' }}", "<|im_end|>")
     assert text.splitlines()[1] == "FROM ./m.gguf"
-    assert 'PARAMETER stop "<|im_end|>"' in text and "TEMPLATE" in text
+    assert 'PARAMETER stop "<|im_end|>"' in text and "TEMPLATE" in text and "SYSTEM" not in text
+    # a template that inserts a default system message (as SmolLM2's does) carries it over as SYSTEM
+    tok = adapters.load_base(str(tiny_model_dir))[1]
+    assert gguf_export.default_system_prompt(tok) is None  # the tiny ChatML template inserts none
+    tok.chat_template = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nBe brief.<|im_end|>\\n' }}"
+                         "{% endif %}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+                         "'<|im_end|>\\n' }}{% endfor %}")
+    assert gguf_export.default_system_prompt(tok) == "Be brief."
+    assert 'SYSTEM """Be brief."""' in gguf_export.ollama_modelfile("m.gguf", tok.chat_template, "<|im_end|>",
+                                                                   "Be brief.")
 
 
 def test_bad_format(tiny_model_dir, tmp_path):
