@@ -38,9 +38,6 @@ FROM_SPEC: dict[str, tuple[str, Callable[[RunSpec], Any]]] = {
     "dtype": ("precision", lambda s: s.precision),
     "master_dtype": ("master_dtype", lambda s: s.master_dtype),
     "qlora_regime": ("qlora_regime", lambda s: s.qlora_regime),
-    "master_dtype": ("master_dtype", lambda s: s.master_dtype),
-    "qlora_regime": ("qlora_regime", lambda s: s.qlora_regime),
-    "eval_batch_size": ("micro_batch_size", lambda s: s.micro_batch_size),  # per_device_eval_batch_size
     "optimizer": ("optimizer", lambda s: s.optimizer),
     "batch_size": ("micro_batch_size", lambda s: s.micro_batch_size),
     "seq_len": ("seq_len", lambda s: s.seq_len),
@@ -66,8 +63,6 @@ NOT_FROM_SPEC: dict[str, str] = {
     "generate_batch_size": "the runner's eval constant runner.recipe.GENERATE_BATCH (the request's default)",
     "max_new_tokens": "the runner's eval constant runner.recipe.EXACT_MATCH_MAX_NEW_TOKENS (the request's default)",
     "tokens": "total tokens: set only when spec.max_steps caps the run (steps x sequences per step x tokens each)",
-    "generate_batch_size": "the runner's constant runner.recipe.GENERATE_BATCH (the request's default equals it)",
-    "max_new_tokens": "the runner's cap runner.recipe.EXACT_MATCH_MAX_NEW_TOKENS (the request's default equals it)",
 }
 
 #: RunSpec fields that do not change the estimate, and why (the other direction of the walk).
