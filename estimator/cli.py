@@ -142,7 +142,8 @@ def build_request(args):
 
 
 def _without_bitsandbytes() -> None:
-    """Keep bitsandbytes out of this process (a terminal ``estimate`` of full fine-tuning or LoRA, which exits after).
+    """Keep bitsandbytes out of this process: a terminal ``estimate`` of full fine-tuning or LoRA, whose process is
+    the command and exits after (``args.own_process``; never when ``main`` is called with arguments in-process).
 
     peft imports bitsandbytes whenever it is installed, and bitsandbytes wraps its CPU kernels in ``torch.compile``
     at import, which loads torch's inductor: about 1.2 s of CPU, a fifth of a cold estimate. Only a QLoRA trace
@@ -163,7 +164,7 @@ def _estimate(args) -> int:
     req = build_request(args)
     key, data = result_cache.lookup(req)
     if data is None:
-        if req.method != "qlora":
+        if req.method != "qlora" and getattr(args, "own_process", False):
             _without_bitsandbytes()
         from estimator.estimate import estimate
 

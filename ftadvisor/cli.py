@@ -45,6 +45,9 @@ def _run_app(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. ``argv`` None reads ``sys.argv``: this process *is* the command (the ``ftadvisor`` script,
+    ``python -m ftadvisor``), so a command may make process-wide choices (``args.own_process``); a caller passing
+    ``argv`` (tests, other code) keeps its process as it is."""
     import warnings
 
     # Library deprecation notices (transformers/peft renames) are for us, not for the user at a terminal.
@@ -52,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.own_process = argv is None
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -42,6 +42,8 @@ def test_a_repeat_answers_from_disk_without_torch(home, capsys):
     imported torch or transformers (the whole point: seconds of imports saved)."""
     assert main(ARGS + ["--json"]) == 0
     first = capsys.readouterr().out
+    # called in-process with arguments, main leaves this process's modules alone (bitsandbytes not marked absent)
+    assert sys.modules.get("bitsandbytes", "not imported") is not None
     assert len(list((home / "cache" / "estimates").glob("*.json"))) == 1
     probe = ("import sys; from ftadvisor.cli import main; rc = main(sys.argv[1:]); "
              "heavy = [m for m in ('torch', 'transformers', 'peft', 'accelerate') if m in sys.modules]; "
@@ -163,7 +165,7 @@ def test_lora_estimate_at_the_terminal_skips_bitsandbytes_with_the_same_figures(
 
     from estimator.estimate import estimate
 
-    probe = ("import sys; from ftadvisor.cli import main; rc = main(sys.argv[1:]); "
+    probe = ("import sys; from ftadvisor.cli import main; rc = main(); "  # main() reads sys.argv, as the script
              "print('BNB', 'bitsandbytes' in sys.modules and sys.modules['bitsandbytes'] is not None, "
              "file=sys.stderr); sys.exit(rc)")
     env = {**os.environ, "FTADVISOR_HOME": str(home), "FTADVISOR_RESULT_CACHE": "0"}
