@@ -6,11 +6,17 @@ Errors are not cached: Streamlit re-raises them and the next call tries again.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import streamlit as st
 
-import estimator
-from estimator.request import EstimateRequest
 from ui.warmup import ready, wait_with_words
+
+if TYPE_CHECKING:
+    from estimator.request import EstimateRequest
+
+# ``estimator`` (its package imports every result model) is imported at the first estimate, not by the Advisor's
+# first question, which only lists the catalog.
 
 METHODS = ("full", "lora", "qlora")
 METHOD_LABELS = {"full": "Full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
@@ -25,6 +31,8 @@ def api(name: str):
     advisor) would get the module instead of the function.
     """
     ready()
+    import estimator
+
     return getattr(estimator, name)
 
 
@@ -32,17 +40,23 @@ def api(name: str):
 def model_names() -> dict[str, str]:
     """Catalog id -> display name, sorted by id, for the pickers.
 
-    Read from the catalog's index file itself (``estimator.catalog.CATALOG_FILE``) so the first page does not wait
-    for ``list_models()``, which validates every config against transformers (importing torch: seconds). The
+    Read from the catalog's index file itself (``data_path("models", "catalog.yaml")``, which
+    ``estimator.catalog`` reads too) so the first page loads neither the estimator nor the model configs. The
     model is resolved and validated by the estimator when an estimate is asked for.
     """
     import yaml
 
-    from estimator.catalog import CATALOG_FILE
+    from ftcore.paths import data_path
 
-    with open(CATALOG_FILE, encoding="utf-8") as fh:
+    with open(data_path("models", "catalog.yaml"), encoding="utf-8") as fh:
         raw = yaml.safe_load(fh)
     return {model_id: facts["display_name"] for model_id, facts in sorted(raw.items())}
+
+
+def _request(req_json: str) -> EstimateRequest:
+    from estimator.request import EstimateRequest
+
+    return EstimateRequest.model_validate_json(req_json)
 
 
 @st.cache_data(show_spinner=False)
@@ -55,7 +69,7 @@ def gpus():
 
 @st.cache_data(show_spinner=False, max_entries=CACHE_ENTRIES)
 def _estimate(req_json: str):
-    return api("estimate")(EstimateRequest.model_validate_json(req_json))
+    return api("estimate")(_request(req_json))
 
 
 def estimate(req: EstimateRequest):
@@ -72,7 +86,7 @@ def for_method(req: EstimateRequest, method: str):
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def _fitting(req_json: str):
-    return api("fitting_gpus")(EstimateRequest.model_validate_json(req_json))
+    return api("fitting_gpus")(_request(req_json))
 
 
 def fitting(req: EstimateRequest):
@@ -83,7 +97,7 @@ def fitting(req: EstimateRequest):
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def _min_gpus(req_json: str):
-    return api("min_gpus")(EstimateRequest.model_validate_json(req_json))
+    return api("min_gpus")(_request(req_json))
 
 
 def smallest_gpu_count(req: EstimateRequest):
@@ -94,7 +108,7 @@ def smallest_gpu_count(req: EstimateRequest):
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def _limits(req_json: str) -> tuple[int, int]:
-    req = EstimateRequest.model_validate_json(req_json)
+    req = _request(req_json)
     return api("max_batch_size")(req), api("max_seq_len")(req)
 
 

@@ -1,7 +1,8 @@
 """Import the heavy libraries (torch, transformers, peft) in the background once the first page is on screen.
 
 The app starts fast because pages import them lazily; the first estimate would then pay several seconds of
-imports. A daemon thread started after the first render takes that cost while the user reads the page, and ends
+imports. A daemon thread started after the first render (and a short delay for the browser to draw it) takes that
+cost while the user reads the page, and ends
 with one tiny estimate, so that the code paths of a first trace (transformers' Llama modules, fake-tensor kernels)
 are loaded too. Every page call that needs those libraries goes through ``ready()`` first, so two threads never
 import transformers at the same time (its lazy module is not safe for that); ``wait_with_words()`` does the same
@@ -27,13 +28,20 @@ WARM_REQUEST = dict(model="smollm2-135m", method="qlora", seq_len=16)
 LOADING_WORDS = ("Loading PyTorch, transformers and peft for the estimator (once per server start, a few "
                  "seconds)...")
 
+#: Seconds the warm-up waits after the first page's script ended before ~5 s of CPU-bound imports take a core, so
+#: that the browser draws that page first (measured on 2 cores: starting at once delayed the first question by
+#: about 0.5 s). A page that needs the libraries sooner (``ready()``) starts it at once.
+WARMUP_DELAY_S = 1.0
+
 log = logging.getLogger("ftadvisor.warmup")
 _started = threading.Event()
+_needed = threading.Event()
 _done = threading.Event()
 _start_lock = threading.Lock()
 
 
 def _import_all() -> None:
+    _needed.wait(WARMUP_DELAY_S)
     start = time.perf_counter()
     try:
         for name in HEAVY_MODULES:
@@ -83,6 +91,7 @@ def ready() -> None:
     """Wait until torch/transformers/peft are imported (starting the import if no page did yet); call before
     torch/transformers work. With the warm-up off, returns at once and the caller imports them itself."""
     if enabled():
+        _needed.set()
         _start_thread()
         _done.wait()
 
