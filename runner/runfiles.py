@@ -130,6 +130,13 @@ class TokenLengths(RunFile):
     mean: float
 
 
+class TrainedText(RunFile):
+    """A train row as trained: the decoded tokens that carry a loss (``runner.data.TrainedSample``)."""
+
+    row: int = Field(description="1-based row number in the train file")
+    trained_text: str
+
+
 class DatasetSummary(RunFile):
     """report.json ``dataset``: ``runner.data.DatasetReport.summary()`` plus the file it was read from."""
 
@@ -143,7 +150,7 @@ class DatasetSummary(RunFile):
     trained_tokens: int = 0
     errors: list[str] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
-    samples: list[dict] = Field(default_factory=list, description="runner.data.TrainedSample dumps")
+    samples: list[TrainedText] = Field(default_factory=list, description="the first train rows as trained")
     path: str | None = None
 
 
