@@ -160,7 +160,13 @@ def tuned_from_adapter(base_w, tensors: dict, cfg: dict, module: str):
 
     a = tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"].to(torch.float32)
     b = tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"].to(torch.float32)
-    w = base_w.to(torch.float32) + _lora_scale(cfg, module) * (b @ a)
+    delta = b @ a
+    if cfg.get("fan_in_fan_out"):  # GPT-2's Conv1D stores W as (in, out); peft transposes delta W to match
+        delta = delta.T
+    if delta.shape != base_w.shape:
+        raise RunnerError(f"adapter of {module} has shape {tuple(delta.shape)}, the base weight {tuple(base_w.shape)}",
+                          field="adapter", fix="pass the base model this adapter was trained on")
+    w = base_w.to(torch.float32) + _lora_scale(cfg, module) * delta
     mag = tensors.get(f"{PEFT_PREFIX}{module}.lora_magnitude_vector")
     if mag is None:
         mag = tensors.get(f"{PEFT_PREFIX}{module}.lora_magnitude_vector.weight")
