@@ -206,7 +206,7 @@ def _run_flow(page, url, proc, t0, figures, shots, tiny_model_dir, dataset) -> N
     page.locator(".st-key-adv_launch button").click()
     page.get_by_role("heading", name="Launch", level=1).wait_for()
     _wait_idle(page)
-    _fill(page, "Model: catalog id (e.g. smollm2-135m) or a local model folder", str(tiny_model_dir))
+    _fill(page, "Model: catalog id (e.g. smollm2-135m), hub id or a local model folder", str(tiny_model_dir))
     page.get_by_role("radio", name="LoRA", exact=True).click()
     _wait_idle(page)
     _fill(page, "Max steps (0 = by epochs)", "3", role="spinbutton")
