@@ -64,7 +64,7 @@ with side:
     cmp_new = st.number_input("New tokens", 1, 2048, 48, key="ad_cmp_new")
     if st.button("Compare", type="primary", icon=":material/compare:", key="ad_compare"):
         ready()  # the background import of torch/transformers has finished
-        from runner import adapters as ra
+        from runner.tools import adapters as ra
 
         t0 = time.perf_counter()
         with st.spinner("Loading the base and the adapters, then generating..."):
@@ -102,7 +102,7 @@ with gen:
                    for i, p in enumerate(adapter_paths)]
     if st.button("Generate", type="primary", icon=":material/chat:", key="ad_generate"):
         ready()  # the background import of torch/transformers has finished
-        from runner import adapters as ra
+        from runner.tools import adapters as ra
 
         t0 = time.perf_counter()
         with st.spinner("Loading the base and the adapters, then generating..."):
@@ -138,7 +138,7 @@ with comb:
         out_name = st.text_input("Name of the combined adapter", "combined", key="ad_comb_name")
         if st.button("Combine and save", icon=":material/merge:", key="ad_combine"):
             ready()  # the background import of torch/transformers has finished
-            from runner import adapters as ra
+            from runner.tools import adapters as ra
 
             dest = home() / "exports" / safe_name(out_name, "combined")
             with st.spinner("Combining..."):
@@ -153,7 +153,7 @@ with merge:
     out_name = st.text_input("Name of the merged model", safe_name(f"{names[which]}-merged"), key="ad_merge_name")
     if st.button("Merge and export", icon=":material/save:", key="ad_merge"):
         ready()  # the background import of torch/transformers has finished
-        from runner import adapters as ra
+        from runner.tools import adapters as ra
 
         dest = home() / "exports" / safe_name(out_name, "merged")
         with st.spinner("Loading, merging and saving..."):
@@ -178,7 +178,7 @@ with exp:
                              key=f"ad_exp_name_{fmt}")  # one box per format, so the default follows the format
     if st.button("Export", icon=":material/ios_share:", key="ad_export"):
         ready()
-        from runner import adapters as ra
+        from runner.tools import adapters as ra
 
         dest = home() / "exports" / safe_name(exp_name, "export")
         with st.spinner("Merging and writing..."):
@@ -223,7 +223,7 @@ with intr:
     which_i = st.selectbox("Adapter", adapter_paths, format_func=names.get, key="ad_intr_pick")
     if st.button("Measure", icon=":material/query_stats:", key="ad_intr"):
         ready()
-        from runner import intruder
+        from runner.tools import intruder
 
         with st.spinner("Two SVDs per adapted module..."):
             rep, err = attempt(intruder.adapter_intruders, base, which_i)
@@ -231,7 +231,7 @@ with intr:
             ss["ad_intr_result"] = (names[which_i], rep)  # an IntruderReport
     if ss.get("ad_intr_result"):
         label, rep = ss["ad_intr_result"]
-        from runner.intruder import layer_min_cos, per_layer
+        from runner.tools.intruder import layer_min_cos, per_layer
         from ui import charts
 
         s = rep.summary

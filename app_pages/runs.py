@@ -6,8 +6,8 @@ Runs are durable (a folder + a registry row each); this page only reads them and
 import pandas as pd
 import streamlit as st
 
-from runner.intruder import layer_min_cos, per_layer
-from runner.runfiles import EvalRow, Report, TrainRow, eval_rows, read_report, train_rows
+from runner.tools.intruder import layer_min_cos, per_layer
+from runner.jobs.runfiles import EvalRow, Report, TrainRow, eval_rows, read_report, train_rows
 from ui import charts, jobs, state
 from ui.errors import attempt
 from ui.format import fmt_bytes, fmt_params, fmt_peak, fmt_seconds, last_user_turn
@@ -250,6 +250,8 @@ with sweep:
             go = st.form_submit_button("Run the sweep (one run after another)")
         if go:
             spec = next(r.spec for r in lora_runs if r.id == base)
-            made, err = attempt(jm.rank_sweep, spec, sorted(ranks))
+            from runner.jobs.sweep import launch_sweep
+
+            made, err = attempt(launch_sweep, jm, spec, sorted(ranks))
             if made:
                 st.success(f"Queued {len(made)} runs: " + ", ".join(m.id for m in made))

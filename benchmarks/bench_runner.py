@@ -1,6 +1,6 @@
-"""Tokens per second: a LoRA run through ``python -m runner.worker`` vs a bare hand-written Trainer script.
+"""Tokens per second: a LoRA run through ``python -m runner.train.worker`` vs a bare hand-written Trainer script.
 
-Both sides get the same model (a small Llama built by runner.tinymodel), the same prompt/completion rows, the same
+Both sides get the same model (a small Llama built by runner.train.tinymodel), the same prompt/completion rows, the same
 batch, sequence length, LoRA settings, optimizer and step count, and run as separate processes with the same
 environment, alternating (worker, bare, worker, bare, ...) so machine load hits both alike. Throughput is trained
 tokens (non-padding tokens fed to the model) divided by the seconds of ``trainer.train()``. The runner's
@@ -111,11 +111,11 @@ def run_worker(model_dir: Path, data: Path, steps: int, run_dir: Path, env: dict
             warmup_ratio=0.0, logging_steps=1, save_steps=100_000, precision="fp32", device="cpu",
             seed=42).save(run_dir / "spec.json")
     with open(run_dir / "log.txt", "w") as log:
-        code = subprocess.call([sys.executable, "-m", "runner.worker", str(run_dir)], cwd=REPO, stdout=log,
+        code = subprocess.call([sys.executable, "-m", "runner.train.worker", str(run_dir)], cwd=REPO, stdout=log,
                                stderr=subprocess.STDOUT, env=env)
     if code != 0:
         raise SystemExit(f"worker failed ({code}); see {run_dir / 'log.txt'}")
-    from runner.runfiles import METRICS_FILE, TrainRow, read_metrics, read_report
+    from runner.jobs.runfiles import METRICS_FILE, TrainRow, read_metrics, read_report
 
     rep = read_report(run_dir)
     elapsed = [x.elapsed_s for x in read_metrics(run_dir / METRICS_FILE) if isinstance(x, TrainRow)]
@@ -152,7 +152,7 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     args = ap.parse_args()
-    from runner.tinymodel import build_tiny_model
+    from runner.train.tinymodel import build_tiny_model
 
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}

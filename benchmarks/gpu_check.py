@@ -13,7 +13,7 @@ Run on a machine with one CUDA GPU (no network needed):
 
 It builds a 2-layer slice of a real architecture (the catalog model's config.json with ``num_hidden_layers``
 cut to ``--layers``; random weights, fixed seed; a small locally trained tokenizer, whose ids are valid in the
-model's full vocabulary so the logits keep their real size), trains it a few steps with ``runner.recipe.run``
+model's full vocabulary so the logits keep their real size), trains it a few steps with ``runner.train.recipe.run``
 exactly as the worker does (bf16 autocast, the spec's micro-batch and sequence length, every sequence filled to
 ``--seq-len`` tokens), reads ``torch.cuda.max_memory_allocated`` and compares it with
 ``estimator.estimate(...)`` for the same spec. The estimator's peak includes the CUDA context and allocator
@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-#: Methods the runner implements, each with its own build path in runner/recipe.py.
+#: Methods the runner implements, each with its own build path in runner/train/recipe.py.
 METHODS = ("full", "lora", "qlora")
 #: case -> (method, master_dtype, qlora_regime, model override or None): the regimes issue 10 asks to check.
 CASES = {
@@ -153,7 +153,7 @@ def build_slice(folder: Path, model_id: str, layers: int, *, smoke: bool) -> Pat
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ftcore.paths import data_path
-    from runner.tinymodel import build_tiny_model, build_tokenizer
+    from runner.train.tinymodel import build_tiny_model, build_tokenizer
 
     if smoke:
         return build_tiny_model(folder, arch="llama", layers=layers)
@@ -206,7 +206,7 @@ def measure(method: str, model_dir: Path, data: Path, run_dir: Path, args, devic
     import torch
 
     from estimator import estimate
-    from runner import recipe
+    from runner.train import recipe
     from runner.estimate_request import estimate_request
 
     spec = make_spec(method, model_dir, data, args, device, master_dtype, qlora_regime)

@@ -158,7 +158,7 @@ def _build_inventory(entry, req: EstimateRequest) -> tuple[Inventory, Any, list[
     tensors: list[TensorInfo] = []
     seen: set[int] = set()
     trainable_base = req.method == "full"
-    # QLoRA: fused experts are stored as one NF4 Linear per expert and matrix (runner/experts.py NF4Experts)
+    # QLoRA: fused experts are stored as one NF4 Linear per expert and matrix (runner/train/experts.py NF4Experts)
     nf4_experts = set()
     if req.method == "qlora":
         from estimator.experts import fused_experts, unsupported_reason
@@ -282,7 +282,7 @@ def _pure16(req: EstimateRequest) -> bool:
 
 def _base_dtype(req: EstimateRequest) -> str:
     """dtype of the frozen base weights: LoRA bf16/fp16 runs on one GPU or DDP load the base in that dtype
-    (``runner/recipe.py`` ``lora_base_dtype``); full fine-tuning keeps fp32 master weights, QLoRA stores NF4,
+    (``runner/train/recipe.py`` ``lora_base_dtype``); full fine-tuning keeps fp32 master weights, QLoRA stores NF4,
     and ZeRO/FSDP cast the module themselves (``_weights_16bit``)."""
     if req.method == "lora" and req.dtype != "fp32" and req.sharding in ("none", "ddp"):
         return req.dtype
@@ -533,7 +533,7 @@ def _moe_notes(req: EstimateRequest, inv: Inventory) -> list[str]:
                      "are not quantized by the runner and stay 3D tensors in the load dtype, counted so here")
     elif req.method == "qlora":
         notes.append("QLoRA on MoE: transformers' 4-bit loader leaves the fused experts unquantized; the runner "
-                     "quantizes each expert matrix to NF4 after loading (runner/experts.py), counted that way here")
+                     "quantizes each expert matrix to NF4 after loading (runner/train/experts.py), counted that way here")
     return notes
 
 

@@ -1,6 +1,6 @@
 """Memory of one steady-state training step, per GPU, as the runner runs it.
 
-The regime counted (``runner/recipe.py`` + HF Trainer defaults, read from their source):
+The regime counted (``runner/train/recipe.py`` + HF Trainer defaults, read from their source):
 
 * **full, one GPU or DDP, master_dtype fp32** (mixed precision): the model is loaded in fp32 (master
   weights); ``bf16``/``fp16`` runs use Trainer's autocast, so every weight is cast to 16-bit inside the forward
@@ -13,7 +13,7 @@ The regime counted (``runner/recipe.py`` + HF Trainer defaults, read from their 
   Adafactor keeps fp32 factors (it upcasts the gradient first) and makes fp32 copies of the 16-bit parameter
   and gradient at the step.
 * **LoRA (rsLoRA, DoRA, LoRA+, AdaLoRA), one GPU or DDP**: ``bf16``/``fp16`` runs load the frozen base in that
-  16-bit dtype (2 B per weight, ``runner/recipe.py`` ``lora_base_dtype``; buffers such as RoPE ``inv_freq``
+  16-bit dtype (2 B per weight, ``runner/train/recipe.py`` ``lora_base_dtype``; buffers such as RoPE ``inv_freq``
   stay fp32 as transformers creates them); peft keeps every adapter tensor in fp32 (4 B,
   ``autocast_adapter_dtype=True``), so gradients and optimizer states are fp32 and of the adapters only. The
   Trainer still autocasts forward and loss (only the fp32 adapter weights get cast copies). fp32 runs: fp32

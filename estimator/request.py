@@ -58,9 +58,9 @@ class EstimateRequest(BaseModel):
     eval_batch_size: int | None = Field(None, ge=1, le=MAX_BATCH, description=(
         "sequences per eval forward (the runner's per_device_eval_batch_size); default batch_size"))
     generate_batch_size: int = Field(16, ge=1, le=MAX_BATCH, description=(
-        "prompts per generate() call in the eval (runner.recipe.GENERATE_BATCH)"))
+        "prompts per generate() call in the eval (runner.train.recipe.GENERATE_BATCH)"))
     max_new_tokens: int = Field(64, ge=0, le=MAX_SEQ_LEN, description=(
-        "tokens generated per prompt in the eval (runner.recipe.EXACT_MATCH_MAX_NEW_TOKENS); 0 = no generation"))
+        "tokens generated per prompt in the eval (runner.train.recipe.EXACT_MATCH_MAX_NEW_TOKENS); 0 = no generation"))
     gpu: str = Field("a100-80gb", description="GPU catalog id (see `ftadvisor gpus`)")
     num_gpus: int = Field(1, ge=1, le=65536, description="number of GPUs")
     sharding: Sharding = Field("none", description="multi-GPU strategy")

@@ -23,7 +23,7 @@ How (see ``shared/REFERENCE.md``, "Memory of one training step"):
 
 The step traced is the one the runner runs with HF Trainer: weights as stored (fp32 master weights for full
 fine-tuning; for LoRA the frozen base in the run's dtype (``base_dtype``: bf16/fp16 on one GPU or DDP, fp32
-for fp32 runs) with fp32 adapters, as ``runner/recipe.py`` loads it; NF4 + fp32 leftovers for QLoRA after
+for fp32 runs) with fp32 adapters, as ``runner/train/recipe.py`` loads it; NF4 + fp32 leftovers for QLoRA after
 ``prepare_model_for_kbit_training``; everything 16-bit under ZeRO/FSDP, ``weights_16bit``), forward and loss
 under ``torch.autocast(dtype=bf16|fp16)`` when the run dtype is 16-bit (also over a 16-bit LoRA base: the
 Trainer autocasts it, which casts the fp32 adapters' weights), backward outside autocast. CPU autocast is
@@ -462,7 +462,7 @@ def build_training_model(config, settings: TraceSettings):
 
 
 def _quantize_fused_experts(peft_model, settings: TraceSettings) -> None:
-    """QLoRA's routed experts as the runner stores them (``runner/experts.py``): ``NF4Experts`` with one NF4
+    """QLoRA's routed experts as the runner stores them (``runner/train/experts.py``): ``NF4Experts`` with one NF4
     stand-in Linear per expert and matrix, its token-expert pairs split evenly over the experts."""
     import torch
 
@@ -475,7 +475,7 @@ def _quantize_fused_experts(peft_model, settings: TraceSettings) -> None:
 
 def _norms_to_fp32(model) -> None:
     """The QLoRA paper's regime (artidoro/qlora ``qlora.py``): modules whose name holds ``norm`` in fp32, the
-    rest of the non-quantized weights in the compute dtype; ``runner.recipe`` does the same (same rule)."""
+    rest of the non-quantized weights in the compute dtype; ``runner.train.recipe`` does the same (same rule)."""
     import torch
 
     for name, module in model.named_modules():

@@ -1,6 +1,6 @@
 """``ftadvisor run``, ``ftadvisor runs ...`` and ``ftadvisor adapters ...``: formatting only.
 
-The work is done by ``runner.jobs.JobManager`` (runs), ``runner.sweep`` (rank sweeps) and ``runner.adapters``
+The work is done by ``runner.jobs.manager.JobManager`` (runs), ``runner.jobs.sweep`` (rank sweeps) and ``runner.tools.adapters``
 (generate / merge / combine); this module turns flags into a RunSpec and typed results into lines.
 Exit status: 0 success (a foreground run: only when training completed), 1 the run failed or was cancelled,
 2 bad input (naming the field; also a spec or dataset the worker rejected), 130 interrupted with Ctrl-C (the
@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ftcore.errors import UserError
-from runner.runfiles import EvalRow, Report, TrainRow, eval_rows, read_report
+from runner.jobs.runfiles import EvalRow, Report, TrainRow, eval_rows, read_report
 
 #: Seconds between polls of a followed run's metrics and status.
 FOLLOW_POLL_S = 0.5
@@ -147,7 +147,7 @@ def spec_from_args(args):
         base = _load_spec_file(args.spec)
     elif args.demo:
         try:
-            from runner.demo import demo_spec
+            from runner.train.demo import demo_spec
         except ImportError as exc:
             raise UserError(f"demo: the demo is not available in this installation ({exc})", field="demo") from exc
         base = demo_spec().model_dump(mode="json")
@@ -252,9 +252,9 @@ def _finish(manager, rec, args) -> int:
         if not getattr(args, "json", False):
             saved = next((rec.run_dir / d for d in ("adapter", "model") if (rec.run_dir / d).is_dir()), None)
             print(f"run {rec.id} completed" + (f"; saved {saved}" if saved else "") + f"; folder {rec.output_dir}")
-            from runner.demo import before_after
+            from runner.train.demo import before_after
 
-            from runner.forgetting import after_run_line
+            from runner.tools.forgetting import after_run_line
 
             report = read_report(rec.run_dir)
             for line in (before_after(report), after_run_line(report)) if report else ():
@@ -276,16 +276,16 @@ def _follow_and_finish(manager, rec, args) -> int:
 
 # -- commands ---------------------------------------------------------------------------------------------
 def _manager():
-    from runner.jobs import JobManager
+    from runner.jobs.manager import JobManager
 
     return JobManager()
 
 
 def _model_ready(ref: str, out=None) -> None:
     """Refuse a model that cannot be had before anything is queued or loaded (exit 2: offline and not cached,
-    gated, unknown, no room; runner.models); download a hub model that is not cached here, in the foreground with
+    gated, unknown, no room; runner.train.models); download a hub model that is not cached here, in the foreground with
     huggingface_hub's progress bar, so a queued run starts from the local cache."""
-    from runner.models import check_model_available, resolve_model
+    from runner.train.models import check_model_available, resolve_model
 
     out = out or sys.stderr
     resolved = _fix_in_message(check_model_available, ref)
@@ -450,7 +450,7 @@ def _bytes(n) -> str:
 
 def cmd_runs_sweep(args) -> int:
     from runner.spec import RunSpec
-    from runner.sweep import parse_ranks, sweep_records, sweep_rows
+    from runner.jobs.sweep import launch_sweep, parse_ranks, sweep_records, sweep_rows
 
     manager = _manager()
     if args.id:
@@ -465,7 +465,7 @@ def cmd_runs_sweep(args) -> int:
             raise UserError("ranks: give --ranks, e.g. --ranks 4,8,16", field="ranks")
         spec = RunSpec.model_validate(_merge(_load_spec_file(args.spec), _overrides(args)))
         _model_ready(spec.model, sys.stderr if _json_wanted(args) else sys.stdout)
-        records = manager.rank_sweep(spec, parse_ranks(args.ranks))
+        records = launch_sweep(manager, spec, parse_ranks(args.ranks))
         info = sys.stderr if _json_wanted(args) else sys.stdout
         print(f"sweep {records[0].sweep_id}: {len(records)} runs queued "
               f"({', '.join(r.id for r in records)})", file=info, flush=True)
@@ -502,7 +502,7 @@ def _weights(text: str | None, n: int) -> list[float] | None:
 
 
 def cmd_adapters_generate(args) -> int:
-    from runner import adapters
+    from runner.tools import adapters
 
     _model_ready(args.base)
     prompts = args.prompt
@@ -534,7 +534,7 @@ def cmd_adapters_generate(args) -> int:
 
 
 def cmd_adapters_merge(args) -> int:
-    from runner import adapters
+    from runner.tools import adapters
 
     _model_ready(args.base)
     out = adapters.merge(args.base, args.adapter, args.output)
@@ -554,7 +554,7 @@ def _fix_in_message(fn, *args, **kwargs):
 
 
 def cmd_adapters_export(args) -> int:
-    from runner import adapters
+    from runner.tools import adapters
 
     _model_ready(args.base)
     res = _fix_in_message(adapters.export, args.base, args.adapter, args.format, args.output,
@@ -574,7 +574,7 @@ def cmd_adapters_export(args) -> int:
 
 
 def cmd_adapters_intruders(args) -> int:
-    from runner import intruder
+    from runner.tools import intruder
 
     if args.top_k < 1:
         raise UserError(f"top-k: give at least 1 singular vector (got {args.top_k})", field="top_k")
@@ -594,7 +594,7 @@ def cmd_adapters_intruders(args) -> int:
 
 
 def cmd_adapters_combine(args) -> int:
-    from runner import adapters
+    from runner.tools import adapters
 
     _model_ready(args.base)
     if len(args.adapter) < 2:

@@ -1,6 +1,6 @@
 """``ftadvisor data check FILE --model M [--seq-len N] [--format F] [--eval-file FILE] [--json]``.
 
-The Launch page's dataset check from a terminal (``runner.data.check_dataset``, the same function the worker
+The Launch page's dataset check from a terminal (``runner.train.data.check_dataset``, the same function the worker
 runs before loading a model): format, rows, token lengths, the share truncated at ``seq_len``, rows with nothing
 to learn, errors by 1-based row, and what the first rows train (``samples``: ``row`` + ``trained_text``, the
 decoded tokens that carry a loss). Exit 0 when the file can be trained on, 2 when it has errors (listed with
@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-#: ``--format`` choices: auto-detection from the columns, or one format forced (runner/data.py FORMATS).
+#: ``--format`` choices: auto-detection from the columns, or one format forced (runner/train/data.py FORMATS).
 FORMAT_CHOICES = ("auto", "text", "prompt_completion", "messages")
 #: ``--seq-len`` default: RunSpec's default sequence length (runner/spec.py), so the check matches a default run.
 DEFAULT_SEQ_LEN = 512
@@ -71,9 +71,9 @@ def check_command(args) -> int:
 
 def run_check(ds, model: str, seq_len: int):
     """``check_dataset`` with the model's tokenizer; the model reference resolves as a run's does."""
-    from runner.data import check_dataset
-    from runner.models import resolve_model_dir
-    from runner.recipe import load_tokenizer
+    from runner.train.data import check_dataset
+    from runner.train.models import resolve_model_dir
+    from runner.train.recipe import load_tokenizer
 
     return check_dataset(ds, load_tokenizer(resolve_model_dir(model)), seq_len)
 

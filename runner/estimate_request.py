@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from pydantic import ValidationError
 
-from runner.distributed import estimator_sharding, is_distributed
+from runner.launch.distributed import estimator_sharding, is_distributed
 from runner.errors import RunnerError
 from runner.spec import RunSpec
 
@@ -44,11 +44,11 @@ FROM_SPEC: dict[str, tuple[str, Callable[[RunSpec], Any]]] = {
     "grad_checkpointing": ("gradient_checkpointing", lambda s: s.gradient_checkpointing),
     "grad_accum_steps": ("gradient_accumulation_steps", lambda s: s.gradient_accumulation_steps),
     "attention": ("attention", lambda s: s.attention),
-    # The eval forward runs at the training micro-batch (runner.recipe: per_device_eval_batch_size=micro_batch_size).
+    # The eval forward runs at the training micro-batch (runner.train.recipe: per_device_eval_batch_size=micro_batch_size).
     "eval_batch_size": ("micro_batch_size", lambda s: s.micro_batch_size),
     "num_gpus": ("distribution.nproc_per_node", _world),  # x nnodes: every rank holds one GPU
     "sharding": ("distribution.strategy", estimator_sharding),  # one process in total: "none"
-    # One process runs no DeepSpeed/FSDP engine, so nothing is offloaded (runner.distributed.training_args_overrides).
+    # One process runs no DeepSpeed/FSDP engine, so nothing is offloaded (runner.launch.distributed.training_args_overrides).
     "offload": ("distribution.offload", lambda s: bool(s.distribution.offload and is_distributed(s))),
     "epochs": ("epochs", lambda s: s.epochs),
 }
@@ -60,8 +60,8 @@ NOT_FROM_SPEC: dict[str, str] = {
     "price": "USD per GPU-hour (default from the GPU catalog)",
     "examples": "the dataset's row count (the dataset check or the advisor's answers)",
     "tokens_per_example": "the dataset's typical tokens per row, at most seq_len (rows are truncated to it)",
-    "generate_batch_size": "the runner's eval constant runner.recipe.GENERATE_BATCH (the request's default)",
-    "max_new_tokens": "the runner's eval constant runner.recipe.EXACT_MATCH_MAX_NEW_TOKENS (the request's default)",
+    "generate_batch_size": "the runner's eval constant runner.train.recipe.GENERATE_BATCH (the request's default)",
+    "max_new_tokens": "the runner's eval constant runner.train.recipe.EXACT_MATCH_MAX_NEW_TOKENS (the request's default)",
     "tokens": "total tokens: set only when spec.max_steps caps the run (steps x sequences per step x tokens each)",
 }
 

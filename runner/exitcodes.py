@@ -1,4 +1,4 @@
-"""Exit codes of ``python -m runner.worker RUN_DIR`` (the contract with the job manager).
+"""Exit codes of ``python -m runner.train.worker RUN_DIR`` (the contract with the job manager).
 
 Source: the API contract in the project brief (contracts.md, "Exit codes"). The job manager maps them to a
 status and shows ``result.json``'s reason and fix; the worker writes ``result.json`` before exiting.

@@ -1,4 +1,4 @@
-"""``ftadvisor export SPEC.json --output DIR [--zip]``: write a portable run bundle (see runner/export.py)."""
+"""``ftadvisor export SPEC.json --output DIR [--zip]``: write a portable run bundle (see runner/launch/export.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def register(subparsers) -> None:
 
 def export_command(args) -> int:
     from runner.errors import RunnerError
-    from runner.export import export_bundle
+    from runner.launch.export import export_bundle
     from runner.spec import RunSpec
 
     spec_path = Path(args.spec).expanduser()
@@ -43,10 +43,10 @@ def export_command(args) -> int:
 
 def _check_model_name(ref: str) -> None:
     """The bundle runs elsewhere, so the weights need not be here, but the name must be one the runner's model
-    resolution knows (runner.models): a catalog id with released weights, a hub id, or a folder. An absolute
+    resolution knows (runner.train.models): a catalog id with released weights, a hub id, or a folder. An absolute
     path passes even when missing here (it may be a folder on the cluster; the bundle's README says so)."""
     from runner.errors import RunnerError
-    from runner.models import parse_model_ref
+    from runner.train.models import parse_model_ref
 
     if Path(ref).is_absolute():
         return

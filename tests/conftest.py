@@ -29,7 +29,7 @@ def _private_home(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny Llama-architecture model folder (2 layers, hidden 64, locally trained BPE tokenizer)."""
-    from runner.tinymodel import build_tiny_model
+    from runner.train.tinymodel import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), arch="llama")
 
@@ -37,16 +37,16 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_qwen_dir(tmp_path_factory):
     """A tiny Qwen2-architecture model folder with tied embeddings."""
-    from runner.tinymodel import build_tiny_model
+    from runner.train.tinymodel import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), arch="qwen2")
 
 
 @pytest.fixture
 def make_report():
-    """A ``runner.runfiles.Report`` with plausible required fields, for tests of what reads one; keyword
+    """A ``runner.jobs.runfiles.Report`` with plausible required fields, for tests of what reads one; keyword
     arguments set or override fields (validated: an unknown one is an error)."""
-    from runner.runfiles import DatasetSummary, Report
+    from runner.jobs.runfiles import DatasetSummary, Report
 
     def make(**fields) -> Report:
         base = dict(model="tiny", model_dir="/tmp/tiny", method="lora", rank=8, device="cpu", precision="fp32",

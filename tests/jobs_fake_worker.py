@@ -1,7 +1,7 @@
-"""A stand-in for ``python -m runner.worker RUN_DIR [--resume]`` used by the job-manager tests.
+"""A stand-in for ``python -m runner.train.worker RUN_DIR [--resume]`` used by the job-manager tests.
 
 It follows the worker contract without torch, writing the run files through the same models as the real worker
-(``runner.runfiles``): heartbeat.json, metrics.jsonl rows, checkpoint-N/ folders, adapter/, report.json,
+(``runner.jobs.runfiles``): heartbeat.json, metrics.jsonl rows, checkpoint-N/ folders, adapter/, report.json,
 result.json, exit codes, SIGUSR1 = stop and save (exit 6), SIGTERM = exit promptly.
 ``FAKE_STEPS`` (default 20) steps of ``FAKE_STEP_S`` (default 0.1) seconds. ``FAKE_MODE``: ``ok``; ``oom`` (exit 5
 with result.json oom_step at step 3); ``hang`` (stops beating at step 3 but stays alive); ``child`` (also starts
@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from runner.runfiles import (HEARTBEAT_FILE, METRICS_FILE, REPORT_FILE, RESULT_FILE, DatasetSummary, EvalRow,
+from runner.jobs.runfiles import (HEARTBEAT_FILE, METRICS_FILE, REPORT_FILE, RESULT_FILE, DatasetSummary, EvalRow,
                              Heartbeat, Report, Result, TrainRow, append_metrics, write_model)
 from runner.spec import RunSpec
 
@@ -35,7 +35,7 @@ def result(status, code, kind=None, reason="", fix=""):
 
 signal.signal(signal.SIGUSR1, lambda s, f: stop.update(flag=True))
 signal.signal(signal.SIGTERM, lambda s, f: sys.exit(143))
-from runner.supervisor import register_worker  # noqa: E402  (after the handlers, as the real worker does)
+from runner.jobs.supervisor import register_worker  # noqa: E402  (after the handlers, as the real worker does)
 
 register_worker(run_dir)
 if mode == "child":

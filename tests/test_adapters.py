@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see runner/worker.py: spinning OpenMP on a busy CPU
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see runner/train/worker.py: spinning OpenMP on a busy CPU
 
 import json
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from runner import adapters
+from runner.tools import adapters
 from runner.errors import RunnerError
 from runner.spec import DatasetSpec, PeftSettings, RunSpec
 
@@ -22,7 +22,7 @@ TOL = 1e-5  # fp32 logits of the same computation in a different order (merged W
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, tmp_path_factory):
     """Two LoRA adapters (different data, ranks 4 and 2) and one QLoRA adapter on the tiny Llama."""
-    from runner import recipe
+    from runner.train import recipe
 
     root = tmp_path_factory.mktemp("adapters")
     out = {}
@@ -141,7 +141,7 @@ def test_compare_columns_are_labelled(tiny_model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from runner.recipe import generate_batch
+    from runner.train.recipe import generate_batch
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
@@ -175,7 +175,7 @@ def test_cli_compare_export_intruders(tiny_model_dir, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     from ftadvisor.cli import main
-    from runner.tinymodel import build_tiny_model
+    from runner.train.tinymodel import build_tiny_model
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "z")

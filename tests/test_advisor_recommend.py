@@ -36,7 +36,7 @@ def _fits_given_gpus(rec: Recommendation, answers: Answers) -> None:
 
 def _lora_fits_by_physics(rec: Recommendation, gpu_gib: float, peak_gib: tuple[float, float]) -> None:
     """The seed runs these cases as 16-bit LoRA on one 24/48/80 GiB card, and so does the runner: a bf16 run loads
-    the frozen base in bf16 (runner/recipe.py lora_base_dtype, 2 B per weight) with fp32 adapters, which is what the
+    the frozen base in bf16 (runner/train/recipe.py lora_base_dtype, 2 B per weight) with fp32 adapters, which is what the
     estimator counts. Physics then agrees with the seed: LoRA fits, with the figure in ``peak_gib`` (estimator,
     micro-batch 4; before the 16-bit base it counted an fp32 base and rejected LoRA for QLoRA)."""
     assert rec.method == "lora" and rec.quantization == "none"

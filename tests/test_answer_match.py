@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from runner import recipe
+from runner.train import recipe
 
 
 @pytest.mark.parametrize("generated, reference, contained", [
@@ -40,7 +40,7 @@ def test_exact_and_answer_match_shares(monkeypatch):
 
 
 def test_demo_before_after_line(make_report):
-    from runner.demo import before_after
+    from runner.train.demo import before_after
 
     rep = make_report(exact_match_before=0.0, exact_match_after=1.0, answer_match_before=0.925,
                       answer_match_after=1.0, eval_loss_before=2.31, eval_loss_after=0.008, exact_match_rows=40)

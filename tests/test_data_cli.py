@@ -19,7 +19,7 @@ def test_check_json_lists_what_is_trained(tmp_path, tiny_model_dir, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] and out["format"] == "prompt_completion" and out["rows"] == 2 and out["seq_len"] == 64
     # the completion and EOS carry the loss, the first completion token included although the prompt ends in a
-    # space (the tiny tokenizer joins "? 7" as "?" + " 7"; runner/data.py tokenizes the pieces apart)
+    # space (the tiny tokenizer joins "? 7" as "?" + " 7"; runner/train/data.py tokenizes the pieces apart)
     assert out["samples"] == [{"row": 1, "trained_text": "7<|im_end|>"}, {"row": 2, "trained_text": "30<|im_end|>"}]
     assert out["truncated_share"] == 0.0 and out["token_length"]["max"] <= 64
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-# Spinning OpenMP threads starve each other on the shared 2-core machine (see runner/worker.py); set before
+# Spinning OpenMP threads starve each other on the shared 2-core machine (see runner/train/worker.py); set before
 # torch is first imported in this test session.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -12,13 +12,13 @@ import json
 
 import pytest
 
-from runner import data as rdata
+from runner.train import data as rdata
 from runner.spec import DatasetSpec
 
 
 @pytest.fixture(scope="module")
 def tok(tiny_model_dir):
-    from runner.recipe import load_tokenizer
+    from runner.train.recipe import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
 
@@ -187,7 +187,7 @@ def test_every_assistant_turn_starts_trained(tok):
     row = {"messages": [{"role": "user", "content": "What is 3 plus 4? "}, {"role": "assistant", "content": " 7"},
                         {"role": "user", "content": "and good?"}, {"role": "assistant", "content": "positive"}]}
     enc = rdata.encode(row, "messages", tok)
-    # ChatML writes each assistant turn as content + <|im_end|> + newline (runner/tinymodel.py CHATML_TEMPLATE)
+    # ChatML writes each assistant turn as content + <|im_end|> + newline (runner/train/tinymodel.py CHATML_TEMPLATE)
     assert tok.decode([t for t, lab in zip(enc.input_ids, enc.labels) if lab != -100]) == \
         " 7<|im_end|>\npositive<|im_end|>\n"
     assert tok.decode(enc.input_ids) == tok.apply_chat_template(row["messages"], tokenize=False)

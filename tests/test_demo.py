@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.demo import DEMO_EVAL, DEMO_TRAIN, demo_spec
+from runner.train.demo import DEMO_EVAL, DEMO_TRAIN, demo_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def test_real_demo_run_improves_exact_match(tmp_path):
     demo_spec().save(run_dir / "spec.json")
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     with open(run_dir / "log.txt", "w") as log:
-        code = subprocess.call([sys.executable, "-m", "runner.worker", str(run_dir)], cwd=REPO, stdout=log,
+        code = subprocess.call([sys.executable, "-m", "runner.train.worker", str(run_dir)], cwd=REPO, stdout=log,
                                stderr=subprocess.STDOUT, env=env, timeout=3600)
     assert code == 0, (run_dir / "log.txt").read_text()[-3000:]
     rep = json.loads((run_dir / "report.json").read_text())

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from ftcore.paths import REPO_ROOT
-from runner import distributed as D
+from runner.launch import distributed as D
 from runner.errors import RunnerError
 from runner.spec import DatasetSpec, DistributionSpec, RunSpec
 
@@ -31,7 +31,7 @@ def _spec(**kw) -> RunSpec:
 
 def test_single_process_runs_the_worker_directly(tmp_path):
     spec = _spec()
-    assert D.launch_command(spec, tmp_path) == [sys.executable, "-m", "runner.worker", str(tmp_path)]
+    assert D.launch_command(spec, tmp_path) == [sys.executable, "-m", "runner.train.worker", str(tmp_path)]
     assert D.launch_command(spec, tmp_path, resume=True)[-1] == "--resume"
     assert D.write_engine_configs(spec, tmp_path) == [] and not any(tmp_path.iterdir())
     assert D.training_args_overrides(spec) == {}
@@ -48,7 +48,7 @@ def test_torchrun_command_parses_as_torchrun_reads_it(tmp_path):
     args = get_args_parser().parse_args(cmd[3:])
     assert (args.nproc_per_node, args.nnodes, args.node_rank) == ("4", "3", 2)
     assert (args.master_addr, args.master_port, args.standalone) == ("node0.cluster", 29611, False)
-    assert args.module and args.training_script == "runner.worker"
+    assert args.module and args.training_script == "runner.train.worker"
     assert args.training_script_args == [str(tmp_path), "--resume"]
 
 
@@ -72,7 +72,7 @@ def test_accelerate_command_and_config_load_with_accelerate(tmp_path):
     assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     args = launch_command_parser().parse_args(cmd[3:])
     assert Path(args.config_file) == tmp_path / D.ACCELERATE_CONFIG and args.module
-    assert args.training_script == "runner.worker" and args.training_script_args == [str(tmp_path)]
+    assert args.training_script == "runner.train.worker" and args.training_script_args == [str(tmp_path)]
     assert tmp_path / D.ACCELERATE_CONFIG in written
     cfg = load_config_from_file(str(tmp_path / D.ACCELERATE_CONFIG))
     assert cfg.distributed_type.value == "MULTI_GPU"
@@ -210,7 +210,7 @@ def test_fsdp_config_carries_the_spec(tmp_path, tiny_model_dir):
 
 FSDP_PROBE = textwrap.dedent("""
     import json, sys, tempfile
-    from runner import distributed as D
+    from runner.launch import distributed as D
     from runner.spec import RunSpec
     from transformers import TrainingArguments
     from accelerate.utils import FullyShardedDataParallelPlugin
@@ -346,7 +346,7 @@ def test_per_gpu_memory_follows_the_strategy():
 # ------------------------------------------------------------------------------------------------ rank logs
 
 
-RANK_PROBE = "import sys; from runner.distributed import redirect_rank_output as r; " \
+RANK_PROBE = "import sys; from runner.launch.distributed import redirect_rank_output as r; " \
              "p = r(sys.argv[1]); print('hello from', p); print('err line', file=sys.stderr)"
 
 
@@ -390,7 +390,7 @@ def test_single_process_output_is_untouched(tmp_path):
 SYNC_PROBE = textwrap.dedent("""
     import json, os, sys
     import torch.distributed as dist
-    from runner.distributed import any_rank, finish_ranks
+    from runner.launch.distributed import any_rank, finish_ranks
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     decisions = [any_rank(rank == 1), any_rank(False)]

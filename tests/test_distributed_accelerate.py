@@ -2,9 +2,9 @@
 
 ``accelerate launch --multi_gpu --num_processes 2`` with ``TrainingArguments(use_cpu=True)`` runs two gloo ranks on
 CPU (REFERENCE.md "Multi-process on a CPU machine"). Stop-and-save signals only the processes that registered as
-training ranks in the run folder (``runner.supervisor.register_worker``), never the launcher: the old argv match
-(``"runner.worker" in cmdline and "launch" not in cmdline``) also picked ``python -m accelerate.commands.launch
-... -m runner.worker RUN_DIR``, SIGUSR1 killed its elastic agent, and the run ended "cancelled" instead of
+training ranks in the run folder (``runner.jobs.supervisor.register_worker``), never the launcher: the old argv match
+(``"runner.train.worker" in cmdline and "launch" not in cmdline``) also picked ``python -m accelerate.commands.launch
+... -m runner.train.worker RUN_DIR``, SIGUSR1 killed its elastic agent, and the run ended "cancelled" instead of
 "stopped" (measured before this change on this machine).
 
 Slow: two real accelerate launches (about 2.5 minutes in all on the shared 2-core machine).
@@ -20,10 +20,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from runner.jobs import JobManager
-from runner.runfiles import TrainRow, read_metrics
+from runner.jobs.manager import JobManager
+from runner.jobs.runfiles import TrainRow, read_metrics
 from runner.spec import DatasetSpec, DistributionSpec, RunSpec
-from runner.supervisor import run_processes, worker_processes
+from runner.jobs.supervisor import run_processes, worker_processes
 
 ROWS, MICRO_BATCH, NPROC, MAX_STEPS = 24, 2, 2, 30
 
@@ -75,7 +75,7 @@ def test_accelerate_two_ranks_stop_save_then_resume(manager, tmp_path, tiny_mode
     run_dir = Path(rec.output_dir)
     assert _wait_for(lambda: len(_train_steps(run_dir)) >= 2, timeout_s=300), manager.log_tail(rec.id, 80)
 
-    # the ranks registered themselves; the launcher (which also has "runner.worker" in its argv) did not
+    # the ranks registered themselves; the launcher (which also has "runner.train.worker" in its argv) did not
     workers = worker_processes(rec.id, run_dir)
     assert len(workers) == NPROC
     launchers = [p for p in run_processes(rec.id).get(rec.id, [])
@@ -104,8 +104,8 @@ def test_accelerate_two_ranks_stop_save_then_resume(manager, tmp_path, tiny_mode
     # (MAX_STEPS - stop_step) steps of MICRO_BATCH rows on each of NPROC ranks; each row is between the
     # shortest and the longest row of the file (lengths from the tokenizer itself), and one rank alone could
     # not reach the lower bound (shortest x 2 > longest here)
-    from runner import data as rdata
-    from runner.recipe import load_tokenizer
+    from runner.train import data as rdata
+    from runner.train.recipe import load_tokenizer
 
     tok = load_tokenizer(tiny_model_dir)
     lengths = [len(rdata.encode(r, "prompt_completion", tok).input_ids) for r in _rows()]
@@ -116,19 +116,19 @@ def test_accelerate_two_ranks_stop_save_then_resume(manager, tmp_path, tiny_mode
 
 
 def test_only_registered_ranks_are_workers(tmp_path):
-    """A process whose argv names runner.worker (as a launcher's does) is not a worker until it registers; a
+    """A process whose argv names runner.train.worker (as a launcher's does) is not a worker until it registers; a
     registration whose pid now belongs to another process (start time differs) is ignored."""
     import os
     import subprocess
     import sys
 
-    from runner.supervisor import RUN_ENV, worker_pid_path
+    from runner.jobs.supervisor import RUN_ENV, worker_pid_path
 
     run_id = f"reg-{os.getpid()}-{time.monotonic_ns()}"
     env = dict(os.environ, **{RUN_ENV: run_id, "RANK": "1"})
-    code = ("import sys, time; from runner.supervisor import register_worker; "
+    code = ("import sys, time; from runner.jobs.supervisor import register_worker; "
             "register_worker(sys.argv[1]) if sys.argv[2] == 'register' else None; time.sleep(60)")
-    launcher = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), "no", "-m", "runner.worker"], env=env)
+    launcher = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), "no", "-m", "runner.train.worker"], env=env)
     rank = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), "register"], env=env)
     try:
         assert _wait_for(lambda: worker_processes(run_id, tmp_path) == [rank.pid], timeout_s=30)

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from runner.jobs import JobManager
-from runner.runfiles import TrainRow, read_metrics
+from runner.jobs.manager import JobManager
+from runner.jobs.runfiles import TrainRow, read_metrics
 from runner.spec import DatasetSpec, DistributionSpec, RunSpec
-from runner.supervisor import run_processes
+from runner.jobs.supervisor import run_processes
 
 #: Installed as ``sitecustomize`` in every Python process of the run; active only in the ranks (torchrun sets
 #: RANK) and only when the test asks. It wraps the recipe's cleanup to write a SHA-256 of the rank's trainable
@@ -30,7 +30,7 @@ import os
 if os.environ.get("FTADVISOR_TEST_ADAPTER_HASH") and "RANK" in os.environ:
     import hashlib, json
     from pathlib import Path
-    import runner.recipe as _recipe
+    import runner.train.recipe as _recipe
 
     _original_cleanup = _recipe._cleanup
 
@@ -50,7 +50,7 @@ if os.environ.get("FTADVISOR_TEST_ADAPTER_HASH") and "RANK" in os.environ:
     _recipe._cleanup = _cleanup
 '''
 
-#: Rows in the training file and the share held out for eval: 24 x 0.2 -> 20 train rows (runner.data split).
+#: Rows in the training file and the share held out for eval: 24 x 0.2 -> 20 train rows (runner.train.data split).
 ROWS = 24
 EVAL_FRACTION = 0.2
 TRAIN_ROWS = 20
@@ -119,7 +119,7 @@ def test_two_ranks_train_identical_adapters_rank0_writes(manager, tmp_path, tiny
     assert hashes[0]["step"] == hashes[1]["step"] == 4 and hashes[0]["trainable"] > 0
     assert hashes[0]["sha256"] == hashes[1]["sha256"], (
         "the ranks' adapters differ: the model was not wrapped in DDP (Trainer.evaluate() before train() marks it "
-        "prepared; the recipe must call runner.distributed.prepare_for_training(trainer) before trainer.train())")
+        "prepared; the recipe must call runner.launch.distributed.prepare_for_training(trainer) before trainer.train())")
     # The data is split between the ranks: a step consumes micro-batch x 2 ranks rows, so after 4 steps
     # 4 * 2 * 2 = 16 of the 20 training rows are seen -> epoch 0.8 (one rank alone would be at 0.4).
     steps = _train_steps(run_dir)
@@ -147,8 +147,8 @@ def test_two_ranks_train_identical_adapters_rank0_writes(manager, tmp_path, tiny
 def test_two_ranks_stop_save_then_resume(manager, tmp_path, tiny_model_dir):
     """SIGUSR1 reaches both ranks; they stop at the same step with a checkpoint; resume finishes the run.
 
-    Needs the stop decision shared by the ranks (runner.distributed.any_rank in the stop callback; otherwise the
-    rank that stops first leaves the other waiting in an all-reduce) and runner.distributed.finish_ranks at the
+    Needs the stop decision shared by the ranks (runner.launch.distributed.any_rank in the stop callback; otherwise the
+    rank that stops first leaves the other waiting in an all-reduce) and runner.launch.distributed.finish_ranks at the
     worker's exit (otherwise torchrun may SIGTERM rank 0 while it writes the checkpoint)."""
     spec = _spec(tmp_path, tiny_model_dir, max_steps=30, save_steps=100)
     rec = manager.launch(spec)

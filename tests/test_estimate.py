@@ -26,7 +26,7 @@ GIB = 1024**3
 @pytest.fixture(scope="module")
 def tiny_cfg(tmp_path_factory):
     """A 4-layer tiny Llama config.json (traces in well under a second)."""
-    from runner.tinymodel import tiny_config
+    from runner.train.tinymodel import tiny_config
 
     cfg = tiny_config("llama", vocab_size=512, hidden_size=64, layers=4)
     cfg.max_position_embeddings = 4096
@@ -349,7 +349,7 @@ def test_kv_cache_matches_transformers_dynamic_cache():
     from transformers import AutoModelForCausalLM
 
     from estimator.memory import kv_cache_bytes
-    from runner.tinymodel import tiny_config
+    from runner.train.tinymodel import tiny_config
 
     cfg = tiny_config("llama")
     model = AutoModelForCausalLM.from_config(cfg)

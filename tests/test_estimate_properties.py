@@ -19,7 +19,7 @@ SETTINGS = settings(max_examples=4, deadline=None, suppress_health_check=[Health
 
 @pytest.fixture(scope="module")
 def cfg_path(tmp_path_factory):
-    from runner.tinymodel import tiny_config
+    from runner.train.tinymodel import tiny_config
 
     cfg = tiny_config("llama", vocab_size=512, hidden_size=64, layers=3)
     cfg.max_position_embeddings = 2048

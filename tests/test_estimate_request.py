@@ -3,7 +3,7 @@ each mapped field reaches the request, and the figures follow what the run reall
 
 Expected values are the spec's own values (a hand-written spec with every knob off its default) and the runner's
 behaviour read from its code: one process runs no engine (so no sharding, no offload), the eval forward runs at
-the training micro-batch (runner/recipe.py per_device_eval_batch_size=spec.micro_batch_size), rows longer than
+the training micro-batch (runner/train/recipe.py per_device_eval_batch_size=spec.micro_batch_size), rows longer than
 seq_len are truncated.
 """
 
@@ -104,7 +104,7 @@ def test_max_steps_caps_the_tokens():
 
 
 def test_a_value_the_estimator_refuses_names_the_spec_field():
-    # The runner takes only presets or lists (runner/recipe.py resolve_targets); a bare module name is refused.
+    # The runner takes only presets or lists (runner/train/recipe.py resolve_targets); a bare module name is refused.
     with pytest.raises(RunnerError) as info:
         M.estimate_request(_spec(peft=dict(target_modules="q_proj")), gpu="a100-80gb")
     assert info.value.field == "peft.target_modules" and "peft.target_modules" in str(info.value)

@@ -20,7 +20,7 @@ import yaml
 from ftadvisor.cli import main as cli_main
 from ftcore.paths import data_path
 from runner.errors import RunnerError
-from runner.export import MARKER, export_bundle, module_closure
+from runner.launch.export import MARKER, export_bundle, module_closure
 from runner.spec import DatasetSpec, DistributionSpec, RunSpec
 
 #: The training stack the issue asks to pin (plus what the copied modules import).
@@ -106,7 +106,7 @@ def test_launch_script_runs_torchrun_with_the_spec(tmp_path, dataset):
     args = get_args_parser().parse_args(lines[2:])
     assert (args.nproc_per_node, args.nnodes, args.node_rank) == ("4", "2", 1)
     assert (args.master_addr, args.master_port) == ("10.1.2.3", 29555)
-    assert args.module and args.training_script == "runner.worker"
+    assert args.module and args.training_script == "runner.train.worker"
     assert args.training_script_args == [f"{out}/run", "--resume"]
     assert RunSpec.load(out / "run" / "spec.json") == RunSpec.load(out / "spec.json")
 
@@ -116,7 +116,7 @@ def test_single_process_and_accelerate_launchers(tmp_path, dataset):
 
     one = export_bundle(_spec(dataset, method="lora"), tmp_path / "one")
     lines = _run_script(one / "launch.sh", tmp_path, env_extra={"PYTHON": str(tmp_path / "fakebin" / "python")})
-    assert lines[2:] == ["-m", "runner.worker", f"{one}/run"]
+    assert lines[2:] == ["-m", "runner.train.worker", f"{one}/run"]
     assert not (one / "accelerate_config.yaml").exists() and not (one / "ds_config.json").exists()
 
     spec = _spec(dataset, distribution=dict(nproc_per_node=2, launcher="accelerate", strategy="zero2"))
@@ -125,7 +125,7 @@ def test_single_process_and_accelerate_launchers(tmp_path, dataset):
     assert lines[2] == "launch"
     args = launch_command_parser().parse_args(lines[3:])
     assert args.config_file == f"{acc}/accelerate_config.yaml" and args.module
-    assert args.training_script == "runner.worker" and args.machine_rank == 0
+    assert args.training_script == "runner.train.worker" and args.machine_rank == 0
 
 
 def test_slurm_script_starts_one_torchrun_per_node(tmp_path, dataset):
@@ -154,7 +154,7 @@ def test_slurm_script_starts_one_torchrun_per_node(tmp_path, dataset):
     args = get_args_parser().parse_args(lines[2:])
     assert (args.nnodes, args.nproc_per_node, args.rdzv_backend) == ("4", "8", "c10d")
     assert (args.rdzv_endpoint, args.rdzv_id) == ("gpu01:29500", "4242")
-    assert args.module and args.training_script == "runner.worker" and args.training_script_args == [f"{out}/run"]
+    assert args.module and args.training_script == "runner.train.worker" and args.training_script_args == [f"{out}/run"]
 
 
 def test_requirements_are_pinned_to_this_environment(tmp_path, dataset):
@@ -175,18 +175,18 @@ def test_requirements_are_pinned_to_this_environment(tmp_path, dataset):
 
 def test_vendored_runner_imports_from_the_bundle_alone(tmp_path, dataset):
     out = export_bundle(_spec(dataset), tmp_path / "bundle")
-    modules = module_closure("runner.worker")
-    assert {"runner.worker", "runner.recipe", "runner.distributed", "runner.spec", "ftcore.paths"} <= set(modules)
-    assert "runner.jobs" not in modules and not any(m.startswith(("ui", "advisor")) for m in modules)
-    probe = ("import runner.worker, runner.recipe, runner.distributed, ftcore.paths as p; "
-             "print(runner.worker.__file__); print(runner.recipe.__file__); print(p.data_path())")
+    modules = module_closure("runner.train.worker")
+    assert {"runner.train.worker", "runner.train.recipe", "runner.launch.distributed", "runner.spec", "ftcore.paths"} <= set(modules)
+    assert "runner.jobs.manager" not in modules and not any(m.startswith(("ui", "advisor")) for m in modules)
+    probe = ("import runner.train.worker, runner.train.recipe, runner.launch.distributed, ftcore.paths as p; "
+             "print(runner.train.worker.__file__); print(runner.train.recipe.__file__); print(p.data_path())")
     env = dict(os.environ, PYTHONPATH=str(out / "src"))
     res = subprocess.run([sys.executable, "-c", probe], cwd=out, env=env, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     worker_file, recipe_file, data_dir = res.stdout.strip().splitlines()[-3:]
-    assert worker_file == str(out / "src" / "runner" / "worker.py")
-    assert recipe_file == str(out / "src" / "runner" / "recipe.py")
+    assert worker_file == str(out / "src" / "runner" / "train" / "worker.py")
+    assert recipe_file == str(out / "src" / "runner" / "train" / "recipe.py")
     shipped = out / "src" / "ftadvisor_data"
     assert data_dir == str(shipped) and (shipped / "__init__.py").is_file()
     assert (shipped / "models" / "catalog.yaml").is_file()
@@ -259,7 +259,7 @@ def test_bundle_trains_without_the_app(tmp_path, tiny_model_dir):
     built = export_bundle(spec, tmp_path / "made")
     moved = tmp_path / "elsewhere" / "bundle"
     shutil.copytree(built, moved, symlinks=True)
-    worker = moved / "src" / "runner" / "worker.py"
+    worker = moved / "src" / "runner" / "train" / "worker.py"
     worker.write_text(worker.read_text().replace("from __future__ import annotations\n",
                                                  "from __future__ import annotations\nprint('BUNDLED WORKER')\n", 1))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FTADVISOR_HOME")}

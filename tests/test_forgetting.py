@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from runner import forgetting
+from runner.tools import forgetting
 
 
 def test_shipped_text_set():
@@ -56,7 +56,7 @@ def test_untrained_adapter_forgets_nothing(tiny_model_dir):
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_report_has_forgetting_and_intruders(tiny_model_dir, tmp_path, method):
-    from runner import recipe
+    from runner.train import recipe
     from runner.spec import DatasetSpec, PeftSettings, RunSpec
 
     data = tmp_path / "d.jsonl"
@@ -77,7 +77,7 @@ def test_report_has_forgetting_and_intruders(tiny_model_dir, tmp_path, method):
 
 
 def test_after_run_line(make_report):
-    from runner.intruder import IntruderReport, IntruderSummary
+    from runner.tools.intruder import IntruderReport, IntruderSummary
 
     intruders = IntruderReport(source="lora", top_k=10, epsilon=0.5, per_module=[], summary=IntruderSummary(
         modules=120, modules_total=120, total=3, mean_per_module=0.025, modules_with_intruders=3, seconds=1.0))

@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("gguf")
 
-from runner import adapters, gguf_export  # noqa: E402
+from runner.tools import adapters, gguf_export  # noqa: E402
 from runner.errors import RunnerError  # noqa: E402
 
 #: f16 stores 11 significant bits (relative step 2**-11 ~ 4.9e-4 per weight); through two tiny layers the logits
@@ -119,7 +119,7 @@ def test_rope_permutation_is_needed(tiny_model_dir, tmp_path, monkeypatch):
 def test_unsupported_architecture_is_refused(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from runner.tinymodel import build_tiny_model
+    from runner.train.tinymodel import build_tiny_model
 
     folder = build_tiny_model(tmp_path / "gpt2", arch="gpt2")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -180,7 +180,7 @@ def _sentencepiece_style_tokenizer(folder):
     from tokenizers import Tokenizer, decoders, models, normalizers, trainers
     from transformers import AutoTokenizer, LlamaTokenizerFast
 
-    from runner.tinymodel import CHATML_TEMPLATE, _corpus
+    from runner.train.tinymodel import CHATML_TEMPLATE, _corpus
 
     tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
@@ -198,7 +198,7 @@ def _sentencepiece_style_tokenizer(folder):
 def test_sentencepiece_style_tokenizer_round_trip(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from runner.tinymodel import tiny_config
+    from runner.train.tinymodel import tiny_config
 
     tok = _sentencepiece_style_tokenizer(tmp_path / "tok")
     cfg = tiny_config("llama", vocab_size=len(tok))

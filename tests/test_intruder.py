@@ -10,7 +10,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest
 import torch
 
-from runner import intruder
+from runner.tools import intruder
 
 
 def _aligned_and_random(seed=0, d_out=64, d_in=64, r=4):

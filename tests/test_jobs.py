@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from runner.jobs import JobManager
-from runner.runfiles import TrainRow, read_metrics
+from runner.jobs.manager import JobManager
+from runner.jobs.runfiles import TrainRow, read_metrics
 from runner.spec import RunSpec
-from runner.supervisor import run_processes
+from runner.jobs.supervisor import run_processes
 
 FAKE_WORKER = Path(__file__).with_name("jobs_fake_worker.py")
 
@@ -166,7 +166,7 @@ def test_new_manager_in_another_process_sees_the_right_status(manager, spec, mon
     monkeypatch.setenv("FAKE_STEPS", "60")
     rec = manager.launch(spec)
     assert _wait_for(lambda: manager.get(rec.id).status == "running")
-    code = ("import sys; from runner.jobs import JobManager; m = JobManager(sys.argv[1]); "
+    code = ("import sys; from runner.jobs.manager import JobManager; m = JobManager(sys.argv[1]); "
             "r = m.get(sys.argv[2]); print(r.status); print(m.wait(r.id, 60).status)")
     out = subprocess.run([sys.executable, "-c", code, str(manager.runs_dir), rec.id], capture_output=True,
                          text=True, timeout=90, cwd=Path(__file__).parents[1])

@@ -6,7 +6,7 @@ import json
 import signal
 
 from runner import exitcodes
-from runner.failures import classify, tail_lines
+from runner.jobs.failures import classify, tail_lines
 
 
 def _run_dir(tmp_path, log="", result=None, metrics=None):

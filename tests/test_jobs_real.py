@@ -1,4 +1,4 @@
-"""The job manager and CLI with the real worker (``python -m runner.worker``) on the tiny model.
+"""The job manager and CLI with the real worker (``python -m runner.train.worker``) on the tiny model.
 
 The default test runs one real LoRA job end to end through ``ftadvisor run`` (about 30 s on the loaded 2-core
 machine, most of it importing torch/transformers in the worker); the fault scenarios with the real worker are
@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from runner.jobs import JobManager
+from runner.jobs.sweep import launch_sweep
+
+from runner.jobs.manager import JobManager
 from runner.spec import RunSpec
-from runner.supervisor import run_processes
+from runner.jobs.supervisor import run_processes
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_ROWS = REPO / "data" / "datasets" / "demo_sentiment.jsonl"
@@ -159,10 +161,10 @@ def test_real_two_process_run_cancel_leaves_no_rank_behind(tiny_model_dir, datas
 
 @pytest.mark.slow
 def test_real_rank_sweep_table(tiny_model_dir, dataset, tmp_path):
-    from runner.sweep import sweep_rows
+    from runner.jobs.sweep import sweep_rows
 
     manager = JobManager(tmp_path / "runs")
-    records = manager.rank_sweep(_spec(tiny_model_dir, dataset, max_steps=4), [2, 8])
+    records = launch_sweep(manager, _spec(tiny_model_dir, dataset, max_steps=4), [2, 8])
     rows = sweep_rows(manager, [manager.wait(r.id, timeout_s=300) for r in records])
     assert [r.status for r in rows] == ["completed", "completed"]
     # q_proj 64->64 and v_proj 64->32 in 2 layers: 2 x r x (128 + 96) = 448 r trainable parameters.
@@ -178,7 +180,7 @@ def test_real_adapters_commands(tiny_model_dir, dataset, tmp_path):
     from ftadvisor.cli import main
 
     manager = JobManager(tmp_path / "runs")
-    records = manager.rank_sweep(_spec(tiny_model_dir, dataset, max_steps=2), [2, 4])
+    records = launch_sweep(manager, _spec(tiny_model_dir, dataset, max_steps=2), [2, 4])
     done = [manager.wait(r.id, timeout_s=300) for r in records]
     assert [d.status for d in done] == ["completed", "completed"]
     a, b = (str(d.run_dir / "adapter") for d in done)

@@ -91,7 +91,7 @@ def _real_step(model, attention: str, dtype: str = "fp32", optimizer: str = "ada
 
 @pytest.mark.parametrize("method,attention,dtype", [
     ("full", "eager", "fp32"), ("full", "sdpa", "fp32"), ("lora", "eager", "fp32"), ("lora", "sdpa", "fp32"),
-    # the runner's LoRA regime for bf16 runs (runner/recipe.py lora_base_dtype): frozen base loaded in bf16,
+    # the runner's LoRA regime for bf16 runs (runner/train/recipe.py lora_base_dtype): frozen base loaded in bf16,
     # fp32 adapters (peft autocast_adapter_dtype), bf16 autocast over the step as HF Trainer does
     ("lora", "sdpa", "bf16"), ("lora", "eager", "bf16"),
     ("full", "sdpa", "bf16"),  # fp32 master weights + bf16 autocast (weight casts are activations)
@@ -242,7 +242,7 @@ def test_lora_base_dtype_is_in_the_trace_settings_and_cache_key():
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd", "adafactor"])
 def test_pure_bf16_full_matches_a_real_step(tmp_path, optimizer):
     """Full fine-tuning in pure bf16 (master_dtype bf16) as the runner runs it: the model loaded in bf16
-    (``runner.recipe.full_dtype``), no autocast (``training_arguments`` bf16=False). Weights, gradients and the
+    (``runner.train.recipe.full_dtype``), no autocast (``training_arguments`` bf16=False). Weights, gradients and the
     optimizer's states are read from the real tensors of a real CPU step: torch AdamW keeps bf16 moments
     (4 B per parameter instead of 8), Adafactor fp32 factors, SGD none."""
     from transformers import AutoModelForCausalLM
@@ -270,7 +270,7 @@ def test_pure_bf16_full_matches_a_real_step(tmp_path, optimizer):
 
 def test_pure_bf16_runner_regime(tmp_path):
     """The runner's builder and TrainingArguments for master_dtype bf16: a bf16 model and no autocast."""
-    from runner.recipe import Run, full_dtype, pure_16bit
+    from runner.train.recipe import Run, full_dtype, pure_16bit
     from runner.spec import DatasetSpec, RunSpec
 
     spec = RunSpec(model="x", method="full", precision="bf16", master_dtype="bf16",
@@ -289,7 +289,7 @@ def test_pure_bf16_runner_regime(tmp_path):
 @pytest.mark.parametrize("regime", ["paper", "peft-upcast"])
 def test_qlora_regimes_match_a_real_bitsandbytes_step(tiny_model_dir, regime):
     """QLoRA in both regimes the runner offers, each against a real bitsandbytes 4-bit CPU load and a real step:
-    ``paper`` loads the model in bf16 and keeps only the norms fp32 (``runner.recipe.prepare_qlora_paper``, the
+    ``paper`` loads the model in bf16 and keeps only the norms fp32 (``runner.train.recipe.prepare_qlora_paper``, the
     QLoRA paper's qlora.py); ``peft-upcast`` loads fp32 and runs peft's prepare_model_for_kbit_training. Every
     stored byte (parameters, buffers, bitsandbytes' quant state), gradients, AdamW states and the activations
     of the step are compared."""
@@ -298,7 +298,7 @@ def test_qlora_regimes_match_a_real_bitsandbytes_step(tiny_model_dir, regime):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from estimator.params import adapter_config
-    from runner.recipe import prepare_qlora_paper
+    from runner.train.recipe import prepare_qlora_paper
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)

@@ -103,7 +103,7 @@ def test_bitsandbytes_load_leaves_fused_experts_unquantized(tmp_path):
 
 @pytest.mark.parametrize("regime", ["paper", "peft-upcast"])
 def test_qlora_experts_quantized_by_the_runner_and_counted_exactly(tmp_path, regime):
-    """The runner's QLoRA on a tiny Mixtral (real 4-bit load, runner.experts.quantize_fused_experts, the
+    """The runner's QLoRA on a tiny Mixtral (real 4-bit load, runner.train.experts.quantize_fused_experts, the
     regime's preparation, LoRA): every expert matrix is a Params4bit, and the estimate's weight bytes equal
     every stored byte of that real model."""
     pytest.importorskip("bitsandbytes")
@@ -111,8 +111,8 @@ def test_qlora_experts_quantized_by_the_runner_and_counted_exactly(tmp_path, reg
     from transformers import AutoModelForCausalLM
 
     from estimator.params import adapter_config
-    from runner.experts import quantize_fused_experts
-    from runner.recipe import prepare_qlora_paper
+    from runner.train.experts import quantize_fused_experts
+    from runner.train.recipe import prepare_qlora_paper
 
     cfg = _mixtral(layers=3)
     folder = _saved_model(tmp_path, cfg)
@@ -149,7 +149,7 @@ def test_nf4_experts_compute_what_the_fused_experts_compute(tmp_path):
     import bitsandbytes.functional as bnbf
     from transformers import AutoModelForCausalLM
 
-    from runner.experts import quantize_fused_experts
+    from runner.train.experts import quantize_fused_experts
 
     cfg = _mixtral(layers=1)
     torch.manual_seed(0)
@@ -231,13 +231,13 @@ def test_mixtral_qlora_weights_are_nf4_experts():
 
 
 def test_runner_qlora_builder_quantizes_the_experts_and_trains(tmp_path):
-    """The recipe's QLoRA builder on a tiny Mixtral folder (runner.tinymodel): experts Params4bit, the run note
+    """The recipe's QLoRA builder on a tiny Mixtral folder (runner.train.tinymodel): experts Params4bit, the run note
     says so, a real forward/backward step has a finite loss and gradients only on the adapters, and the
     estimate's weight bytes equal every byte the built model stores."""
     pytest.importorskip("bitsandbytes")
-    from runner import recipe
+    from runner.train import recipe
     from runner.spec import DatasetSpec, RunSpec
-    from runner.tinymodel import build_tiny_model
+    from runner.train.tinymodel import build_tiny_model
 
     folder = build_tiny_model(tmp_path / "mixtral", arch="mixtral")
     spec = RunSpec(model=str(folder), dataset=DatasetSpec(path="unused.jsonl"), method="qlora", precision="bf16")
@@ -269,7 +269,7 @@ def test_presets_resolve_the_same_before_and_after_the_expert_swap():
     from transformers import AutoModelForCausalLM, OlmoeConfig
 
     from estimator.params import PRESETS, resolve_targets
-    from runner.experts import quantize_fused_experts
+    from runner.train.experts import quantize_fused_experts
 
     cfg = OlmoeConfig(vocab_size=256, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2,

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from runner.supervisor import RUN_ENV, is_run_process, pid_alive, run_processes, worker_processes
+from runner.jobs.supervisor import RUN_ENV, is_run_process, pid_alive, run_processes, worker_processes
 
 
 def _wait_for(cond, timeout_s=20.0):
@@ -28,7 +28,7 @@ def test_a_marked_process_is_found_and_a_zombie_is_not(tmp_path):
         assert _wait_for(lambda: run_processes(run_id).get(run_id) == [child.pid])
         assert pid_alive(child.pid) and is_run_process(child.pid, run_id)
         assert not is_run_process(child.pid, run_id + "-other") and run_id not in run_processes("other-run")
-        assert worker_processes(run_id) == []  # not a runner.worker command line
+        assert worker_processes(run_id) == []  # not a runner.train.worker command line
         child.stdin.close()  # it exits; not reaped yet, so it is a zombie until wait()
         assert _wait_for(lambda: not pid_alive(child.pid))
         assert not is_run_process(child.pid, run_id) and run_id not in run_processes(run_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-# Spinning OpenMP threads starve each other on the shared 2-core machine (see runner/worker.py); set before
+# Spinning OpenMP threads starve each other on the shared 2-core machine (see runner/train/worker.py); set before
 # torch is first imported in this test session.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -39,7 +39,7 @@ def _spec(model_dir, dataset, **kw) -> RunSpec:
 
 
 def _train(spec, run_dir):
-    from runner import recipe
+    from runner.train import recipe
 
     run_dir.mkdir(parents=True, exist_ok=True)
     return recipe.run(spec, run_dir)
@@ -66,7 +66,7 @@ def _check_run(run_dir, adapter=True):
     assert all(x["tokens_per_s"] > 0 and x["memory_bytes"] > 0 and x["max_steps"] == STEPS for x in train)
     assert any(x["type"] == "eval" for x in lines)
     # what the real worker wrote reads back through the run-folder contract, field for field
-    from runner.runfiles import read_metrics, read_report
+    from runner.jobs.runfiles import read_metrics, read_report
 
     assert read_report(run_dir).model_dump(mode="json") == rep
     assert [row.model_dump(mode="json") for row in read_metrics(run_dir / "metrics.jsonl")] == lines
@@ -150,7 +150,7 @@ def test_adalora_reallocates_ranks(tiny_model_dir, dataset, tmp_path):
 
 
 def test_gpt2_and_gradient_checkpointing(tmp_path, dataset):
-    from runner.tinymodel import build_tiny_model
+    from runner.train.tinymodel import build_tiny_model
 
     model = build_tiny_model(tmp_path / "gpt2", arch="gpt2")
     _train(_spec(model, dataset, gradient_checkpointing=True, peft=PeftSettings(r=2, target_modules="attention-qv")),

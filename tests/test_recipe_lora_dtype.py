@@ -18,7 +18,7 @@ from runner.spec import DatasetSpec, DistributionSpec, PeftSettings, RunSpec  # 
 
 def _built(model_dir, precision: str, **kw):
     """The model ``recipe._build_lora`` returns for a run whose resolved precision is ``precision``."""
-    from runner import recipe
+    from runner.train import recipe
 
     spec = RunSpec(model=str(model_dir), dataset=DatasetSpec(path="unused.jsonl"), method="lora",
                    precision=precision, **kw)
@@ -62,7 +62,7 @@ def test_fp32_run_keeps_an_fp32_base(tiny_model_dir):
 
 def test_fsdp_and_deepspeed_keep_an_fp32_base(tiny_model_dir):
     """FSDP flattens a unit into one dtype and DeepSpeed casts the module itself: the builder leaves them fp32."""
-    from runner import recipe
+    from runner.train import recipe
 
     for strategy in ("fsdp", "zero3"):
         spec = RunSpec(model=str(tiny_model_dir), dataset=DatasetSpec(path="unused.jsonl"), precision="bf16",

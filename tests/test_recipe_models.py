@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see runner/worker.py
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see runner/train/worker.py
 
 import json
 import math
@@ -12,9 +12,10 @@ import shutil
 
 import pytest
 
-from runner import exitcodes, recipe
+from runner import exitcodes
+from runner.train import recipe
 from runner.errors import RunnerError
-from runner.models import DEMO_MODEL_ID, resolve_model_dir
+from runner.train.models import DEMO_MODEL_ID, resolve_model_dir
 from runner.spec import DatasetSpec, PeftSettings, RunSpec
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see runner/worker.py
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see runner/train/worker.py
 
 import json
 
@@ -29,7 +29,7 @@ def dataset(tmp_path_factory):
 
 
 def _run(model_dir, dataset, run_dir, packing: bool):
-    from runner import recipe
+    from runner.train import recipe
 
     spec = RunSpec(model=str(model_dir), dataset=DatasetSpec(path=str(dataset), eval_fraction=0.1, packing=packing),
                    epochs=1, micro_batch_size=BATCH, seq_len=64, save_steps=1000, precision="fp32",
@@ -60,7 +60,7 @@ def test_one_epoch_is_one_epoch(tiny_model_dir, dataset, tmp_path, packing):
 def test_gradient_accumulation_keeps_the_last_partial_update(tiny_model_dir, dataset, tmp_path):
     """54 rows / batch 4 = 14 batches; with 4 accumulation steps the Trainer makes ceil(14 / 4) = 4 updates per
     epoch (the last one from 2 batches). The old floor gave 3 steps and stopped at epoch 0.75."""
-    from runner import recipe
+    from runner.train import recipe
 
     spec = RunSpec(model=str(tiny_model_dir), dataset=DatasetSpec(path=str(dataset), eval_fraction=0.1), epochs=1,
                    micro_batch_size=BATCH, gradient_accumulation_steps=4, seq_len=64, save_steps=1000,
@@ -79,6 +79,6 @@ def test_report_peak_memory_is_a_named_peak(tiny_model_dir, dataset, tmp_path):
     with open("/proc/self/statm") as fh:
         resident = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     assert peak["bytes"] >= resident * 0.98  # statm is read after the report, so allow for pages freed since
-    from runner.runfiles import read_report
+    from runner.jobs.runfiles import read_report
 
     assert read_report(tmp_path / "run").peak_memory.bytes == peak["bytes"]  # the typed contract reads it back

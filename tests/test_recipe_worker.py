@@ -40,7 +40,7 @@ def _start(run_dir: Path, spec: RunSpec | None, *args, env=None) -> subprocess.P
     if spec is not None:
         spec.save(run_dir / "spec.json")
     log = open(run_dir / "log.txt", "a")
-    return subprocess.Popen([sys.executable, "-m", "runner.worker", str(run_dir), *args], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "runner.train.worker", str(run_dir), *args], cwd=REPO,
                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
 

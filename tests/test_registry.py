@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.registry import Registry, new_run_id
+from runner.jobs.registry import Registry, new_run_id
 from runner.spec import RunSpec
 
 SPEC = RunSpec(model="m", method="lora", dataset={"path": "/x.jsonl"})
@@ -93,7 +93,7 @@ def test_prefix_lookup(reg, tmp_path):
 _WRITER = """
 import sys
 from pathlib import Path
-from runner.registry import Registry
+from runner.jobs.registry import Registry
 from runner.spec import RunSpec
 reg = Registry(sys.argv[1])
 spec = RunSpec(model="m", method="lora", dataset={"path": "/x.jsonl"})

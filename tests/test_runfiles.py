@@ -1,4 +1,4 @@
-"""The run-folder contract (runner/runfiles.py): what the worker writes is what the readers read, by type."""
+"""The run-folder contract (runner/jobs/runfiles.py): what the worker writes is what the readers read, by type."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import time
 
 import pytest
 
-from runner import runfiles
+from runner.jobs import runfiles
 from runner.errors import RunnerError
-from runner.failures import classify
-from runner.runfiles import (EvalRow, Heartbeat, Result, TrainRow, append_metrics, read_heartbeat, read_metrics,
+from runner.jobs.failures import classify
+from runner.jobs.runfiles import (EvalRow, Heartbeat, Result, TrainRow, append_metrics, read_heartbeat, read_metrics,
                              read_result, write_model)
 
 
 def test_result_round_trip_and_classify_reads_it(tmp_path):
-    from runner.worker import write_result
+    from runner.train.worker import write_result
 
     write_result(tmp_path, "failed", 5, "oom_step", "out of memory at a training step", "lower micro_batch_size",
                  field="micro_batch_size")
@@ -40,7 +40,7 @@ def test_a_file_off_the_contract_is_an_error_naming_the_file(tmp_path):
 
 
 def test_heartbeat_thread_writes_what_the_supervisor_reads(tmp_path):
-    from runner.callbacks import Heartbeat as HeartbeatThread, Progress
+    from runner.train.callbacks import Heartbeat as HeartbeatThread, Progress
 
     progress = Progress()
     progress.update(step=3, max_steps=10, phase="train")

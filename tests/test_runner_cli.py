@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ftadvisor.cli import main
-from runner.supervisor import run_processes
+from runner.jobs.supervisor import run_processes
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_WORKER = Path(__file__).with_name("jobs_fake_worker.py")
@@ -30,7 +30,7 @@ def env(tmp_path, monkeypatch):
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps({"prompt": "1+1=", "completion": "2"}) + "\n")
     # `run` refuses a model it cannot find before queueing; the stand-in worker never reads the files, so a
-    # folder holding the names runner.models.check_model_dir looks for stands in for a model folder
+    # folder holding the names runner.train.models.check_model_dir looks for stands in for a model folder
     stub = tmp_path / "tiny-model"
     stub.mkdir()
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
@@ -126,7 +126,7 @@ def test_show_logs_stop_resume(env, capsys, monkeypatch):
     metrics = None
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        from runner.jobs import JobManager
+        from runner.jobs.manager import JobManager
 
         metrics = JobManager().metrics(rid)
         if len(metrics) >= 2:
@@ -194,7 +194,7 @@ def test_cli_killed_during_a_run_does_not_lose_it(env, tmp_path, capsys):
         proc.wait()
     assert main(["runs", "show", rid, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["status"] in ("queued", "running")
-    from runner.jobs import JobManager
+    from runner.jobs.manager import JobManager
 
     assert JobManager().wait(rid, timeout_s=30).status == "completed"
 
@@ -205,6 +205,6 @@ def test_demo_spec_with_overrides(env, capsys):
     spec = json.loads((Path(rec["output_dir"]) / "spec.json").read_text())
     assert spec["model"] == "smollm2-135m" and spec["max_steps"] == 3 and spec["peft"]["r"] == 4
     assert spec["dataset"]["path"].endswith("demo_sentiment.jsonl")
-    from runner.jobs import JobManager
+    from runner.jobs.manager import JobManager
 
     assert JobManager().wait(rec["id"], timeout_s=30).status == "completed"  # (stand-in worker)

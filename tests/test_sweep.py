@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from runner.errors import RunnerError
-from runner.jobs import JobManager
+from runner.jobs.manager import JobManager
 from runner.spec import RunSpec
-from runner.sweep import parse_ranks, rank_specs, sweep_rows
+from runner.jobs.sweep import launch_sweep, parse_ranks, rank_specs, sweep_rows
 
 FAKE_WORKER = Path(__file__).with_name("jobs_fake_worker.py")
 
@@ -48,7 +48,7 @@ def test_sweep_runs_in_order_and_builds_the_table(tmp_path, spec, monkeypatch):
     monkeypatch.setenv("FAKE_STEPS", "3")
     monkeypatch.setenv("FAKE_STEP_S", "0.05")
     manager = JobManager(tmp_path / "runs")
-    records = manager.rank_sweep(spec, [8, 4])
+    records = launch_sweep(manager, spec, [8, 4])
     assert len({r.sweep_id for r in records}) == 1 and records[0].sweep_id
     done = [manager.wait(r.id, timeout_s=40) for r in records]
     assert [d.status for d in done] == ["completed", "completed"]

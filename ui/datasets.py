@@ -1,4 +1,4 @@
-"""Dataset helpers for the Launch page: shipped sample files, and a cached dataset check (runner.data)."""
+"""Dataset helpers for the Launch page: shipped sample files, and a cached dataset check (runner.train.data)."""
 
 from __future__ import annotations
 
@@ -24,18 +24,18 @@ def shipped() -> list[Path]:
 @st.cache_resource(show_spinner=False, max_entries=4)
 def tokenizer(model_ref: str, trust_remote_code: bool = False):
     """The run's tokenizer (resolving the model folder the same way the worker will). Raises RunnerError."""
-    ready()  # before runner.recipe, which imports transformers
-    from runner.models import resolve_model_dir
-    from runner.recipe import load_tokenizer
+    ready()  # before runner.train.recipe, which imports transformers
+    from runner.train.models import resolve_model_dir
+    from runner.train.recipe import load_tokenizer
 
     return load_tokenizer(resolve_model_dir(model_ref), trust_remote_code=trust_remote_code)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def check(ds_json: str, model_ref: str, seq_len: int, mtime_ns: int, trust_remote_code: bool = False):
-    """runner.data.check_dataset for a dataset spec (JSON) and model; keyed also by the file's mtime."""
+    """runner.train.data.check_dataset for a dataset spec (JSON) and model; keyed also by the file's mtime."""
     ready()
-    from runner.data import check_dataset
+    from runner.train.data import check_dataset
 
     ds = DatasetSpec.model_validate_json(ds_json)
     return check_dataset(ds, tokenizer(model_ref, trust_remote_code), seq_len)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from runner.runfiles import PeakMemory
+    from runner.jobs.runfiles import PeakMemory
 
 GIB = 1024**3  # bytes in a GiB: GPU memory is sold and reported by drivers in binary units
 _BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
@@ -83,7 +83,7 @@ def last_user_turn(prompt: str) -> str:
     return prompt.rsplit(marker, 1)[1].split("<|im_end|>", 1)[0].strip()
 
 
-#: What report.json's ``peak_memory.kind`` measures (runner/runfiles.py PeakMemory), as shown on the Runs page.
+#: What report.json's ``peak_memory.kind`` measures (runner/jobs/runfiles.py PeakMemory), as shown on the Runs page.
 PEAK_KINDS = {"cuda_max_allocated": "CUDA max allocated", "cpu_max_rss": "CPU max RSS"}
 
 

@@ -1,4 +1,4 @@
-"""The job manager the pages share (the run folder's files are read through ``runner.runfiles``)."""
+"""The job manager the pages share (the run folder's files are read through ``runner.jobs.runfiles``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ LIVE_REFRESH_S = 2.0  # how often live views poll the run folder; the worker's h
 
 @st.cache_resource(show_spinner=False)
 def _manager(folder: str):
-    from runner.jobs import JobManager
+    from runner.jobs.manager import JobManager
 
     return JobManager(runs_dir=folder)
 

@@ -15,7 +15,7 @@ from ftcore.paths import uploads_dir
 
 MAX_DATASET_BYTES = 50 * 1024**2  # 50 MiB: matches server.maxUploadSize in .streamlit/config.toml
 MAX_CONFIG_BYTES = 1024**2  # 1 MiB: a Hugging Face config.json is a few KiB; anything larger is not one
-DATASET_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # the formats runner.data reads
+DATASET_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # the formats runner.train.data reads
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _HASH_CHARS = 12  # 48 bits of the sha256: enough to keep distinct uploads apart in one folder
 

@@ -1,4 +1,4 @@
-"""The training recipe: ``setup -> train -> cleanup`` (torchtune style), run by ``python -m runner.worker``.
+"""The training recipe: ``setup -> train -> cleanup`` (torchtune style), run by ``python -m runner.train.worker``.
 
 - setup: model folder, tokenizer, the dataset check (before any model is loaded), fingerprint / resume check,
   the model for the method (``_build_full``, ``_build_lora``, ``_build_qlora``), tokenized datasets, Trainer.
@@ -21,13 +21,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runner import data as rdata
-from runner import distributed
-from runner.callbacks import (AdaLoraCallback, MetricsCallback, Progress, StopOnRequest, peak_memory,
+from runner.train import data as rdata
+from runner.launch import distributed
+from runner.train.callbacks import (AdaLoraCallback, MetricsCallback, Progress, StopOnRequest, peak_memory,
                               write_json)
 from runner.errors import RunnerError
-from runner.models import log_progress, resolve_model_dir
-from runner.runfiles import METRICS_FILE, REPORT_FILE, DatasetSummary, Report, Sample, write_model
+from runner.train.models import log_progress, resolve_model_dir
+from runner.jobs.runfiles import METRICS_FILE, REPORT_FILE, DatasetSummary, Report, Sample, write_model
 from runner.spec import RunSpec
 
 #: Eval rows used for exact match (greedy generation is the slow part of the report on CPU).
@@ -330,8 +330,8 @@ def _build_lora(r: Run):
 
 def _quantize_experts(r: Run, model, compute, storage) -> None:
     """bitsandbytes' loader leaves transformers 5's fused MoE experts (3D parameters) unquantized: quantize them
-    to NF4 here, one Linear4bit per expert and matrix (``runner/experts.py``), as the estimator counts them."""
-    from runner.experts import quantize_fused_experts
+    to NF4 here, one Linear4bit per expert and matrix (``runner/train/experts.py``), as the estimator counts them."""
+    from runner.train.experts import quantize_fused_experts
 
     swapped, skipped = quantize_fused_experts(model, compute, storage or None)
     if swapped:
@@ -469,7 +469,7 @@ def training_arguments(r: Run):
         use_cpu=r.device == "cpu", report_to="none", optim=OPTIMIZERS[spec.optimizer],
         remove_unused_columns=False,
         # training tokens summed over all ranks by the Trainer itself (an accelerator.gather per step); padding
-        # is not counted (attention_mask, or pad ids in packed batches, runner/data.py Collator)
+        # is not counted (attention_mask, or pad ids in packed batches, runner/train/data.py Collator)
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0, disable_tqdm=True, save_only_model=False,
     )
@@ -543,7 +543,7 @@ def _evaluate(r: Run) -> dict:
     import torch
 
     out: dict = {"eval_loss": None, "exact_match": None, "exact_match_rows": 0, "samples": []}
-    out.update(_general_text_loss(r))  # forgetting: loss on the shipped general text (runner/forgetting.py)
+    out.update(_general_text_loss(r))  # forgetting: loss on the shipped general text (runner/tools/forgetting.py)
     if not r.eval_rows:
         return out
     step = r.trainer.state.global_step
@@ -558,13 +558,13 @@ def _evaluate(r: Run) -> dict:
 
 
 def _general_text_loss(r: Run) -> dict:
-    """``general_loss`` / ``general_tokens`` of the model on the shipped general text (runner/forgetting.py).
+    """``general_loss`` / ``general_tokens`` of the model on the shipped general text (runner/tools/forgetting.py).
 
     Skipped (empty) where weights are sharded across ranks (FSDP, ZeRO): one rank cannot run a forward alone.
     """
     if distributed.estimator_sharding(r.spec) not in ("none", "ddp"):
         return {}
-    from runner.forgetting import general_loss
+    from runner.tools.forgetting import general_loss
 
     with _oom_as("oom_eval"):
         loss, tokens = general_loss(r.model, r.tokenizer)
@@ -704,7 +704,7 @@ def trainable_params(model) -> tuple[int, int]:
 
 
 def report(r: Run, out: Path) -> Report:
-    """report.json (``runner.runfiles.Report``). ``r.before`` / ``r.after`` are this module's evaluation dicts."""
+    """report.json (``runner.jobs.runfiles.Report``). ``r.before`` / ``r.after`` are this module's evaluation dicts."""
     trainable, total = trainable_params(r.model)
     weights = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     state = r.trainer.state
@@ -739,8 +739,8 @@ def report(r: Run, out: Path) -> Report:
 
 
 def _forgetting(r: Run):
-    """report.json "forgetting": general-text loss before/after/change (runner/forgetting.py), None if skipped."""
-    from runner.forgetting import forgetting_report
+    """report.json "forgetting": general-text loss before/after/change (runner/tools/forgetting.py), None if skipped."""
+    from runner.tools.forgetting import forgetting_report
 
     before, after = r.before.get("general_loss"), r.after.get("general_loss")
     if before is None and after is None:
@@ -749,9 +749,9 @@ def _forgetting(r: Run):
 
 
 def _intruders(r: Run, out: Path):
-    """report.json "intruder_dimensions" (runner/intruder.py): adapter runs from base + adapter files, full runs
+    """report.json "intruder_dimensions" (runner/tools/intruder.py): adapter runs from base + adapter files, full runs
     from the saved weights vs the base over the modules a LoRA run with this spec's targets would adapt."""
-    from runner import intruder
+    from runner.tools import intruder
 
     try:
         if r.spec.method == "full":

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from runner import runfiles
+from runner.jobs import runfiles
 
 #: Seconds between heartbeat rewrites (contract: "rewritten every 5 s").
 HEARTBEAT_INTERVAL_S = 5.0
@@ -72,7 +72,7 @@ class Progress:
 
 
 class Heartbeat:
-    """Daemon thread that rewrites heartbeat.json (``runner.runfiles.Heartbeat``)."""
+    """Daemon thread that rewrites heartbeat.json (``runner.jobs.runfiles.Heartbeat``)."""
 
     def __init__(self, path: Path, progress: Progress, interval_s: float = HEARTBEAT_INTERVAL_S):
         self.path, self.progress, self.interval_s = path, progress, interval_s
@@ -165,7 +165,7 @@ class MetricsCallback(TrainerCallback):
 class StopOnRequest(TrainerCallback):
     """When ``flag`` is set (by the SIGUSR1 handler), save a checkpoint at the end of this step and stop.
 
-    ``agree`` turns this rank's flag into the decision of all ranks (runner.distributed.any_rank: one
+    ``agree`` turns this rank's flag into the decision of all ranks (runner.launch.distributed.any_rank: one
     all-reduce), so every rank stops at the same step; identity when single-process.
     """
 

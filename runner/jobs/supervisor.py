@@ -1,6 +1,6 @@
 """One detached supervisor per run: waits its turn for the device, runs the worker, records how it ended.
 
-``python -m runner.supervisor --registry REGISTRY --run-id ID RUN_DIR``
+``python -m runner.jobs.supervisor --registry REGISTRY --run-id ID RUN_DIR``
 
 The job manager starts it in its own session (so it is the leader of a new process group and survives the app,
 the CLI or the terminal going away). It:
@@ -8,11 +8,11 @@ the CLI or the terminal going away). It:
 1. waits in the queue: first queued run (by queue time) whose supervisor is alive, and holder of an exclusive
    ``flock`` on ``device.lock`` next to the registry (the kernel drops the lock when its holders die, so a
    crashed run never blocks the device);
-2. starts the worker command (``runner.distributed.launch_command``; ``--resume`` for a resumed run) in the same
+2. starts the worker command (``runner.launch.distributed.launch_command``; ``--resume`` for a resumed run) in the same
    process group, stdout and stderr appended to ``log.txt`` (a file, never a pipe), the lock fd inherited;
 3. copies the worker's heartbeat into the registry every few seconds;
 4. on SIGTERM (cancel) forwards it to every process of the run, then SIGKILL after a grace period;
-5. classifies the exit (``runner.failures``), kills anything of the run still alive, writes the final status.
+5. classifies the exit (``runner.jobs.failures``), kills anything of the run still alive, writes the final status.
 
 Every process of a run carries ``FTADVISOR_RUN_ID=<id>`` in its environment (inherited through torchrun, whose
 ranks start in sessions of their own), which is how cancel finds all of them and how "no orphans" is checked.
@@ -37,11 +37,11 @@ from pathlib import Path
 import psutil
 
 from runner.errors import RunnerError
-from runner.registry import ACTIVE, Registry, RunRecord
-from runner.runfiles import RESULT_FILE, read_heartbeat
+from runner.jobs.registry import ACTIVE, Registry, RunRecord
+from runner.jobs.runfiles import RESULT_FILE, read_heartbeat
 
 RUN_ENV = "FTADVISOR_RUN_ID"
-#: Replaces the worker command (``python -m runner.worker``) when set; used by tests with a stand-in worker.
+#: Replaces the worker command (``python -m runner.train.worker``) when set; used by tests with a stand-in worker.
 WORKER_CMD_ENV = "FTADVISOR_WORKER_CMD"
 LOCK_FILE = "device.lock"
 #: Seconds between queue checks and between worker polls (small: the queue is a handful of rows).
@@ -212,7 +212,7 @@ def reconcile(registry: Registry, run_id: str, alive: bool) -> bool:
     otherwise failed with the reason. ``alive`` is whether any process of the run exists. Returns True when
     the row was changed. Safe against the supervisor finishing at the same moment (checked in one transaction).
     """
-    from runner.failures import classify
+    from runner.jobs.failures import classify
 
     if alive:
         return False
@@ -325,7 +325,7 @@ class Supervisor:
         override = os.environ.get(WORKER_CMD_ENV)
         if override:  # tests: a stand-in worker that follows the same contract
             return [*shlex.split(override), str(self.run_dir)] + (["--resume"] if resume else [])
-        from runner.distributed import launch_command
+        from runner.launch.distributed import launch_command
 
         return launch_command(spec, self.run_dir) + (["--resume"] if resume else [])
 
@@ -395,7 +395,7 @@ class Supervisor:
                 self.registry.update(self.run_id, reason=None, only_if_status=frozenset({"running"}))
 
     def _finish(self, returncode: int, started: float) -> None:
-        from runner.failures import classify
+        from runner.jobs.failures import classify
 
         kill_run(self.run_id, grace_s=2.0, exclude=(os.getpid(),))  # no orphans, whatever the worker left
         self._copy_heartbeat()
@@ -408,7 +408,7 @@ class Supervisor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runner.supervisor")
+    parser = argparse.ArgumentParser(prog="python -m runner.jobs.supervisor")
     parser.add_argument("run_dir")
     parser.add_argument("--registry", required=True)
     parser.add_argument("--run-id", required=True)

@@ -1,7 +1,7 @@
 """The run folder's files between processes, as types: ``heartbeat.json``, ``metrics.jsonl``, ``result.json``,
 ``report.json``.
 
-The worker (``runner.worker``, ``runner.recipe``, ``runner.callbacks``) writes them through these models; the
+The worker (``runner.train.worker``, ``runner.train.recipe``, ``runner.train.callbacks``) writes them through these models; the
 supervisor, the failure classifier, the job manager, the sweep, the CLI and the Runs page read them back through
 the same models (and the tests' stand-in worker writes through them too), so a field is named once, here. Every
 model forbids unknown keys: a writer that adds a field must add it here, and a reader never guesses.
@@ -21,8 +21,8 @@ from typing import Annotated, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from runner.errors import RunnerError
-from runner.forgetting import ForgettingReport
-from runner.intruder import IntruderReport
+from runner.tools.forgetting import ForgettingReport
+from runner.tools.intruder import IntruderReport
 
 HEARTBEAT_FILE = "heartbeat.json"
 METRICS_FILE = "metrics.jsonl"
@@ -43,7 +43,7 @@ Phase = Literal["setup", "load", "eval_before", "train", "eval_after", "save", "
 
 
 class Heartbeat(RunFile):
-    """``heartbeat.json``, rewritten by rank 0 every few seconds (``runner.callbacks.Heartbeat``)."""
+    """``heartbeat.json``, rewritten by rank 0 every few seconds (``runner.train.callbacks.Heartbeat``)."""
 
     pid: int = Field(description="the worker process")
     step: int = Field(description="optimizer steps done")
@@ -56,7 +56,7 @@ class Heartbeat(RunFile):
 
 
 class TrainRow(RunFile):
-    """A ``metrics.jsonl`` line per logged training step (``runner.callbacks.MetricsCallback.on_log``)."""
+    """A ``metrics.jsonl`` line per logged training step (``runner.train.callbacks.MetricsCallback.on_log``)."""
 
     type: Literal["train"] = "train"
     step: int
@@ -73,7 +73,7 @@ class TrainRow(RunFile):
 
 
 class EvalRow(RunFile):
-    """A ``metrics.jsonl`` line per evaluation (``runner.callbacks.MetricsCallback.on_evaluate``)."""
+    """A ``metrics.jsonl`` line per evaluation (``runner.train.callbacks.MetricsCallback.on_evaluate``)."""
 
     type: Literal["eval"] = "eval"
     step: int
@@ -131,14 +131,14 @@ class TokenLengths(RunFile):
 
 
 class TrainedText(RunFile):
-    """A train row as trained: the decoded tokens that carry a loss (``runner.data.TrainedSample``)."""
+    """A train row as trained: the decoded tokens that carry a loss (``runner.train.data.TrainedSample``)."""
 
     row: int = Field(description="1-based row number in the train file")
     trained_text: str
 
 
 class DatasetSummary(RunFile):
-    """report.json ``dataset``: ``runner.data.DatasetReport.summary()`` plus the file it was read from."""
+    """report.json ``dataset``: ``runner.train.data.DatasetReport.summary()`` plus the file it was read from."""
 
     format: str | None = None
     rows: int = 0
@@ -164,7 +164,7 @@ class Sample(RunFile):
 
 
 class Report(RunFile):
-    """``report.json``: what a completed run did and measured (``runner.recipe.report``). Bytes are bytes,
+    """``report.json``: what a completed run did and measured (``runner.train.recipe.report``). Bytes are bytes,
     seconds are seconds; None where the run did not measure it."""
 
     model: str
@@ -191,7 +191,7 @@ class Report(RunFile):
     exact_match_before: float | None = None
     exact_match_after: float | None = None
     answer_match_before: float | None = Field(None, description="share of held-out answers containing the "
-                                                              "reference (runner.recipe.answer_contains)")
+                                                              "reference (runner.train.recipe.answer_contains)")
     answer_match_after: float | None = None
     exact_match_rows: int = 0
     samples: list[Sample] = Field(default_factory=list)

@@ -10,8 +10,8 @@ reported next to it, so the "before" figure measures what the base model knows, 
 from __future__ import annotations
 
 from ftcore.paths import data_path
-from runner.models import DEMO_MODEL_ID
-from runner.runfiles import Report
+from runner.train.models import DEMO_MODEL_ID
+from runner.jobs.runfiles import Report
 from runner.spec import DatasetSpec, PeftSettings, RunSpec
 
 DEMO_TRAIN = data_path("datasets", "demo_sentiment.jsonl")
@@ -42,7 +42,7 @@ def before_after(report: Report) -> str | None:
     """One line with a finished run's held-out figures before -> after training (report.json), e.g.
     ``held-out (40 rows): exact match 0% -> 100%, answer match 93% -> 100%, eval loss 2.31 -> 0.0080``.
 
-    Exact match asks for the reference word for word; the answer match (``runner.recipe.answer_contains``) only
+    Exact match asks for the reference word for word; the answer match (``runner.train.recipe.answer_contains``) only
     that the answer contains it, so its "before" shows what the base model already knew in its own words.
     None when the run measured neither.
     """

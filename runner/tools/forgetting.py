@@ -18,8 +18,8 @@ from pydantic import BaseModel, Field
 
 from ftcore.paths import data_path
 
-if TYPE_CHECKING:  # runner.runfiles imports this module's ForgettingReport
-    from runner.runfiles import Report
+if TYPE_CHECKING:  # runner.jobs.runfiles imports this module's ForgettingReport
+    from runner.jobs.runfiles import Report
 
 #: The shipped text set, relative to the data folder (``data_path``).
 GENERAL_TEXT = ("general_eval", "general_text.jsonl")

@@ -93,7 +93,7 @@ def build_tiny_model(folder: str | Path, arch: str = "llama", seed: int = 0, **c
     return folder
 
 
-if __name__ == "__main__":  # python -m runner.tinymodel OUT_DIR [arch]
+if __name__ == "__main__":  # python -m runner.train.tinymodel OUT_DIR [arch]
     import sys
 
     print(build_tiny_model(sys.argv[1], *(sys.argv[2:3] or ["llama"])))

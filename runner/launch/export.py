@@ -1,17 +1,17 @@
 """Export a run as a portable bundle: run the same job on a cluster without this app.
 
 Choice made here: the bundle carries a **copy of the runner's own Python modules** (``src/``: the import closure
-of ``runner.worker`` inside this project, a few hundred kilobytes of pure Python) instead of a ``train.py`` that
+of ``runner.train.worker`` inside this project, a few hundred kilobytes of pure Python) instead of a ``train.py`` that
 imports a pip-installed finetune-advisor: the project is not on PyPI, and a vendored copy pins the exact recipe
 that produced the estimate, so the cluster run is the same code. ``launch.sh`` puts ``src`` on ``PYTHONPATH`` and
-starts ``torchrun -m runner.worker run`` (or ``accelerate launch``); only the packages in ``requirements.txt`` are
+starts ``torchrun -m runner.train.worker run`` (or ``accelerate launch``); only the packages in ``requirements.txt`` are
 needed.
 
 Layout of the bundle folder::
 
     README.md            what to install, how to launch on one node, on several, and on SLURM
     spec.json            the RunSpec (dataset paths rewritten to the copies under data/, catalog ids to hub ids)
-    launch.sh            executable; plain torchrun / accelerate launch (python -m runner.worker for one process)
+    launch.sh            executable; plain torchrun / accelerate launch (python -m runner.train.worker for one process)
     slurm.sbatch         SLURM batch script: srun starts one torchrun per node, rendezvous on the first node
     requirements.txt     pinned versions of what the copied modules import (read from importlib.metadata)
     accelerate_config.yaml, ds_config.json | fsdp_config.json   engine configs (multi-process specs)
@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 from ftcore.paths import DATA_PACKAGE, REPO_ROOT, data_path
-from runner import distributed
+from runner.launch import distributed
 from runner.errors import RunnerError
 from runner.spec import RunSpec
 
@@ -38,7 +38,7 @@ from runner.spec import RunSpec
 FIRST_PARTY = ("runner", "ftcore", "ftadvisor", "estimator", "advisor", "ui")
 
 #: The module the bundle runs; its import closure (including imports inside functions) is copied.
-ENTRY_MODULE = "runner.worker"
+ENTRY_MODULE = "runner.train.worker"
 
 #: Always pinned, whatever the AST walk finds: the training stack (the issue's list) plus the tokenizer and
 #: weight formats transformers loads. deepspeed is handled separately (see :func:`requirements`).
@@ -124,7 +124,7 @@ def portable_spec(spec: RunSpec, out_dir: Path) -> tuple[RunSpec, list[str]]:
 
 
 def copy_modules(dest: Path) -> list[str]:
-    """Copy the first-party modules ``runner.worker`` needs (and the shipped data folder) under ``dest``.
+    """Copy the first-party modules ``runner.train.worker`` needs (and the shipped data folder) under ``dest``.
 
     Returns the dotted module names copied, sorted.
     """
@@ -249,7 +249,7 @@ HERE="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
 {_RUN_DIR_SETUP}PYTHON="${{PYTHON:-python}}"
 """
     if not distributed.is_distributed(spec):
-        return head + 'exec "$PYTHON" -m runner.worker "$RUN_DIR" "$@"\n'
+        return head + 'exec "$PYTHON" -m runner.train.worker "$RUN_DIR" "$@"\n'
     env = f"""NODE_RANK="${{NODE_RANK:-{dist.node_rank}}}"
 MASTER_ADDR="${{MASTER_ADDR:-{dist.master_addr}}}"
 MASTER_PORT="${{MASTER_PORT:-{dist.master_port}}}"
@@ -258,13 +258,13 @@ echo "rank logs: $RUN_DIR/log.rank<N>.txt" >&2
     if dist.launcher == "accelerate":
         cmd = ('exec accelerate launch --config_file "$HERE/accelerate_config.yaml" '
                '--machine_rank "$NODE_RANK" --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" '
-               '-m runner.worker "$RUN_DIR" "$@"\n')
+               '-m runner.train.worker "$RUN_DIR" "$@"\n')
     elif dist.nnodes == 1:
-        cmd = f'exec torchrun --standalone --nproc_per_node {dist.nproc_per_node} -m runner.worker "$RUN_DIR" "$@"\n'
+        cmd = f'exec torchrun --standalone --nproc_per_node {dist.nproc_per_node} -m runner.train.worker "$RUN_DIR" "$@"\n'
     else:
         cmd = (f'exec torchrun --nproc_per_node {dist.nproc_per_node} --nnodes {dist.nnodes} '
                '--node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" '
-               '-m runner.worker "$RUN_DIR" "$@"\n')
+               '-m runner.train.worker "$RUN_DIR" "$@"\n')
     return head + env + cmd
 
 
@@ -291,7 +291,7 @@ export RUN_DIR
 srun --kill-on-bad-exit=1 bash -c 'torchrun \\
     --nnodes "$SLURM_NNODES" --nproc_per_node {dist.nproc_per_node} \\
     --rdzv_id "$SLURM_JOB_ID" --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" \\
-    -m runner.worker "$RUN_DIR"'
+    -m runner.train.worker "$RUN_DIR"'
 """
 
 

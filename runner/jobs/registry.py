@@ -1,7 +1,7 @@
 """The run registry: one SQLite row per run, shared by the app, the CLI and the run supervisors.
 
 Several processes read and write it at once (the Streamlit app, ``ftadvisor runs ...``, one
-``runner.supervisor`` per run), so: WAL journal (readers never block the writer), ``synchronous=FULL``
+``runner.jobs.supervisor`` per run), so: WAL journal (readers never block the writer), ``synchronous=FULL``
 (a committed status survives a power cut), a busy timeout instead of "database is locked" errors, and every
 read-modify-write inside one ``BEGIN IMMEDIATE`` transaction. One short-lived connection per operation, so a
 ``Registry`` object is safe to share between threads and to use after ``fork``.

@@ -1,7 +1,7 @@
 """The job manager: launch, list, cancel, stop, resume and watch training runs that outlive the app and the CLI.
 
 A run is a folder (``spec.json``, ``log.txt``, ``metrics.jsonl``, checkpoints, adapter, ``result.json``) and a
-row in the SQLite registry. ``launch`` writes both and starts a detached supervisor (``runner/supervisor.py``)
+row in the SQLite registry. ``launch`` writes both and starts a detached supervisor (``runner/jobs/supervisor.py``)
 in a session of its own, which queues for the device, runs the worker and records the outcome; the caller
 returns at once. Any process (a restarted app, another terminal) can pick the run up again by its id:
 ``get``/``list`` reconcile rows whose processes are gone.
@@ -26,11 +26,11 @@ from pathlib import Path
 
 from ftcore.paths import REPO_ROOT, runs_dir as default_runs_dir
 from runner.errors import RunnerError
-from runner.failures import run_log_tail
-from runner.registry import ACTIVE, TERMINAL, Registry, RunRecord, default_registry_path, new_run_id
-from runner.runfiles import METRICS_FILE, EvalRow, TrainRow, read_metrics
+from runner.jobs.failures import run_log_tail
+from runner.jobs.registry import ACTIVE, TERMINAL, Registry, RunRecord, default_registry_path, new_run_id
+from runner.jobs.runfiles import METRICS_FILE, EvalRow, TrainRow, read_metrics
 from runner.spec import RunSpec
-from runner.supervisor import (RUN_ENV, cancel_grace_s, kill_run, reconcile, request_stop, run_processes,
+from runner.jobs.supervisor import (RUN_ENV, cancel_grace_s, kill_run, reconcile, request_stop, run_processes,
                                signal_run)
 
 __all__ = ["JobManager", "RunRecord"]
@@ -94,13 +94,13 @@ class JobManager:
 
     @staticmethod
     def _write_engine_configs(spec: RunSpec, run_dir: Path) -> None:
-        from runner.distributed import write_engine_configs
+        from runner.launch.distributed import write_engine_configs
 
         write_engine_configs(spec, run_dir)
 
     def _spawn(self, rec: RunRecord) -> None:
-        """Start ``python -m runner.supervisor`` detached: own session, no pipes, output in supervisor.log."""
-        cmd = [sys.executable, "-m", "runner.supervisor", "--registry", str(self.registry.path),
+        """Start ``python -m runner.jobs.supervisor`` detached: own session, no pipes, output in supervisor.log."""
+        cmd = [sys.executable, "-m", "runner.jobs.supervisor", "--registry", str(self.registry.path),
                "--run-id", rec.id, rec.output_dir]
         env = dict(os.environ, **{RUN_ENV: rec.id, "PYTHONUNBUFFERED": "1"})
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
@@ -234,12 +234,6 @@ class JobManager:
         self.registry.delete(rec.id)
         if files:
             shutil.rmtree(rec.run_dir, ignore_errors=True)
-
-    def rank_sweep(self, spec: RunSpec, ranks: list[int]) -> list[RunRecord]:
-        """Launch the same spec once per LoRA rank; the queue runs them one after another."""
-        from runner.sweep import launch_sweep
-
-        return launch_sweep(self, spec, ranks)
 
     def processes(self, run_id: str) -> list[int]:
         """Live process ids of the run (supervisor, launcher, ranks)."""

@@ -1,6 +1,6 @@
 """Multi-process launch: the command that starts the worker ranks and the engine config files they read.
 
-One process: ``python -m runner.worker RUN_DIR``. Several: ``python -m torch.distributed.run`` (torchrun) or
+One process: ``python -m runner.train.worker RUN_DIR``. Several: ``python -m torch.distributed.run`` (torchrun) or
 ``accelerate launch`` around the same worker. The engine (DDP, FSDP, DeepSpeed ZeRO-2/3) follows
 ``spec.distribution.strategy``; the worker merges :func:`training_args_overrides` into ``TrainingArguments``.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 from runner.errors import RunnerError
 from runner.spec import RunSpec
 
-WORKER_MODULE = "runner.worker"
+WORKER_MODULE = "runner.train.worker"
 
 ACCELERATE_CONFIG = "accelerate_config.yaml"
 DEEPSPEED_CONFIG = "ds_config.json"
@@ -102,7 +102,7 @@ def on_cpu(spec: RunSpec) -> bool:
 def launch_command(spec: RunSpec, run_dir: Path, *, resume: bool = False) -> list[str]:
     """The argv that starts the run (all local ranks of this node). Run it with cwd = the repository root.
 
-    One process: ``python -m runner.worker RUN_DIR``. Several: ``python -m torch.distributed.run`` (the
+    One process: ``python -m runner.train.worker RUN_DIR``. Several: ``python -m torch.distributed.run`` (the
     venv's torchrun) with ``--standalone`` for one node or a static rendezvous at master_addr:master_port for
     several, or ``python -m accelerate.commands.launch --config_file RUN_DIR/accelerate_config.yaml`` (call
     :func:`write_engine_configs` first).

@@ -14,9 +14,9 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from runner.errors import RunnerError
-from runner.jobs import JobManager
-from runner.registry import RunRecord
-from runner.runfiles import METRICS_FILE, eval_rows, read_metrics, read_report
+from runner.jobs.manager import JobManager
+from runner.jobs.registry import RunRecord
+from runner.jobs.runfiles import METRICS_FILE, eval_rows, read_metrics, read_report
 from runner.spec import RunSpec
 
 #: Same bounds as ``PeftSettings.r``.

@@ -21,7 +21,7 @@ def quantize_fused_experts(model, compute_dtype, quant_storage=None) -> tuple[in
 
     from estimator.experts import replace_fused_experts
 
-    if isinstance(quant_storage, str):  # BitsAndBytesConfig takes the dtype's name (runner/distributed.py)
+    if isinstance(quant_storage, str):  # BitsAndBytesConfig takes the dtype's name (runner/launch/distributed.py)
         quant_storage = getattr(torch, quant_storage)
     def make_linear(d_in: int, d_out: int, weight):
         device = weight.device

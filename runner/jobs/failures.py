@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from runner import exitcodes
 from runner.errors import RunnerError
-from runner.runfiles import METRICS_FILE, Result, TrainRow, read_metrics, read_result
+from runner.jobs.runfiles import METRICS_FILE, Result, TrainRow, read_metrics, read_result
 
 #: Log lines kept with a failure (enough for a Python traceback's last frames and the error line).
 LOG_TAIL_LINES = 40

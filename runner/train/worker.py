@@ -1,7 +1,7 @@
-"""The training process: ``python -m runner.worker RUN_DIR [--resume]``.
+"""The training process: ``python -m runner.train.worker RUN_DIR [--resume]``.
 
-Reads ``RUN_DIR/spec.json``, runs the recipe (``runner/recipe.py``), and always ends by writing ``result.json``
-(``runner.runfiles.Result``: status completed | failed | stopped | cancelled, kind, reason, fix, exit code) and
+Reads ``RUN_DIR/spec.json``, runs the recipe (``runner/train/recipe.py``), and always ends by writing ``result.json``
+(``runner.jobs.runfiles.Result``: status completed | failed | stopped | cancelled, kind, reason, fix, exit code) and
 exiting with a code from ``runner/exitcodes.py``. Signals: SIGUSR1 = stop and save (checkpoint, exit 6); SIGTERM = cancel
 (exit at once). A heartbeat thread rewrites ``heartbeat.json`` every 5 s. Only rank 0 writes files.
 """
@@ -25,9 +25,9 @@ from pathlib import Path  # noqa: E402
 
 from ftcore.errors import UserError  # noqa: E402
 from runner import exitcodes  # noqa: E402
-from runner.callbacks import Heartbeat, Progress  # noqa: E402
+from runner.train.callbacks import Heartbeat, Progress  # noqa: E402
 from runner.errors import RunnerError  # noqa: E402
-from runner.runfiles import HEARTBEAT_FILE, RESULT_FILE, Result, write_model  # noqa: E402
+from runner.jobs.runfiles import HEARTBEAT_FILE, RESULT_FILE, Result, write_model  # noqa: E402
 
 #: Exit status after SIGTERM: 128 + signal number, the shell convention for "killed by signal".
 CANCEL_EXIT = 128 + signal.SIGTERM
@@ -64,13 +64,13 @@ def _load_spec(run_dir: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runner.worker", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m runner.train.worker", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint-N")
     args = parser.parse_args(argv)
     run_dir = args.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    from runner.distributed import finish_ranks, redirect_rank_output
+    from runner.launch.distributed import finish_ranks, redirect_rank_output
 
     redirect_rank_output(run_dir)
 
@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGUSR1, _on_usr1)
     signal.signal(signal.SIGTERM, _on_term)
-    from runner.supervisor import register_worker
+    from runner.jobs.supervisor import register_worker
 
-    register_worker(run_dir)  # now stop-and-save may signal this rank (runner/supervisor.py worker_processes)
+    register_worker(run_dir)  # now stop-and-save may signal this rank (runner/jobs/supervisor.py worker_processes)
     heartbeat = Heartbeat(run_dir / HEARTBEAT_FILE, progress).start() if _is_main() else None
     try:
         code = _run(run_dir, args.resume, stop_flag, progress)
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(run_dir: Path, resume: bool, stop_flag: threading.Event, progress: Progress) -> int:
     try:
         spec = _load_spec(run_dir)
-        from runner import recipe
+        from runner.train import recipe
 
         state = recipe.run(spec, run_dir, resume=resume, stop_flag=stop_flag, progress=progress)
     except RunnerError as exc:

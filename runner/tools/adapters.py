@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from runner.errors import RunnerError
-from runner.models import resolve_model_dir
+from runner.train.models import resolve_model_dir
 
 #: Default generation length, tokens.
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -45,7 +45,7 @@ def load_base(base: str, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from runner.recipe import load_tokenizer
+    from runner.train.recipe import load_tokenizer
 
     folder = resolve_model_dir(base)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, use_safetensors=True)
@@ -88,7 +88,7 @@ def generate(base: str, adapters: list[str | Path], prompt: str, weights: list[f
              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, chat: bool = True) -> str:
     """Greedy answer of base + adapters to ``prompt``. One adapter: that adapter. Several with ``weights``:
     their weighted combination ("cat", exact). Several without weights: the first (use :func:`generate_each` to compare)."""
-    from runner.recipe import generate_batch
+    from runner.train.recipe import generate_batch
 
     model, tok, names = load_with_adapters(base, adapters)
     if weights is not None and len(names) > 1:
@@ -102,7 +102,7 @@ def generate_each(base: str, adapters: list[str | Path], prompt: str,
                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, chat: bool = True,
                   include_base: bool = True) -> dict[str, str]:
     """Answers of the base and of each adapter, switching adapters on one loaded base (``set_adapter``)."""
-    from runner.recipe import generate_batch
+    from runner.train.recipe import generate_batch
 
     model, tok, names = load_with_adapters(base, adapters)
     text, special = chat_prompt(tok, prompt, chat)
@@ -192,7 +192,7 @@ def generate_compare(base: str, adapters: list[str | Path], prompts: list[str],
     with one output per column, in column order; the base column is first and is generated with every adapter
     disabled (``disable_adapter``).
     """
-    from runner.recipe import generate_batch
+    from runner.train.recipe import generate_batch
 
     prompts = [p for p in prompts if p and p.strip()]
     if not prompts:
@@ -263,12 +263,12 @@ def export(base: str, adapter: str | Path, fmt: str, output: str | Path, gguf_ty
     - ``merged``: a safetensors folder (weights in the base's own dtype, merged in fp32), tokenizer with its chat
       template, generation config: loads with ``AutoModelForCausalLM.from_pretrained`` and ``vllm serve``.
     - ``gguf``: ``<output>/<name>.gguf`` (f16 or q8_0, tokenizer and chat template inside) plus an Ollama
-      ``Modelfile``; llama family only (runner/gguf_export.py). ``verify`` reads it back with transformers' GGUF
+      ``Modelfile``; llama family only (runner/tools/gguf_export.py). ``verify`` reads it back with transformers' GGUF
       reader and reports the logits difference from the merged model.
 
     Every export also names the adapter folder as it is for vLLM's LoRA serving and the ``vllm serve`` line.
     """
-    from runner import gguf_export
+    from runner.tools import gguf_export
 
     if fmt not in EXPORT_FORMATS:
         raise RunnerError(f"format must be one of {', '.join(EXPORT_FORMATS)} (got {fmt!r})", field="format",
@@ -305,7 +305,7 @@ def export(base: str, adapter: str | Path, fmt: str, output: str | Path, gguf_ty
         result["gguf_type"] = gguf_type
         result["serve"] = f"cd {out.resolve()} && ollama create {out.name} -f Modelfile && ollama run {out.name}"
         if verify:
-            from runner.forgetting import load_texts
+            from runner.tools.forgetting import load_texts
 
             ids = tok(load_texts()[0], return_tensors="pt")["input_ids"]  # a general-text paragraph
             result["roundtrip"] = gguf_export.gguf_roundtrip_error(model, gguf_file, ids)

@@ -1,0 +1,1 @@
+"""Jobs: the job manager, registry, supervisor, failure classifier, rank sweeps and the typed run-folder files."""
