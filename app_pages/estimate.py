@@ -162,7 +162,8 @@ with results:
     m4.metric("Trainable", fmt_params(est.model.trainable_params))
     m5.metric("Cost", fmt_usd(est.compute.cost_usd) if est.compute else "-",
               help="GPU-hours x price per GPU-hour")
-    a1, a2, a3, a4 = st.columns(4)
+    a1, a2 = st.columns(2)
+    a3, a4 = st.columns(2)
     a1.metric("Allocated peak", fmt_bytes(mem.allocated_peak_bytes), help="tensors + cuBLAS workspaces: what "
               "torch.cuda.max_memory_allocated reports")
     a2.metric("Reserved peak", fmt_bytes(mem.reserved_peak_bytes), help="+ the caching allocator's cached and "
@@ -211,7 +212,7 @@ with results:
                 st.warning(f"{estimates.METHOD_LABELS[m]}: {msg}")
             rows = [{"part": k.removeprefix("memory.").removesuffix("_bytes").replace("_", " "),
                      "per GPU": fmt_bytes(v), "bytes": v} for k, v in estimate_rows(est)
-                    if k.startswith("memory.") and isinstance(v, int)]
+                    if k.startswith("memory.") and k.count(".") == 1 and isinstance(v, int)]
             st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
             for note in getattr(est, "notes", []) or []:
                 st.caption(f"· {note}")

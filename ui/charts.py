@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import plotly.graph_objects as go
 
 from ui.format import GIB, fmt_bytes
@@ -21,6 +24,21 @@ CLIP_TRIGGER = 1.6  # ... and only when the tallest peak exceeds 1.6 x that cap
 _LAYOUT = dict(margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=-0.18), height=380)
 
 
+def _settled_pandas(fn):
+    """plotly reads pandas straight from ``sys.modules``; while the warm-up thread (ui/warmup.py) is still importing
+    it, that is a half-built module and plotly fails ("partially initialized module 'pandas' has no attribute
+    'Series'", seen in a real browser). An import statement waits for the other thread's import to finish."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "pandas" in sys.modules:
+            import pandas  # noqa: F401
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_settled_pandas
 def memory_bars(columns: dict[str, dict], gpu_bytes: int | None, gpu_label: str = "GPU") -> go.Figure:
     """Stacked bars of memory parts per column (e.g. per method), a diamond at the peak, the GPU's memory line.
 
@@ -56,6 +74,7 @@ def memory_bars(columns: dict[str, dict], gpu_bytes: int | None, gpu_label: str 
     return fig
 
 
+@_settled_pandas
 def rank_lines(ranks: list[int], peak_bytes: list[int], adapter_bytes: list[int], gpu_bytes: int | None) -> go.Figure:
     """Peak memory (left axis) and adapter file size (right axis) across LoRA ranks."""
     fig = go.Figure()
@@ -69,6 +88,7 @@ def rank_lines(ranks: list[int], peak_bytes: list[int], adapter_bytes: list[int]
     return fig
 
 
+@_settled_pandas
 def loss_curves(series: dict[str, tuple[list[float], list[float]]], title: str = "Training loss",
                 eval_series: dict[str, tuple[list[float], list[float]]] | None = None) -> go.Figure:
     """One line per run: ``series[name] = (steps, losses)``; eval losses as markers."""
@@ -81,6 +101,7 @@ def loss_curves(series: dict[str, tuple[list[float], list[float]]], title: str =
     return fig
 
 
+@_settled_pandas
 def intruder_bars(runs: dict[str, dict[int, int]], top_k: int, epsilon: float,
                   min_cos: dict[str, dict[int, float]] | None = None) -> go.Figure:
     """Intruder dimensions per layer, one bar series per run: ``runs[name] = {layer: intruders summed over the
@@ -107,6 +128,7 @@ def intruder_bars(runs: dict[str, dict[int, int]], top_k: int, epsilon: float,
     return fig
 
 
+@_settled_pandas
 def token_histogram(lengths: list[int], seq_len: int) -> go.Figure:
     """Histogram of tokens per row with the sequence-length cut-off drawn."""
     fig = go.Figure(go.Histogram(x=lengths, nbinsx=40, marker_color="#4C78A8", name="rows"))
@@ -115,6 +137,7 @@ def token_histogram(lengths: list[int], seq_len: int) -> go.Figure:
     return fig
 
 
+@_settled_pandas
 def storage_lines(n_tasks: list[int], full_bytes: list[int], adapter_bytes: list[int]) -> go.Figure:
     """Storage for N tasks: N full copies vs one base + N adapters."""
     fig = go.Figure()
