@@ -33,7 +33,12 @@ def result(status, code, kind=None, reason="", fix=""):
                                               time=time.time()))
 
 
-signal.signal(signal.SIGUSR1, lambda s, f: stop.update(flag=True))
+def _on_usr1(signum, frame):
+    stop.update(flag=True)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # as the real worker: one stop is enough
+
+
+signal.signal(signal.SIGUSR1, _on_usr1)
 signal.signal(signal.SIGTERM, lambda s, f: sys.exit(143))
 from runner.jobs.supervisor import register_worker  # noqa: E402  (after the handlers, as the real worker does)
 

@@ -36,3 +36,33 @@ def test_a_marked_process_is_found_and_a_zombie_is_not(tmp_path):
         child.kill()
         child.wait()
     assert not pid_alive(child.pid) and not pid_alive(None) and not pid_alive(0)
+
+
+def test_stop_reaches_a_worker_once_whoever_asks(tmp_path):
+    """The job manager and the supervisor both deliver a stop request; the worker gets exactly one SIGUSR1 (a second
+    one landing while its interpreter shut down killed the fake worker with -10 instead of exit 6, in CI)."""
+    from runner.jobs.supervisor import clear_workers, request_stop
+
+    run_id = f"test-{os.getpid()}-{time.monotonic_ns()}"
+    env = dict(os.environ, **{RUN_ENV: run_id})
+    counter = tmp_path / "usr1.txt"
+    code = ("import signal, sys, time\n"
+            "from pathlib import Path\n"
+            f"out = Path({str(counter)!r})\n"
+            "signal.signal(signal.SIGUSR1, lambda s, f: out.open('a').write('x'))\n"
+            "from runner.jobs.supervisor import register_worker\n"
+            f"register_worker(Path({str(tmp_path)!r}))\n"
+            "time.sleep(30)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=os.getcwd())
+    try:
+        assert _wait_for(lambda: worker_processes(run_id, tmp_path) == [child.pid])
+        assert request_stop(run_id, tmp_path) == [child.pid]          # the job manager
+        assert request_stop(run_id, tmp_path, already=set()) == []    # the supervisor's loop, not knowing the first
+        assert _wait_for(lambda: counter.is_file() and counter.read_text() == "x")
+        time.sleep(0.3)
+        assert counter.read_text() == "x"
+        clear_workers(tmp_path)  # a new attempt (resume) may be stopped again
+        assert not list((tmp_path / "workers").glob("*"))
+    finally:
+        child.kill()
+        child.wait()

@@ -150,8 +150,22 @@ def register_worker(run_dir: Path) -> Path:
 
 def clear_workers(run_dir: Path) -> None:
     """Forget the previous attempt's registrations (before a new attempt starts)."""
-    for path in (Path(run_dir) / WORKERS_DIR).glob("rank*.json"):
-        path.unlink(missing_ok=True)
+    for pattern in ("rank*.json", "pid*.stop"):
+        for path in (Path(run_dir) / WORKERS_DIR).glob(pattern):
+            path.unlink(missing_ok=True)
+
+
+def _claim_stop(run_dir: Path, pid: int) -> bool:
+    """True for the one caller that may send this process its stop (SIGUSR1): the job manager and the supervisor
+    both deliver a request, and a second SIGUSR1 that lands while the worker's interpreter shuts down (its
+    handlers already reset) kills it with -10 instead of exit 6 (seen in CI). ``O_EXCL`` makes the claim atomic
+    across processes."""
+    try:
+        fd = os.open(Path(run_dir) / WORKERS_DIR / f"pid{int(pid)}.stop", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
 
 
 def worker_processes(run_id: str, run_dir: Path | None = None) -> list[int]:
@@ -178,6 +192,8 @@ def request_stop(run_id: str, run_dir: Path, already: set[int] | None = None) ->
     sent = []
     for pid in worker_processes(run_id, run_dir):
         if already is not None and pid in already:
+            continue
+        if not _claim_stop(run_dir, pid):
             continue
         try:
             os.kill(pid, signal.SIGUSR1)

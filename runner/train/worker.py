@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         if not stop_flag.is_set():  # the job manager and the supervisor may both deliver the request
             print("worker: SIGUSR1 received, saving a checkpoint and stopping", flush=True)
         stop_flag.set()
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # one stop is enough; a late duplicate must not kill us
 
     def _on_term(signum, frame):  # cancel: leave now, no checkpoint
         print("worker: SIGTERM received, cancelling", flush=True)
