@@ -11,7 +11,6 @@ compared with a real CPU step (saved-tensor measurement of ``test_memory_exact._
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 
@@ -170,11 +169,9 @@ def test_gemma3_with_a_5_to_1_pattern_estimates_without_a_traceback():
 def test_activations_match_a_real_cpu_step(tmp_path, arch, method, dtype):
     """Within 3% of a real CPU step (measured: at most 1.0%, DeepSeek-V2 LoRA bf16). The real model runs with
     ``use_cache=False`` as the runner loads it (GPT-NeoX saves different tensors with the cache on)."""
-    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     import test_memory_exact
-    from estimator.params import adapter_config
 
     path, cfg = _config_file(tmp_path, arch)
     batch, seq = 2, 64
@@ -184,21 +181,6 @@ def test_activations_match_a_real_cpu_step(tmp_path, arch, method, dtype):
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if method == "lora" else torch.float32)
     model.config.use_cache = False
     if method == "lora":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = get_peft_model(model, adapter_config(model, method="lora", rank=8, alpha=16,
-                                                         targets="attention-qv", dropout=0.0),
-                                   autocast_adapter_dtype=True)
-    old = test_memory_exact.BATCH, test_memory_exact.SEQ
-    test_memory_exact.BATCH, test_memory_exact.SEQ = batch, seq
-    try:
-        real = test_memory_exact._real_step(model, "sdpa", dtype)
-    finally:
-        test_memory_exact.BATCH, test_memory_exact.SEQ = old
-    mem = est.memory
-    assert mem.activation_source == "traced"
-    assert mem.gradients_bytes == real["grads"] and mem.optimizer_bytes == real["states"]
-    if method == "full":
-        assert mem.weights_bytes == real["weights"]
-    assert abs(mem.activations_bytes - real["activations"]) <= 0.03 * real["activations"], (
-        mem.activations_bytes, real["activations"])
+        model = test_memory_exact.with_lora(model)
+    real = test_memory_exact._real_step(model, "sdpa", dtype, batch=batch, seq=seq)
+    test_memory_exact.assert_like_real(est.memory, real, 0.03, weights=method == "full")

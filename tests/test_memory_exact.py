@@ -43,13 +43,38 @@ def _storage_bytes(tensors) -> int:
     return sum(seen.values())
 
 
-def _real_step(model, attention: str, dtype: str = "fp32", optimizer: str = "adamw"):
+def with_lora(model):
+    """The LoRA the exactness tests compare against: r=8, alpha 16 on q,v, no dropout, fp32 adapters (peft's
+    autocast_adapter_dtype, as the runner builds it)."""
+    from peft import get_peft_model
+
+    from estimator.params import adapter_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_peft_model(model, adapter_config(model, method="lora", rank=8, alpha=16, targets="attention-qv",
+                                                    dropout=0.0), autocast_adapter_dtype=True)
+
+
+def assert_like_real(mem, real: dict, activation_tol: float, weights: bool = True) -> None:
+    """Estimated weights, gradients and optimizer states equal the real step's bytes; activations within a share."""
+    assert mem.activation_source == "traced"
+    if weights:
+        assert mem.weights_bytes == real["weights"]
+    assert mem.gradients_bytes == real["grads"]
+    assert mem.optimizer_bytes == real["states"]
+    assert abs(mem.activations_bytes - real["activations"]) <= activation_tol * real["activations"], (
+        mem.activations_bytes, real["activations"])
+
+
+def _real_step(model, attention: str, dtype: str = "fp32", optimizer: str = "adamw", batch: int = BATCH,
+               seq: int = SEQ):
     """One real forward/backward/optimizer step (fp32, or the weights as loaded + bf16 autocast as HF Trainer
     does with bf16=True; ``dtype="pure-bf16"``: the weights as loaded, no autocast, as Trainer with bf16=False)."""
     model.config._attn_implementation = attention
     model.train()
     torch.manual_seed(0)
-    ids = torch.randint(0, min(512, model.config.vocab_size), (BATCH, SEQ))
+    ids = torch.randint(0, min(512, model.config.vocab_size), (batch, seq))
     params = list(model.parameters())
     param_ptrs = {p.untyped_storage().data_ptr() for p in params} | {
         b.untyped_storage().data_ptr() for b in model.buffers()}
@@ -99,7 +124,6 @@ def _real_step(model, attention: str, dtype: str = "fp32", optimizer: str = "ada
 def test_full_and_lora_match_a_real_step(tmp_path, method, attention, dtype):
     from transformers import AutoModelForCausalLM
 
-    from estimator.params import adapter_config
 
     cfg = _config(layers=3)
     req = EstimateRequest(model=_config_file(tmp_path, cfg), method=method, dtype=dtype, batch_size=BATCH,
@@ -109,24 +133,12 @@ def test_full_and_lora_match_a_real_step(tmp_path, method, attention, dtype):
     base_dtype = torch.bfloat16 if method == "lora" and dtype == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_config(cfg, dtype=base_dtype)
     if method == "lora":
-        from peft import get_peft_model
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = get_peft_model(model, adapter_config(model, method="lora", rank=8, alpha=16,
-                                                         targets="attention-qv", dropout=0.0),
-                                   autocast_adapter_dtype=True)
+        model = with_lora(model)
         adapter_dtypes = {p.dtype for n, p in model.named_parameters() if ".lora_" in n}
         assert adapter_dtypes == {torch.float32}  # the regime the estimator counts (2 B base, 4 B adapters)
     real = _real_step(model, attention, dtype)
-    mem = est.memory
-    assert mem.activation_source == "traced"
-    assert mem.weights_bytes == real["weights"]
-    assert mem.gradients_bytes == real["grads"]
-    assert mem.optimizer_bytes == real["states"]
     # activations: within 2% of the real run (measured equal on torch 2.13 CPU)
-    assert abs(mem.activations_bytes - real["activations"]) <= 0.02 * real["activations"], (
-        mem.activations_bytes, real["activations"])
+    assert_like_real(est.memory, real, 0.02)
 
 
 def test_qlora_weights_match_a_real_bitsandbytes_load(tiny_model_dir):

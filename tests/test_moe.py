@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 
 from estimator.estimate import estimate  # noqa: E402
 from estimator.request import EstimateRequest  # noqa: E402
-from test_memory_exact import BATCH, SEQ, _real_step  # noqa: E402
+from test_memory_exact import BATCH, SEQ, _real_step, assert_like_real, with_lora  # noqa: E402
 
 
 def _mixtral(layers: int = 3):
@@ -179,10 +179,8 @@ def test_moe_activations_match_a_real_cpu_step(tmp_path, arch, method, dtype):
     """Traced activations of full fine-tuning and LoRA on tiny MoE models within 3% of a real CPU step
     (measured: full exact, LoRA fp32 exact, LoRA bf16 +1.1% Mixtral / +1.4% Qwen3-MoE); weights, gradients
     and AdamW states exact."""
-    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from estimator.params import adapter_config
 
     cfg = CONFIGS[arch]()
     est = estimate(EstimateRequest(model=_config_file(tmp_path, cfg), method=method, dtype=dtype, batch_size=BATCH,
@@ -191,19 +189,8 @@ def test_moe_activations_match_a_real_cpu_step(tmp_path, arch, method, dtype):
     base = torch.bfloat16 if method == "lora" and dtype == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_config(cfg, dtype=base)
     if method == "lora":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = get_peft_model(model, adapter_config(model, method="lora", rank=8, alpha=16,
-                                                         targets="attention-qv", dropout=0.0),
-                                   autocast_adapter_dtype=True)
-    real = _real_step(model, "sdpa", dtype)
-    mem = est.memory
-    assert mem.activation_source == "traced"
-    assert mem.weights_bytes == real["weights"]
-    assert mem.gradients_bytes == real["grads"]
-    assert mem.optimizer_bytes == real["states"]
-    assert abs(mem.activations_bytes - real["activations"]) <= 0.03 * real["activations"], (
-        mem.activations_bytes, real["activations"])
+        model = with_lora(model)
+    assert_like_real(est.memory, _real_step(model, "sdpa", dtype), 0.03)
 
 
 def test_moe_flops_count_the_active_experts_only(tmp_path):
