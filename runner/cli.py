@@ -576,11 +576,13 @@ def cmd_adapters_export(args) -> int:
 def cmd_adapters_intruders(args) -> int:
     from runner.tools import intruder
 
-    if args.top_k < 1:
-        raise UserError(f"top-k: give at least 1 singular vector (got {args.top_k})", field="top_k")
-    if not 0 < args.epsilon <= 1:
-        raise UserError(f"epsilon: a cosine threshold between 0 and 1 (got {args.epsilon})", field="epsilon")
-    rep = intruder.adapter_intruders(args.base, args.adapter, top_k=args.top_k, epsilon=args.epsilon)
+    top_k = intruder.INTRUDER_TOP_K if args.top_k is None else args.top_k
+    epsilon = intruder.INTRUDER_EPSILON if args.epsilon is None else args.epsilon
+    if top_k < 1:
+        raise UserError(f"top-k: give at least 1 singular vector (got {top_k})", field="top_k")
+    if not 0 < epsilon <= 1:
+        raise UserError(f"epsilon: a cosine threshold between 0 and 1 (got {epsilon})", field="epsilon")
+    rep = intruder.adapter_intruders(args.base, args.adapter, top_k=top_k, epsilon=epsilon)
     if args.json:
         print(json.dumps(rep.model_dump(), indent=2))
         return 0
@@ -687,8 +689,9 @@ def register(subparsers) -> None:
     intr = asub.add_parser("intruders", help="intruder dimensions of an adapter (Shuttleworth et al. 2024)")
     intr.add_argument("--base", required=True)
     intr.add_argument("--adapter", required=True)
-    intr.add_argument("--top-k", type=int, default=10, help="top singular vectors checked (default 10)")
-    intr.add_argument("--epsilon", type=float, default=0.5, help="similarity threshold (default 0.5)")
+    intr.add_argument("--top-k", type=int, help="top singular vectors checked (default: intruder.INTRUDER_TOP_K, 10)")
+    intr.add_argument("--epsilon", type=float,
+                      help="similarity threshold (default: intruder.INTRUDER_EPSILON, 0.5)")
     intr.add_argument("--json", action="store_true")
     intr.set_defaults(func=cmd_adapters_intruders)
     comb = asub.add_parser("combine", help="weighted combination of several adapters into one")
