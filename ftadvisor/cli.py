@@ -34,14 +34,18 @@ def _run_app(args) -> int:
     import subprocess
     from pathlib import Path
 
-    app = Path(__file__).resolve().parents[1] / "app.py"
+    import ui
+
+    entry = Path(ui.__file__).resolve().parent / "entry"
+    app = entry / "app.py"
     if not app.is_file():
-        raise UserError(f"app: the Streamlit app is not installed here (no {app}); it runs from a checkout of "
-                        "finetune-advisor (`make run`), the command line works from the wheel")
+        raise UserError(f"app: the Streamlit app is missing from this install (no {app}); reinstall "
+                        "finetune-advisor, or run `make run` in a checkout")
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
            "--server.port", str(args.port), "--browser.gatherUsageStats", "false"]
-    # run from the repo root so .streamlit/config.toml (localhost, upload limit) is read from anywhere
-    return subprocess.call(cmd, cwd=app.parent)
+    # from the entry folder: Streamlit reads $CWD/.streamlit/config.toml (localhost, upload limit, no watcher), and
+    # `python -m` puts $CWD first on sys.path, which must not be ui/ (ui/datasets.py would shadow `datasets`)
+    return subprocess.call(cmd, cwd=entry)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,7 @@ def loud_adapter(tiny_model_dir, tmp_path_factory):
 
 
 def _page(tiny_model_dir, adapter) -> AppTest:
-    at = AppTest.from_file(str(ROOT / "app_pages" / "adapters.py"), default_timeout=180)
+    at = AppTest.from_file(str(ROOT / "ui" / "app_pages" / "adapters.py"), default_timeout=180)
     at.run()
     at.text_area(key="ad_extra").set_value(str(adapter)).run()
     at.text_input(key="ad_base").set_value(str(tiny_model_dir)).run()

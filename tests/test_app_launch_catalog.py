@@ -71,7 +71,7 @@ def test_launch_page_checks_a_cached_catalog_model_and_queues_it(cached_llama):
 def test_offline_uncached_catalog_model_disables_launch_with_the_fix(cached_llama):
     from ui.datasets import shipped
 
-    at = AppTest.from_file(str(ROOT / "app_pages" / "launch.py"), default_timeout=TIMEOUT_S)
+    at = AppTest.from_file(str(ROOT / "ui" / "app_pages" / "launch.py"), default_timeout=TIMEOUT_S)
     spec = RunSpec(model="llama-2-13b", dataset={"path": str(shipped()[0])})
     at.session_state[state.LAUNCH_SPEC] = spec.model_dump(mode="json")
     at.run()

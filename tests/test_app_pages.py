@@ -19,7 +19,7 @@ TIMEOUT_S = 120  # a page that loads a tiny model or traces a step; normally a f
 
 
 def _page(name: str) -> AppTest:
-    return AppTest.from_file(str(ROOT / "app_pages" / f"{name}.py"), default_timeout=TIMEOUT_S)
+    return AppTest.from_file(str(ROOT / "ui" / "app_pages" / f"{name}.py"), default_timeout=TIMEOUT_S)
 
 
 def _errors(at: AppTest) -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = sorted((ROOT / "app_pages").glob("*.py"))
+PAGES = sorted((ROOT / "ui" / "app_pages").glob("*.py"))
 HEAVY = ("torch", "transformers", "peft", "accelerate", "bitsandbytes")
 
 

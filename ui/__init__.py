@@ -1,1 +1,2 @@
-"""Streamlit helpers shared by the pages (the only package besides app_pages/ and app.py that imports streamlit)."""
+"""The Streamlit app: the router (app.py), its pages (app_pages/, run by Streamlit as scripts), the entry scripts
+(entry/ and the checkout's app.py) and the helpers the pages share. The only package that imports streamlit."""

@@ -9,6 +9,7 @@ from ui import charts, datasets, estimates, state
 from ui.errors import show
 from ui.format import fmt_bytes, fmt_hours, fmt_params, fmt_usd
 from ui.lazy import pandas as pd  # pandas loads at the first table, not when the page starts
+from ui.nav import page_file
 from ui.recommend import recommend_cached
 
 SESSION = "session"
@@ -193,5 +194,5 @@ if st.button("Launch this run", type="primary", icon=":material/rocket_launch:",
     ss[state.LAUNCH_SPEC] = spec.model_dump(mode="json")
     ss[state.LAUNCH_SOURCE] = "advisor's recommendation"
     ss[state.LAUNCH_GPU] = rec.gpu
-    st.switch_page("app_pages/launch.py")
+    st.switch_page(page_file("launch"))
 st.caption("Carries these settings to the Launch page, where you pick the dataset and check it before starting.")

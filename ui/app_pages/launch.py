@@ -17,6 +17,7 @@ from runner.spec import DatasetSpec, RunSpec
 from ui import charts, datasets, estimates, jobs, state, uploads
 from ui.errors import attempt, message_of
 from ui.format import fmt_bytes, fmt_hours, fmt_usd
+from ui.nav import page_file
 
 SESSION = "session"  # widget values survive page switches
 TARGET_PRESETS = ["attention-qv", "attention", "all-linear"]
@@ -327,7 +328,7 @@ with side:
     if last:
         st.success(f"Run `{last}` launched. It keeps running if you close the browser.", icon=":material/check:")
         if st.button("Watch it on the Runs page", icon=":material/monitoring:", key="ln_goto_runs"):
-            st.switch_page("app_pages/runs.py")
+            st.switch_page(page_file("runs"))
 
     if spec is not None:
         st.caption("The same from a terminal (save the spec first):")
