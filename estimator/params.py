@@ -194,7 +194,7 @@ def _linear_modules(model) -> dict[str, Any]:
 
 
 def peft_remapped_names(model) -> set[str]:
-    """Target names that peft (0.18+, transformers 5) turns into ``target_parameters`` on fused MoE experts.
+    """Target names that peft (0.19+, transformers 5) turns into ``target_parameters`` on fused MoE experts.
 
     peft's ``convert_peft_config_for_transformers`` maps e.g. ``gate_proj`` / ``up_proj`` / ``down_proj`` of
     Qwen2-MoE-style models (``w1`` / ``w2`` / ``w3`` of Mixtral) onto the fused ``experts.gate_up_proj`` /
@@ -206,11 +206,10 @@ def peft_remapped_names(model) -> set[str]:
     quantized = any(type(m).__name__ == "NF4Experts" for m in model.modules())  # the runner's QLoRA experts
     if not fused_experts(model) and not quantized:
         return set()
-    try:
-        from peft.utils import transformers_weight_conversion as conv
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-    except ImportError:
-        return set()
+    # peft 0.19 added this module (pyproject pins peft>=0.19); imported plainly so a missing module is an error,
+    # not a silent "nothing remapped" that would count the dense MLP targets peft really drops.
+    from peft.utils import transformers_weight_conversion as conv
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if get_checkpoint_conversion_mapping(model_type) is None:
         return set()

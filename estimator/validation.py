@@ -61,12 +61,9 @@ class Comparison(BaseModel):
 
 
 def validation_file() -> Path:
-    try:
-        from ftcore.paths import data_path
+    from ftcore.paths import data_path  # the shipped data (a wheel has no checkout folder to fall back on)
 
-        return Path(data_path("validation", DEFAULT_FILE))
-    except (ImportError, TypeError, AttributeError):
-        return Path(__file__).resolve().parent.parent / "data" / "validation" / DEFAULT_FILE
+    return Path(data_path("validation", DEFAULT_FILE))
 
 
 def rows(path: Path | None = None) -> list[dict[str, str]]:

@@ -146,10 +146,7 @@ def spec_from_args(args):
     if args.spec:
         base = _load_spec_file(args.spec)
     elif args.demo:
-        try:
-            from runner.train.demo import demo_spec
-        except ImportError as exc:
-            raise UserError(f"demo: the demo is not available in this installation ({exc})", field="demo") from exc
+        from runner.train.demo import demo_spec  # shipped with the package: a failed import is a bug, not input
         base = demo_spec().model_dump(mode="json")
     else:
         if not args.dataset:

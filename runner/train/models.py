@@ -293,13 +293,9 @@ def _auth_refusal(hub_id: str, exc: Exception) -> RunnerError:
 @contextlib.contextmanager
 def _hub_errors(hub_id: str):
     """Turn hub errors into RunnerErrors that name the fix (licence page and login, network, retry)."""
+    import httpx2  # huggingface_hub 2.x's HTTP client (pyproject pins huggingface_hub>=2.0)
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         OfflineModeIsEnabled, RepositoryNotFoundError)
-    try:
-        import httpx2
-        transport: tuple = (httpx2.TransportError,)
-    except ImportError:  # an older huggingface_hub on requests: its errors are OSErrors, caught below
-        transport = ()
     try:
         yield
     except (GatedRepoError, RepositoryNotFoundError) as exc:  # 401/403/404 on a gated, private or unknown repo
@@ -310,7 +306,7 @@ def _hub_errors(hub_id: str):
             raise _auth_refusal(hub_id, exc) from exc
         raise RunnerError(f"model {hub_id}: the hub answered {status}: {str(exc).splitlines()[0]}",
                           field="model", fix="try again later, or pass a local model folder") from exc
-    except (OfflineModeIsEnabled, LocalEntryNotFoundError, ConnectionError, *transport) as exc:
+    except (OfflineModeIsEnabled, LocalEntryNotFoundError, ConnectionError, httpx2.TransportError) as exc:
         raise _offline_refusal(hub_id, f"the hub cannot be reached ({type(exc).__name__})") from exc
 
 
