@@ -119,7 +119,7 @@ def _describe(err: dict) -> tuple[str, str]:
 
 def catalog_problems(gpu: Any, model: Any, rent_in_cloud: bool = False) -> list[tuple[str, str]]:
     """Unknown GPU or model, as (field, message) pairs, with the estimator's close matches."""
-    from estimator import catalog  # the submodule (never shadowed: no function of that name)
+    from estimator import catalog
     from estimator.errors import EstimatorError
 
     problems = []

@@ -325,7 +325,7 @@ def _request(ctx: _Context, spec, gpu):
 
 def _evaluate(ctx: _Context, rung: str, method: str, s: dict[str, Any], gpu, num_gpus: int) -> tuple[Candidate, Any]:
     """Ask the estimator about one configuration; judge memory and budget; say why in ``verdict``."""
-    from estimator.estimate import estimate
+    from estimator import estimate
     from estimator.errors import EstimatorError
 
     spec = _run_spec(ctx, method, s, gpu, num_gpus)
@@ -543,7 +543,7 @@ def recommend(answers: Answers | dict[str, Any]) -> Recommendation:
         warnings.append(f"The {gpu.name} has no bf16: the run uses fp16 mixed precision (seed: 'fp16=True,  # For "
                         f"older GPUs'), which can overflow; watch for NaN losses.")
 
-    from estimator.estimate import storage_for_tasks
+    from estimator import storage_for_tasks
 
     estimate_json = _estimate_json(est)
     storage = storage_for_tasks(est, answers.num_tasks)
@@ -730,7 +730,7 @@ def _alternatives(ctx: _Context, method: str, wanted: str, tried: list[Candidate
                           at="own_rung" if own is not None else "winner_knobs")
     _keep_memory_order(method, chosen, shown)
 
-    from estimator.estimate import storage_for_tasks
+    from estimator import storage_for_tasks
 
     out = []
     for m, sh in shown.items():
@@ -865,7 +865,7 @@ def _nothing_fits(ctx: _Context, wanted: str, tried: list[Candidate], reasons: l
 
 def _what_would_fit(ctx: _Context, cand: Candidate) -> list[str]:
     """For a configuration that does not fit: more of the same GPU with ZeRO-3, or a bigger catalog GPU."""
-    from estimator.estimate import estimate, min_gpus
+    from estimator import estimate, min_gpus
     from estimator.catalog import get_gpu, list_gpus
     from estimator.errors import EstimatorError
     from estimator.request import EstimateRequest

@@ -133,7 +133,7 @@ def in_process(rounds: int) -> None:
 
     from estimator import params
     from estimator.catalog import resolve_model
-    from estimator.estimate import clear_caches, estimate
+    from estimator.engine import clear_caches, estimate
     from estimator.request import EstimateRequest
     from estimator.trace import clear_memory_cache
 

@@ -1,5 +1,5 @@
 """``ftadvisor models``, ``ftadvisor gpus`` and ``ftadvisor estimate``: formatting only; the numbers come
-from ``estimator.estimate`` and ``estimator.catalog``."""
+from ``estimator.engine`` and ``estimator.catalog``."""
 
 from __future__ import annotations
 
@@ -166,14 +166,14 @@ def _estimate(args) -> int:
     if data is None:
         if req.method != "qlora" and getattr(args, "own_process", False):
             _without_bitsandbytes()
-        from estimator.estimate import estimate
+        from estimator.engine import estimate
 
         data = estimate(req).to_json()
         result_cache.store(key, data)
     if args.json:
         print(json.dumps(data, indent=2))
     else:
-        from estimator.estimate import Estimate
+        from estimator.result import Estimate
 
         print(format_estimate(Estimate.model_validate(data)))
     return 0

@@ -9,7 +9,7 @@ although the same request was answered before. This cache stores the ``Estimate`
   config's contents (an edited config.json is a new key);
 - the versions of the libraries the figures come from (torch, transformers, peft, bitsandbytes, accelerate),
   read with ``importlib.metadata`` from the installed distributions' metadata, which imports none of them;
-- ``estimator.estimate.ESTIMATOR_VERSION`` (bump it when the figures change meaning) and the SHA-256 of the estimator's own source
+- ``estimator.result.ESTIMATOR_VERSION`` (bump it when the figures change meaning) and the SHA-256 of the estimator's own source
   files and of the shipped tables it reads (model catalog, GPU table): any code or data change invalidates every
   entry by itself, so an edit never serves a stale figure even when nobody bumped the version.
 
@@ -125,7 +125,7 @@ def key_parts(req: EstimateRequest) -> dict[str, Any] | None:
 
 
 def _estimator_version() -> int:
-    from estimator.estimate import ESTIMATOR_VERSION
+    from estimator.result import ESTIMATOR_VERSION
 
     return ESTIMATOR_VERSION
 

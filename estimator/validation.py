@@ -94,7 +94,8 @@ def request_for(row: dict[str, str]) -> tuple[EstimateRequest, bool]:
     method = "lora" if dora else method
     sharding = row["sharding"] or "none"
     gpus = int(row["gpus"] or 1)
-    pure = method == "full" and row["master_dtype"] in ("bf16", "fp16") and sharding in ("none", "ddp")
+    # pure 16-bit on one GPU, DDP and FSDP (a 16-bit model without mixed precision is sharded as loaded)
+    pure = method == "full" and row["master_dtype"] in ("bf16", "fp16") and sharding in ("none", "ddp", "fsdp")
     differs = method == "full" and row["master_dtype"] != "fp32" and not pure
     targets = [t for t in row["targets"].split(",") if t] if row["targets"] else "attention-qv"
     optimizer = {"adamw_torch": "adamw", "adamw_8bit": "adamw-8bit", "paged_adamw_8bit": "paged-adamw-8bit"}.get(
@@ -113,7 +114,7 @@ def request_for(row: dict[str, str]) -> tuple[EstimateRequest, bool]:
 
 def compare(row: dict[str, str]) -> Comparison:
     """Estimate one row in its regime and compare it with what it measured."""
-    from estimator.estimate import estimate
+    from estimator.engine import estimate
 
     req, differs = request_for(row)
     est = estimate(req)

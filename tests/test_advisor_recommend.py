@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from advisor.answers import Answers
 from advisor.recommend import NothingFits, Recommendation, recommend
-from estimator.estimate import estimate
+from estimator import estimate
 from estimator.catalog import get_gpu, list_gpus, model_ids
 
 GIB = 2**30

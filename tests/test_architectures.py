@@ -16,7 +16,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from estimator.estimate import estimate  # noqa: E402
+from estimator import estimate  # noqa: E402
 from estimator.request import EstimateRequest  # noqa: E402
 
 _COMMON = dict(vocab_size=256, hidden_size=64, num_attention_heads=4, max_position_embeddings=512)

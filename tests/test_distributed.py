@@ -333,7 +333,7 @@ def test_per_gpu_memory_follows_the_strategy():
     """Full fine-tuning of Llama-2-7B on 8 GPUs: ZeRO-3 holds less per GPU than ZeRO-2, which holds less than DDP
     (ZeRO paper / REFERENCE.md: DDP keeps 18 bytes per parameter per GPU, ZeRO-2 2P + 18P/N, ZeRO-3 shards
     the weights too)."""
-    estimate = pytest.importorskip("estimator.estimate").estimate
+    estimate = pytest.importorskip("estimator.engine").estimate
     from runner.estimate_request import estimate_request
 
     peaks = {}

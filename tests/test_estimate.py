@@ -17,8 +17,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from estimator import EstimateRequest, EstimatorError, estimate  # noqa: E402
-from estimator.estimate import (  # noqa: E402
-    _breakdown, _build_inventory, fitting_gpus, max_batch_size, max_seq_len, min_gpus, storage_for_tasks)
+from estimator import fitting_gpus, max_batch_size, max_seq_len, min_gpus, storage_for_tasks  # noqa: E402
+from estimator.inventory import build_inventory, param_breakdown  # noqa: E402
 
 GIB = 1024**3
 
@@ -67,9 +67,9 @@ def test_inventory_from_slice_equals_full_meta_model(model_id):
 
     entry = resolve_model(model_id)
     req = EstimateRequest(model=model_id, method="lora", rank=8, targets="all-linear", dora=True)
-    inv, model, _ = _build_inventory(entry, req)
+    inv, model, _ = build_inventory(entry, req)
     full = count_parameters(build_meta_model(entry))
-    assert _breakdown(model, entry.hf_config(), inv.num_layers) == full
+    assert param_breakdown(model, entry.hf_config(), inv.num_layers) == full
     assert sum(t.numel for t in inv.tensors if ".lora_" not in t.name) == full.total
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -119,18 +119,16 @@ def test_alternating_layer_types_use_a_three_layer_slice():
 
 
 def test_trace_failure_falls_back_to_formula_and_says_so(tiny_cfg, monkeypatch):
-    import importlib
-
-    est_mod = importlib.import_module("estimator.estimate")  # the package attribute is the function
-    trace_mod = importlib.import_module("estimator.trace")
+    from estimator import engine
+    from estimator import trace as trace_mod
 
     def boom(*a, **k):
         raise trace_mod.TraceError("NotImplementedError: unsupported op (test)")
 
     monkeypatch.setattr(trace_mod, "trace_slice", boom)
-    est_mod.clear_caches()
+    engine.clear_caches()
     est = estimate(EstimateRequest(model=tiny_cfg, method="lora", batch_size=3, seq_len=96))
-    est_mod.clear_caches()
+    engine.clear_caches()
     assert est.memory.activation_source == "formula"
     assert any("formula" in n and "trace failed" in n for n in est.notes)
     assert est.memory.activations_bytes > 0

@@ -113,7 +113,7 @@ def test_a_value_the_estimator_refuses_names_the_spec_field():
 def test_gradient_accumulation_reaches_the_figure():
     """The issue's miss: accumulation keeps the gradients allocated through the next micro-steps, so the run with
     accumulation 4 needs more than the one estimated without it (the estimator's grad_accum_steps field)."""
-    from estimator.estimate import estimate
+    from estimator import estimate
 
     one = estimate(M.estimate_request(_spec(gradient_accumulation_steps=1), gpu="a100-80gb"))
     four = estimate(M.estimate_request(_spec(gradient_accumulation_steps=4), gpu="a100-80gb"))

@@ -43,7 +43,7 @@ def test_estimate_json_nests_the_estimate(capsys):
     assert data["memory"]["peak_phase"] in ("forward/loss end", "backward", "optimizer step")
     assert data["request"]["rank"] == 8 and data["storage"]["adapter_bytes"] == data["adapter_bytes"]
     # the same key names as the pydantic model, so the JSON reads back into it
-    from estimator.estimate import Estimate
+    from estimator import Estimate
 
     assert Estimate.model_validate(data).memory.peak_bytes == data["memory"]["peak_bytes"]
 

@@ -11,7 +11,7 @@ GIB = 2**30
 
 
 def test_export_readme_carries_the_estimate_of_the_spec(tmp_path, capsys):
-    from estimator.estimate import estimate
+    from estimator import estimate
     from runner.estimate_request import estimate_request
 
     data = tmp_path / "train.jsonl"

@@ -15,7 +15,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from estimator.estimate import estimate  # noqa: E402
+from estimator import estimate  # noqa: E402
 from estimator.request import EstimateRequest  # noqa: E402
 
 BATCH, SEQ = 2, 128
@@ -227,7 +227,7 @@ def test_step_peak_matches_pytorch_memtracker_on_a_real_run(attention):
 def test_lora_base_dtype_is_in_the_trace_settings_and_cache_key():
     """The 16-bit LoRA base changes the trace (no held weight casts), so it is part of the cache key: a disk
     cache of fp32-base traces cannot answer a bf16-base request."""
-    from estimator.estimate import trace_settings
+    from estimator.engine import trace_settings
     from estimator.trace import TraceSettings, trace_settings_key
 
     cfg = _config(layers=3)

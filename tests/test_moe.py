@@ -18,7 +18,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from estimator.estimate import estimate  # noqa: E402
+from estimator import estimate  # noqa: E402
 from estimator.request import EstimateRequest  # noqa: E402
 from test_memory_exact import BATCH, SEQ, _real_step, assert_like_real, with_lora  # noqa: E402
 

@@ -62,7 +62,7 @@ def test_a_repeat_answers_from_disk_without_torch(home, capsys):
 
 
 def test_stored_estimate_is_the_computed_one(home, capsys):
-    from estimator.estimate import Estimate, estimate
+    from estimator import Estimate, estimate
 
     req = EstimateRequest(model="smollm2-135m", method="qlora", seq_len=64, gpu="l4")
     key, data = result_cache.lookup(req)
@@ -100,9 +100,7 @@ def test_config_change_is_a_miss(home, tmp_path):
 
 
 def test_library_and_estimator_version_changes_are_misses(home, monkeypatch):
-    import importlib
-
-    est_module = importlib.import_module("estimator.estimate")  # the module (``estimator.estimate`` is the function)
+    from estimator import result
     req = EstimateRequest(model="smollm2-135m")
     key, _ = result_cache.lookup(req)
     result_cache.store(key, {"stored": 1})
@@ -111,7 +109,7 @@ def test_library_and_estimator_version_changes_are_misses(home, monkeypatch):
     assert result_cache.lookup(req)[1] is None
     monkeypatch.setattr(result_cache, "library_versions", lambda: versions)
     assert result_cache.lookup(req)[1] == {"stored": 1}
-    monkeypatch.setattr(est_module, "ESTIMATOR_VERSION", est_module.ESTIMATOR_VERSION + 1)
+    monkeypatch.setattr(result, "ESTIMATOR_VERSION", result.ESTIMATOR_VERSION + 1)
     assert result_cache.lookup(req)[1] is None
 
 
@@ -163,7 +161,7 @@ def test_lora_estimate_at_the_terminal_skips_bitsandbytes_with_the_same_figures(
     an estimate made where bitsandbytes is loaded (this test process, through peft)."""
     import bitsandbytes  # noqa: F401 - this side has it loaded, as the app does
 
-    from estimator.estimate import estimate
+    from estimator import estimate
 
     probe = ("import sys; from ftadvisor.cli import main; rc = main(); "  # main() reads sys.argv, as the script
              "print('BNB', 'bitsandbytes' in sys.modules and sys.modules['bitsandbytes'] is not None, "

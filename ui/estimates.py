@@ -24,12 +24,7 @@ CACHE_ENTRIES = 2048  # estimates are a few KiB each; this keeps a long session'
 
 
 def api(name: str):
-    """An estimator function through the package's lazy attribute (``estimator.estimate`` etc.).
-
-    Always via the package, never ``import estimator.estimate``: a first import of that submodule binds the
-    package attribute ``estimator.estimate`` to the module, and then ``from estimator import estimate`` (the
-    advisor) would get the module instead of the function.
-    """
+    """A public estimator function by name (``estimate``, ``min_gpus``...), once the warm-up has loaded it."""
     ready()
     import estimator
 

@@ -298,7 +298,7 @@ srun --kill-on-bad-exit=1 bash -c 'torchrun \\
 def memory_lines(spec: RunSpec, gpu: str) -> list[str]:
     """README lines with the per-GPU estimate of ``spec`` on catalog GPU ``gpu``, through the one spec -> request
     mapping (runner.estimate_request) the app and the advisor use."""
-    from estimator.estimate import estimate
+    from estimator import estimate
     from runner.estimate_request import estimate_request
 
     est = estimate(estimate_request(spec, gpu=gpu))
