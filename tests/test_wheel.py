@@ -1,6 +1,7 @@
 """The built wheel works away from the checkout: installed without -e into a temporary target, run from a
 temporary folder, it finds its catalog, GPU table and rules (package ``ftadvisor_data``) and answers
-``python -m ftadvisor models`` / ``estimate`` with the same figures as the checkout.
+``python -m ftadvisor models`` / ``estimate`` with the same figures as the checkout, and ``ftadvisor app`` serves
+the installed Streamlit app (``ui/entry/app.py``), not the checkout's.
 
 The wheel is built from a copy of the working tree through setuptools' PEP 517 hook (what ``pip wheel`` and
 ``python -m build`` call), with no network: setuptools is already in the environment.
@@ -11,10 +12,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -48,11 +54,16 @@ def installed(tmp_path_factory) -> Path:
     return target
 
 
-def _run(installed: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    """``python -m ftadvisor ARGS`` with only the installed target added to the path, from an empty folder."""
+def _away(installed: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """An empty working folder and an environment with only the installed target added to the path."""
     cwd = tmp_path / "elsewhere"
     cwd.mkdir(exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(installed), FTADVISOR_HOME=str(tmp_path / "home"))
+    return cwd, dict(os.environ, PYTHONPATH=str(installed), FTADVISOR_HOME=str(tmp_path / "home"))
+
+
+def _run(installed: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python ARGS`` (e.g. ``-m ftadvisor models``) away from the checkout, on the installed target."""
+    cwd, env = _away(installed, tmp_path)
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -111,3 +122,67 @@ def test_python_m_ftadvisor_estimate_from_any_folder(installed, tmp_path):
     here = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert here.returncode == 0, here.stderr[-3000:]
     assert est == json.loads(here.stdout)
+
+
+#: Streamlit's server answers its health route with this body once it serves (streamlit 1.67: web/server/starlette/starlette_routes.py).
+HEALTH_OK = b"ok"
+APP_START_BOUND_S = 90  # health answered 1.4 s after the start on the shared 2-core box; generous for CI
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=2) as r:
+        assert r.status == 200, url
+        return r.read()
+
+
+def test_ftadvisor_app_serves_the_installed_app_from_any_folder(installed, tmp_path):
+    cwd, env = _away(installed, tmp_path)
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ftadvisor", "app", "--port", str(port)], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + APP_START_BOUND_S
+        while True:
+            assert proc.poll() is None, f"ftadvisor app exited with {proc.returncode}: {proc.stderr.read()[-3000:]}"
+            try:
+                health = _get(f"http://127.0.0.1:{port}/_stcore/health")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the app did not answer /_stcore/health in time"
+                time.sleep(0.2)
+        assert health == HEALTH_OK
+        page = _get(f"http://127.0.0.1:{port}/")
+        assert b'<div id="root">' in page and b"<script" in page  # Streamlit's single-page shell
+        # the server runs the installed entry script, from its own folder (its .streamlit config), not the checkout
+        servers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "streamlit" in c.cmdline()]
+        assert len(servers) == 1, [c.cmdline() for c in psutil.Process(proc.pid).children(recursive=True)]
+        entry = installed / "ui" / "entry"
+        assert str(entry / "app.py") in servers[0].cmdline() and Path(servers[0].cwd()) == entry
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+
+
+def test_installed_app_script_renders_its_first_page(installed, tmp_path):
+    """The installed entry script itself runs (the health check above does not run it: Streamlit runs the script
+    when a browser session connects): Streamlit's AppTest runs it away from the checkout, the router finds the
+    installed pages and the Advisor page renders without an exception."""
+    probe = ("import sys; from streamlit.testing.v1 import AppTest; "
+             "at = AppTest.from_file(sys.argv[1], default_timeout=120).run(); "
+             "import ui; print(ui.__file__); print(len(at.exception)); print(at.title[0].value if at.title else '')")
+    res = _run(installed, tmp_path, "-c", probe, str(installed / "ui" / "entry" / "app.py"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    ui_file, exceptions, title = res.stdout.strip().splitlines()[-3:]
+    assert Path(ui_file).is_relative_to(installed), ui_file
+    assert exceptions == "0", res.stdout[-3000:]
+    assert title == "Advisor"  # ui/app_pages/advise.py, the default page
