@@ -94,8 +94,7 @@ def request_for(row: dict[str, str]) -> tuple[EstimateRequest, bool]:
     method = "lora" if dora else method
     sharding = row["sharding"] or "none"
     gpus = int(row["gpus"] or 1)
-    # pure 16-bit on one GPU, DDP and FSDP (a 16-bit model without mixed precision is sharded as loaded)
-    pure = method == "full" and row["master_dtype"] in ("bf16", "fp16") and sharding in ("none", "ddp", "fsdp")
+    pure = method == "full" and row["master_dtype"] in ("bf16", "fp16") and sharding in ("none", "ddp")
     differs = method == "full" and row["master_dtype"] != "fp32" and not pure
     targets = [t for t in row["targets"].split(",") if t] if row["targets"] else "attention-qv"
     optimizer = {"adamw_torch": "adamw", "adamw_8bit": "adamw-8bit", "paged_adamw_8bit": "paged-adamw-8bit"}.get(
