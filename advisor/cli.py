@@ -94,7 +94,8 @@ def gather_answers(args) -> dict[str, Any]:
 
 
 def advise_command(args) -> int:
-    from advisor.recommend import NothingFits, recommend
+    from advisor.recommend import recommend
+    from advisor.result import NothingFits
 
     data = gather_answers(args)
     try:

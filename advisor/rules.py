@@ -28,7 +28,7 @@ from ftcore.paths import data_path
 RULES_PATH = data_path("rules.yaml")
 MethodName = Literal["full", "lora", "qlora"]
 
-# Facts a condition may name besides the Answers fields. Derived by advisor.recommend.derive_facts.
+# Facts a condition may name besides the Answers fields. Derived by advisor.facts.make_facts.
 DERIVED_FACTS = {
     "model_params_b": "model size in billions of parameters (from the estimator's meta model)",
     "gpu_memory_gib": "memory of one GPU in GiB (catalog); 0 when renting",

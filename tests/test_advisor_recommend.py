@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from advisor.answers import Answers
-from advisor.recommend import NothingFits, Recommendation, recommend
+from advisor.recommend import recommend
+from advisor.result import NothingFits, Recommendation
 from estimator import estimate
 from estimator.catalog import get_gpu, list_gpus, model_ids
 

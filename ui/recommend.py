@@ -14,7 +14,8 @@ from ui.warmup import ready
 
 @st.cache_data(show_spinner=False, max_entries=128)
 def _recommend(answers_json: str):
-    from advisor.recommend import NothingFits, recommend
+    from advisor.recommend import recommend
+    from advisor.result import NothingFits
 
     ready()
     try:
