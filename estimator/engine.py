@@ -13,7 +13,7 @@ import functools
 from pydantic import BaseModel
 
 from estimator.compute import compute_info, formula_flops_per_token
-from estimator.errors import EstimatorError
+from estimator.errors import EstimatorError, TraceError
 from estimator.inventory import adapter_file_bytes, build_inventory, param_breakdown
 from estimator.memory import (card_memory, cublas_workspace_bytes, eval_memory, formula_activations, host_memory,
                               step_memory)
@@ -21,6 +21,7 @@ from estimator.notes import card_notes, method_note, step_notes
 from estimator.precision import base_dtype, eval_value_bytes, pure16, weights_16bit
 from estimator.request import EstimateRequest
 from estimator.result import Estimate, GPUInfo, MemoryBreakdown, ModelInfo, StorageInfo
+from estimator.slicing import layer_kinds
 
 
 def _check_request(req: EstimateRequest, config, gpu) -> None:
@@ -69,7 +70,7 @@ class Activations(BaseModel):
 def _activations(config, req: EstimateRequest, num_layers: int, batch_size: int | None = None,
                  seq_len: int | None = None) -> Activations:
     """Traced activations (or the formula, with the reason) for this request's knobs."""
-    from estimator.trace import TraceError, _layer_types, extrapolate, trace_slice
+    from estimator.trace import extrapolate, trace_slice
 
     settings = trace_settings(req, batch_size, seq_len)
     note = None
@@ -80,7 +81,7 @@ def _activations(config, req: EstimateRequest, num_layers: int, batch_size: int 
                 "support: traced with eager attention, as the run must use")
     try:
         trace = trace_slice(config, settings)
-        ex = extrapolate(trace, num_layers, _layer_types(config))  # layer kinds: attention type, dense/MoE
+        ex = extrapolate(trace, num_layers, layer_kinds(config))  # layer kinds: attention type, dense/MoE
         return Activations(held=ex.activations_bytes, forward_peak_rel=ex.forward_peak_rel_bytes,
                             backward_peak_rel=ex.backward_peak_rel_bytes, flops=ex.flops, source="traced",
                             seconds=trace.seconds, note=note, slice_layers=trace.slice_layers,

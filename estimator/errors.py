@@ -7,3 +7,7 @@ from ftcore.errors import UserError
 
 class EstimatorError(UserError):
     """A problem with what the user gave the estimator; the message names the field and the fix."""
+
+
+class TraceError(Exception):
+    """The architecture could not be traced (the caller falls back to a formula and says so)."""

@@ -13,6 +13,7 @@ from typing import Any
 from estimator.errors import EstimatorError
 from estimator.memory import Inventory, TensorInfo
 from estimator.request import EstimateRequest
+from estimator.slicing import decoder_layers, layer_kinds, layer_map, slice_config, slice_layer_count
 
 _LAYER_RE = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
@@ -41,11 +42,10 @@ def build_inventory(entry, req: EstimateRequest) -> tuple[Inventory, Any, list[s
     from transformers.pytorch_utils import Conv1D
 
     from estimator.params import build_meta_model, resolve_targets
-    from estimator.trace import _layer_types, layer_map, slice_config, slice_layer_count
 
     config = entry.hf_config()
     num_layers = _num_layers(config)
-    types = _layer_types(config)
+    types = layer_kinds(config)
     n_slice = min(slice_layer_count(types), num_layers)
     model = build_meta_model(slice_config(config, n_slice))
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -119,15 +119,14 @@ def build_inventory(entry, req: EstimateRequest) -> tuple[Inventory, Any, list[s
 def param_breakdown(model, config, num_layers: int):
     """``ParamBreakdown`` of the full model from its slice: slice counts + the replicated layers' counts."""
     from estimator.params import ParamBreakdown, _moe_sizes, count_parameters
-    from estimator.trace import _decoder_layers, _layer_types, layer_map
 
     sliced = count_parameters(model)
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     n_slice = len(layers)
     fields = ("total", "embeddings", "attention", "mlp", "norms", "head", "other", "experts")
     counts = {f: getattr(sliced, f) for f in fields}
     per_layer = [count_parameters(layer) for layer in layers]
-    for j in layer_map(_layer_types(config), num_layers, n_slice)[n_slice:]:
+    for j in layer_map(layer_kinds(config), num_layers, n_slice)[n_slice:]:
         for f in fields:
             counts[f] += getattr(per_layer[j], f)
     n_exp, top_k = _moe_sizes(config)

@@ -19,7 +19,7 @@ The regime counted (``runner/train/recipe.py`` + HF Trainer defaults, read from 
   Trainer still autocasts forward and loss (only the fp32 adapter weights get cast copies). fp32 runs: fp32
   base, no autocast.
 * **QLoRA**: every Linear but the LM head is NF4 with double quantization (bitsandbytes' exact storage, see
-  ``trace.nf4_linear_bytes``); compute dtype bf16 (fp16 when the run is fp16). ``qlora_regime`` ``paper``
+  ``nf4.nf4_linear_bytes``); compute dtype bf16 (fp16 when the run is fp16). ``qlora_regime`` ``paper``
   (the runner's default, the QLoRA paper's ``qlora.py``): every other weight (embeddings, LM head) in the
   compute dtype, the norms (modules named ``*norm*``) in fp32; ``peft-upcast``: peft's
   ``prepare_model_for_kbit_training`` upcasts every non-quantized weight to fp32. LoRA weights fp32 in both.
@@ -55,7 +55,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from estimator.trace import nf4_linear_bytes
+from estimator.nf4 import nf4_linear_bytes
 
 GIB = 1024**3
 MIB = 1024**2

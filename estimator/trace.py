@@ -4,12 +4,12 @@ How (see ``shared/REFERENCE.md``, "Memory of one training step"):
 
 1. The model is the real transformers architecture with ``num_hidden_layers`` cut to 2, or, when layers differ
    (sliding/full attention of any ratio such as Gemma-2's 1:1 or Gemma-3's 5:1, dense layers before MoE ones as
-   in DeepSeek or Qwen-MoE), to layer 0 plus one layer of each other kind (``slice_config``), built on the meta
-   device with the real peft
-   adapter, then materialised with ``to_empty(device="cpu")`` inside ``FakeTensorMode`` so that no byte is
+   in DeepSeek or Qwen-MoE), to layer 0 plus one layer of each other kind (``estimator/slicing.py``), built on
+   the meta device with the real peft adapter, then materialised with ``to_empty(device="cpu")`` inside ``FakeTensorMode`` so that no byte is
    allocated. QLoRA's frozen Linears are replaced by a module that stores exactly what bitsandbytes stores
    (NF4 + double quantization) and runs the same ops as bitsandbytes' training path on CUDA
-   (dequantize to the compute dtype, ``F.linear``, save only the packed weight for backward).
+   (dequantize to the compute dtype, ``F.linear``, save only the packed weight for backward; ``estimator/nf4.py``).
+   Two transformers functions are patched for the step (``estimator/trace_patches.py``).
 2. A ``TorchDispatchMode`` (``_LiveBytes``) sees every tensor an op creates, keeps a weak reference to its
    storage and so knows the live bytes after every op; the same mode counts FLOPs with PyTorch's own
    ``torch.utils.flop_counter.flop_registry``.
@@ -18,8 +18,8 @@ How (see ``shared/REFERENCE.md``, "Memory of one training step"):
    the change in live bytes, the peak above its start and its FLOPs.
 4. The full model's step is the slice's segments replayed, each layer after the first by its slice twin of the
    same kind (exact: layers of one kind run the same ops on the same shapes). MoE experts run in transformers'
-   grouped layout, whose tensors are sized by tokens x top_k whatever the routing (``estimator/experts.py``). ``extrapolate`` returns activations held at
-   the end of the forward pass, the forward/backward peak above the weights, and the FLOPs of one micro-step.
+   grouped layout, whose tensors are sized by tokens x top_k whatever the routing (``estimator/experts.py``).
+   ``extrapolate`` returns activations held at the end of the forward pass, the forward/backward peak above the weights, and the FLOPs of one micro-step.
 
 The step traced is the one the runner runs with HF Trainer: weights as stored (fp32 master weights for full
 fine-tuning; for LoRA the frozen base in the run's dtype (``base_dtype``: bf16/fp16 on one GPU or DDP, fp32
@@ -36,12 +36,9 @@ Traces are cached in memory and on disk (``cache_dir()/traces``) keyed by everyt
 from __future__ import annotations
 
 import contextlib
-import copy
-import functools
 import hashlib
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -50,36 +47,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from estimator.errors import EstimatorError
+from estimator.errors import EstimatorError, TraceError
+from estimator.nf4 import nf4_linear_cls, quantize_frozen_linears
+from estimator.slicing import decoder_layers, layer_kinds, layer_map, slice_config, slice_layer_count
+from estimator.trace_patches import patched_for_trace
 
 # bitsandbytes' CPU backend logs a warning about an optional kernels package at import (peft imports it);
 # nothing here runs bitsandbytes kernels, so keep the CLI output clean.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 TRACE_VERSION = 7  # bump when the trace changes meaning: old disk caches are ignored (6: LoRA base_dtype; 7: MoE)
-
-# bitsandbytes NF4 with double quantization (Dettmers et al. 2023; bitsandbytes 0.50 storage, measured
-# exact in shared/REFERENCE.md): 64 weights per block, 256 blocks per nested block.
-NF4_BLOCK = 64
-NF4_NESTED_BLOCK = 256
-NF4_CODE_BYTES = 16 * 4  # the 16-entry NF4 code table, fp32
-NF4_OFFSET_BYTES = 4  # the fp32 mean subtracted from the 8-bit absmax
-NF4_NESTED_CODE_BYTES = 256 * 4  # the 256-entry dynamic code of the nested quantization, fp32
-
-
-class TraceError(Exception):
-    """The architecture could not be traced (the caller falls back to a formula and says so)."""
-
-
-def nf4_linear_bytes(n: int) -> int:
-    """Bytes bitsandbytes stores for one NF4, double-quantized Linear weight of ``n`` elements.
-
-    packed 4-bit weight + uint8 absmax per 64 + fp32 nested absmax per 256 blocks + code tables and offset
-    (REFERENCE.md: 4096x4096 -> 8,655,940 B).
-    """
-    blocks = math.ceil(n / NF4_BLOCK)
-    return (math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / NF4_NESTED_BLOCK)
-            + NF4_CODE_BYTES + NF4_OFFSET_BYTES + NF4_NESTED_CODE_BYTES)
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -261,146 +238,6 @@ class TraceSettings(BaseModel):
     attention: Literal["sdpa", "eager"] = "sdpa"
 
 
-def slice_layer_count(layer_types: list[str] | None) -> int:
-    """Layers of the traced slice: 2 when all layers are alike, else layer 0 plus one layer of each kind that
-    layers 1.. have (so that every full-model layer after the first has a twin in the slice)."""
-    if layer_types and len(set(layer_types)) > 1:
-        return len(_slice_kinds(layer_types))
-    return 2
-
-
-def _num_layers(config) -> int:
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 0
-
-
-def _routed_experts(config) -> int:
-    for name in ("n_routed_experts", "num_experts", "num_local_experts"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 0
-
-
-def _mlp_kinds(config, n_layers: int) -> list[str] | None:
-    """"dense" / "moe" per layer for stacks that mix them, as the modeling files decide it: DeepSeek-V2/V3,
-    GLM-4-MoE, dots1 (``layer_idx >= first_k_dense_replace``), Qwen2/3-MoE (``mlp_only_layers``,
-    ``decoder_sparse_step``), or an explicit ``mlp_layer_types``."""
-    explicit = getattr(config, "mlp_layer_types", None)
-    if explicit:
-        return [str(k) for k in explicit][:n_layers]
-    experts = _routed_experts(config)
-    first_dense = getattr(config, "first_k_dense_replace", None)
-    if isinstance(first_dense, int) and experts:
-        return ["moe" if i >= first_dense else "dense" for i in range(n_layers)]
-    if experts and (hasattr(config, "mlp_only_layers") or hasattr(config, "decoder_sparse_step")):
-        only = set(getattr(config, "mlp_only_layers", None) or [])
-        step = getattr(config, "decoder_sparse_step", None) or 1
-        return ["moe" if i not in only and (i + 1) % step == 0 else "dense" for i in range(n_layers)]
-    return None
-
-
-def _layer_types(config) -> list[str] | None:
-    """The kind of every decoder layer (attention type from ``layer_types`` and dense/MoE MLP, joined by
-    "+"), or None when all layers are alike. Layers of one kind run the same ops on the same shapes."""
-    n = _num_layers(config)
-    attn = getattr(config, "layer_types", None)
-    attn = [str(t) for t in attn][:n] if attn else None
-    mlp = _mlp_kinds(config, n)
-    if mlp is not None and len(set(mlp)) == 1 and not attn:
-        return None
-    if attn and mlp:
-        kinds = [f"{a}+{m}" for a, m in zip(attn, mlp)]
-    else:
-        kinds = attn or mlp
-    return list(kinds) if kinds else None
-
-
-def _slice_kinds(kinds: list[str]) -> list[str]:
-    """Layer 0's kind, then each kind of layers 1.. once (first appearance; dense MLPs before MoE ones, the
-    order every dense-then-MoE stack builds them in)."""
-    rest: list[str] = []
-    for k in kinds[1:]:
-        if k not in rest:
-            rest.append(k)
-    rest.sort(key=lambda k: k.endswith("moe"))  # stable: first appearance within dense / within MoE
-    return [kinds[0]] + rest
-
-
-def slice_config(config, n_layers: int):
-    """A copy of ``config`` with ``n_layers`` decoder layers and no KV cache.
-
-    When the layers differ (hybrid sliding/full attention of any ratio, dense layers before MoE ones) and
-    ``n_layers`` is the slice size, the slice holds layer 0 and one layer of each other kind: ``layer_types``,
-    ``first_k_dense_replace`` or ``mlp_only_layers`` are rewritten to build exactly those layers. Otherwise the
-    first ``n_layers`` layers are kept.
-    """
-    cfg = copy.deepcopy(config)
-    kinds = _layer_types(config)
-    attn = getattr(config, "layer_types", None)
-    mlp = _mlp_kinds(config, _num_layers(config))
-    chosen = None
-    if kinds and len(set(kinds)) > 1 and len(_slice_kinds(kinds)) == n_layers < _num_layers(config):
-        chosen = _slice_kinds(kinds)
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(getattr(cfg, name, None), int):
-            setattr(cfg, name, n_layers)
-    if chosen is None:
-        if attn:
-            cfg.layer_types = list(attn)[:n_layers]
-        if getattr(config, "mlp_layer_types", None):
-            cfg.mlp_layer_types = list(config.mlp_layer_types)[:n_layers]
-    else:
-        picked = [0] + [kinds.index(k, 1) for k in chosen[1:]]  # a real layer of each kind
-        if attn:
-            cfg.layer_types = [attn[i] for i in picked]
-        if mlp is not None:
-            slice_mlp = [mlp[i] for i in picked]
-            if getattr(config, "mlp_layer_types", None):
-                cfg.mlp_layer_types = slice_mlp
-            elif isinstance(getattr(config, "first_k_dense_replace", None), int):
-                cfg.first_k_dense_replace = slice_mlp.count("dense")
-            else:
-                cfg.mlp_only_layers = [i for i, m in enumerate(slice_mlp) if m == "dense"]
-                cfg.decoder_sparse_step = 1
-    cfg.use_cache = False
-    return cfg
-
-
-def layer_map(layer_types: list[str] | None, num_layers: int, slice_layers: int) -> list[int]:
-    """For each layer of the full model, the slice layer whose segments it replays."""
-    if not layer_types or len(set(layer_types)) == 1:
-        return [0] + [1] * (num_layers - 1)
-    if slice_layers == len(_slice_kinds(layer_types)):
-        slice_types = _slice_kinds(layer_types)
-    else:
-        slice_types = layer_types[:slice_layers]
-    out = [0]
-    for i in range(1, num_layers):
-        matches = [j for j in range(1, slice_layers) if slice_types[j] == layer_types[i]]
-        if not matches:
-            raise TraceError(f"layer type {layer_types[i]!r} of layer {i} is not in the traced slice")
-        out.append(matches[0])
-    return out
-
-
-def _decoder_layers(model):
-    """The ModuleList of decoder layers of a (peft-wrapped) causal LM."""
-    import torch
-
-    best = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.ModuleList) and len(mod) > 0 and name.split(".")[-1] in ("layers", "h", "blocks"):
-            if best is None or len(name) < len(best[0]):
-                best = (name, mod)
-    if best is None:
-        raise TraceError("could not find the decoder layers (a ModuleList named layers / h / blocks)")
-    return best[1]
-
-
 def _lora_config(model, settings: TraceSettings, total_steps: int = 100):
     """The real peft config for the adapter (through the catalog's ``adapter_config`` when present)."""
     targets = list(settings.targets) if isinstance(settings.targets, tuple) else settings.targets
@@ -456,20 +293,18 @@ def build_training_model(config, settings: TraceSettings):
     if sixteen:
         peft_model.to(half)  # DeepSpeed / FSDP cast the whole module, adapters included
     if settings.method == "qlora":
-        _quantize_frozen_linears(peft_model, settings)
-        _quantize_fused_experts(peft_model, settings)
+        compute = torch.float16 if settings.dtype == "fp16" else torch.bfloat16  # bitsandbytes' compute dtype
+        quantize_frozen_linears(peft_model, compute)
+        _quantize_fused_experts(peft_model, compute)
     return peft_model
 
 
-def _quantize_fused_experts(peft_model, settings: TraceSettings) -> None:
+def _quantize_fused_experts(peft_model, compute) -> None:
     """QLoRA's routed experts as the runner stores them (``runner/train/experts.py``): ``NF4Experts`` with one NF4
     stand-in Linear per expert and matrix, its token-expert pairs split evenly over the experts."""
-    import torch
-
     from estimator.experts import balanced_split, replace_fused_experts
 
-    compute = torch.float16 if settings.dtype == "fp16" else torch.bfloat16
-    replace_fused_experts(peft_model, lambda d_in, d_out, _w: _nf4_cls()(d_in, d_out, None, compute),
+    replace_fused_experts(peft_model, lambda d_in, d_out, _w: nf4_linear_cls()(d_in, d_out, None, compute),
                           split=lambda ids, experts: balanced_split(ids.numel(), experts))
 
 
@@ -483,177 +318,6 @@ def _norms_to_fp32(model) -> None:
             module.to(torch.float32)
 
 
-def _quantize_frozen_linears(peft_model, settings: TraceSettings) -> None:
-    """Swap every frozen ``nn.Linear`` (not the LM head) for an NF4 stand-in, wrapped as peft wraps bnb layers."""
-    import torch
-    from peft.tuners.lora import bnb as lora_bnb
-
-    compute = torch.float16 if settings.dtype == "fp16" else torch.bfloat16
-    head = peft_model.get_output_embeddings() if hasattr(peft_model, "get_output_embeddings") else None
-    for name, mod in list(peft_model.named_modules()):
-        for child_name, child in list(mod.named_children()):
-            if type(child) is not torch.nn.Linear or child is head or child_name.startswith("lora_"):
-                continue
-            if child.weight.requires_grad:
-                continue
-            setattr(mod, child_name, _nf4_linear(child, compute))
-    for mod in peft_model.modules():
-        if type(mod).__name__ == "Linear" and hasattr(mod, "lora_A") and isinstance(mod.base_layer, _nf4_cls()):
-            mod.__class__ = lora_bnb.Linear4bit
-
-
-@functools.lru_cache(maxsize=1)
-def _nf4_cls():
-    import torch
-
-    class _Dequant4bitMatmul(torch.autograd.Function):
-        """bitsandbytes 0.50 ``MatMul4Bit`` on CUDA for training-size inputs: dequantize, ``F.linear``; saves
-        only the packed weight and dequantizes again for the input gradient."""
-
-        @staticmethod
-        def forward(ctx, x, packed, absmax8, offset, shape, dtype):
-            w = _dequant(absmax8, offset, shape, dtype)
-            ctx.save_for_backward(packed, absmax8, offset)
-            ctx.shape = shape
-            return torch.nn.functional.linear(x, w)
-
-        @staticmethod
-        def backward(ctx, grad):
-            packed, absmax8, offset = ctx.saved_tensors
-            w = _dequant(absmax8, offset, ctx.shape, grad.dtype)
-            return torch.matmul(grad, w), None, None, None, None, None
-
-    def _dequant(absmax8, offset, shape, dtype):
-        # bitsandbytes' default gemm_4bit path: dequantize_blockwise(absmax8) -> fp32 per 64-block, + offset
-        # (a second fp32 tensor), then dequantize_4bit -> the weight in the compute dtype (values do not matter)
-        scales = torch.empty(absmax8.shape, dtype=torch.float32, device=absmax8.device) + offset
-        w = torch.empty(shape, dtype=dtype, device=absmax8.device)
-        del scales
-        return w
-
-    class NF4Linear(torch.nn.Module):
-        """Frozen Linear stored as bitsandbytes stores NF4 + double quantization; forward as ``Linear4bit``."""
-
-        def __init__(self, in_features, out_features, bias, compute_dtype):
-            super().__init__()
-            self.in_features, self.out_features = in_features, out_features
-            n = in_features * out_features
-            blocks = math.ceil(n / NF4_BLOCK)
-            self.compute_dtype = compute_dtype
-            meta = torch.device("meta")
-            self.weight = torch.nn.Parameter(torch.empty(math.ceil(n / 2), 1, dtype=torch.uint8, device=meta),
-                                             requires_grad=False)
-            self.register_buffer("absmax", torch.empty(blocks, dtype=torch.uint8, device=meta))
-            self.register_buffer("nested_absmax", torch.empty(math.ceil(blocks / NF4_NESTED_BLOCK),
-                                                              dtype=torch.float32, device=meta))
-            self.register_buffer("code", torch.empty(16, dtype=torch.float32, device=meta))
-            self.register_buffer("offset", torch.empty((), dtype=torch.float32, device=meta))
-            self.register_buffer("nested_code", torch.empty(256, dtype=torch.float32, device=meta))
-            self.bias = bias
-
-        @property
-        def W_q(self):  # noqa: N802 - peft's dequantize_module_weight calls ``dequantize()`` when this exists
-            return self.weight
-
-        def dequantize(self):
-            """What DoRA's weight norm gets from bitsandbytes' ``dequantize_4bit``: the full weight in the dtype
-            it was loaded in (fp32 for the runner), after an fp32 absmax temporary."""
-            scales = torch.empty(self.absmax.shape, dtype=torch.float32, device=self.absmax.device) + self.offset
-            w = torch.empty((self.out_features, self.in_features), dtype=torch.float32, device=self.absmax.device)
-            del scales
-            return w
-
-        def forward(self, x):
-            inp_dtype = x.dtype
-            x = x.to(self.compute_dtype)
-            bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-            out = _Dequant4bitMatmul.apply(x, self.weight, self.absmax, self.offset,
-                                           (self.out_features, self.in_features), self.compute_dtype)
-            if bias is not None:
-                out = out + bias
-            return out.to(inp_dtype)
-
-    return NF4Linear
-
-
-def _nf4_linear(linear, compute_dtype):
-    bias = linear.bias
-    if bias is not None:
-        bias.requires_grad_(False)
-    return _nf4_cls()(linear.in_features, linear.out_features, bias, compute_dtype)
-
-
-@contextlib.contextmanager
-def _no_packed_sequence_detection():
-    """transformers would inspect position ids for packed sequences (data-dependent); a padded-free training
-    batch has none, so say so (REFERENCE.md: fake and real runs then agree byte for byte)."""
-    from transformers import masking_utils
-
-    orig = masking_utils.find_packed_sequence_indices
-    masking_utils.find_packed_sequence_indices = lambda position_ids: None
-    try:
-        yield
-    finally:
-        masking_utils.find_packed_sequence_indices = orig
-
-
-@contextlib.contextmanager
-def _fake_friendly_grouped_mm():
-    """transformers 5 runs MoE experts with ``torch._grouped_mm`` (``experts_implementation="grouped_mm"``, its
-    default). PyTorch's meta kernel for it mirrors the CUDA kernel and accepts bf16 only, while the CPU kernel
-    the real step runs takes fp32 too (fp32 master weights of full fine-tuning). For non-bf16 weights the trace
-    takes transformers' own ``grouped_mm_fallback`` op instead (same output and saved tensors, with a fake
-    kernel) when the weight trains, and ``FrozenGroupedMM`` when it is frozen (LoRA on an fp32 base). Every
-    tensor of either path is sized by tokens x top_k, not by the routing, so no routing has to be assumed."""
-    try:
-        from transformers.integrations import moe
-    except ImportError:  # a transformers without the experts interface: nothing to patch
-        yield
-        return
-    import torch
-
-    frozen_mm = _frozen_grouped_mm_cls()
-    orig_can, orig_mm = moe._can_use_grouped_mm, moe._grouped_mm
-
-    def grouped_mm(input, weight, offs):
-        if weight.dtype != torch.bfloat16 and not weight.requires_grad:
-            return frozen_mm.apply(input.to(weight.dtype), weight)
-        return orig_mm(input, weight, offs)
-
-    moe._can_use_grouped_mm = lambda input, weight, offs: (orig_can(input, weight, offs)
-                                                           and weight.dtype == torch.bfloat16)
-    moe._grouped_mm = grouped_mm
-    try:
-        yield
-    finally:
-        moe._can_use_grouped_mm, moe._grouped_mm = orig_can, orig_mm
-
-
-@functools.lru_cache(maxsize=1)
-def _frozen_grouped_mm_cls():
-    import torch
-
-    class FrozenGroupedMM(torch.autograd.Function):
-        """``aten._grouped_mm`` with a frozen weight, as autograd runs it: nothing saved but the weight, backward
-        computes only the input gradient. ``mm`` with one expert's matrix has the same output and FLOPs (every
-        row meets exactly one expert), so the trace's bytes and FLOP counts are those of the grouped op."""
-
-        @staticmethod
-        def forward(ctx, input, weight):
-            ctx.save_for_backward(weight)
-            return torch.mm(input, weight[0])
-
-        @staticmethod
-        def backward(ctx, grad):
-            (weight,) = ctx.saved_tensors
-            return torch.mm(grad, weight[0].t()), None
-
-    return FrozenGroupedMM
-
-
-_TRACE_LOCK = threading.Lock()  # the packed-sequence and grouped_mm patches are process-global
-
-
 def run_traced_step(model, settings: TraceSettings, *, fake: bool = True) -> SliceTrace:
     """Run forward + loss + backward of ``model`` once and return the segments.
 
@@ -665,8 +329,7 @@ def run_traced_step(model, settings: TraceSettings, *, fake: bool = True) -> Sli
 
     start_t = time.perf_counter()
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
-    grouped = _fake_friendly_grouped_mm() if fake else contextlib.nullcontext()
-    with _TRACE_LOCK, _no_packed_sequence_detection(), grouped, mode:
+    with patched_for_trace(fake), mode:
         if fake:
             model.to_empty(device="cpu")
         model.train()
@@ -675,7 +338,7 @@ def run_traced_step(model, settings: TraceSettings, *, fake: bool = True) -> Sli
             tracker.track(t)
         base = tracker.live
         b, s = settings.batch_size, settings.seq_len
-        layers = _decoder_layers(model)
+        layers = decoder_layers(model)
         n = len(layers)
         handles = []
         state = {"phase": "forward"}
@@ -731,7 +394,7 @@ def run_traced_step(model, settings: TraceSettings, *, fake: bool = True) -> Sli
                 h.remove()
     segments = [Segment(**seg) for seg in tracker.segments]
     _check_segments(segments, n)
-    return SliceTrace(slice_layers=n, layer_types=_layer_types(model.config) if hasattr(model, "config") else None,
+    return SliceTrace(slice_layers=n, layer_types=layer_kinds(model.config) if hasattr(model, "config") else None,
                       base_bytes=base, segments=segments, seconds=time.perf_counter() - start_t)
 
 
@@ -799,7 +462,7 @@ _MEMO: dict[str, SliceTrace] = {}
 
 def trace_slice(config, settings: TraceSettings) -> SliceTrace:
     """The traced step of a slice of ``config`` (a ``PretrainedConfig``), from the caches when possible."""
-    types = _layer_types(config)
+    types = layer_kinds(config)
     n = slice_layer_count(types)
     sliced = slice_config(config, n)
     cfg_dict = sliced.to_dict()
@@ -840,7 +503,7 @@ def trace_slice(config, settings: TraceSettings) -> SliceTrace:
 
 def trace_settings_key(config, settings: TraceSettings) -> str:
     """The cache key of a trace (for tests and the benchmark)."""
-    n = slice_layer_count(_layer_types(config))
+    n = slice_layer_count(layer_kinds(config))
     return _key(slice_config(config, n).to_dict(), settings)
 
 

@@ -75,10 +75,10 @@ def _config_file(tmp_path, name: str) -> tuple[str, object]:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_method_traces_and_every_preset_resolves(tmp_path, arch):
     from estimator.params import PRESETS, build_meta_model, resolve_targets
-    from estimator.trace import slice_config, slice_layer_count, _layer_types
+    from estimator.slicing import layer_kinds, slice_config, slice_layer_count
 
     path, cfg = _config_file(tmp_path, arch)
-    kinds = _layer_types(cfg)
+    kinds = layer_kinds(cfg)
     model = build_meta_model(slice_config(cfg, slice_layer_count(kinds)))
     for preset in PRESETS:
         assert resolve_targets(model, preset), preset
@@ -127,13 +127,13 @@ def test_slice_replay_equals_the_whole_model_trace(arch, method, tmp_path):
     """The slice (layer 0 + one layer of each other kind) replayed for all layers equals tracing every layer:
     Gemma-3's full-attention layer 5 is in the slice, DeepSeek's dense layer 0 and MoE layers, Qwen2-MoE's
     dense layer 1 among MoE layers."""
-    from estimator.trace import (TraceSettings, _layer_types, build_training_model, extrapolate, run_traced_step,
-                                 slice_config, trace_slice)
+    from estimator.slicing import layer_kinds, slice_config
+    from estimator.trace import TraceSettings, build_training_model, extrapolate, run_traced_step, trace_slice
 
     _, cfg = _config_file(tmp_path, arch)
     n = cfg.num_hidden_layers
     st = TraceSettings(method=method, rank=4, alpha=8, dtype="bf16", batch_size=1, seq_len=32, targets="all-linear")
-    kinds = _layer_types(cfg)
+    kinds = layer_kinds(cfg)
     assert kinds is not None and len(set(kinds)) > 1
     sliced = trace_slice(cfg, st)
     whole = run_traced_step(build_training_model(slice_config(cfg, n), st), st)
@@ -150,11 +150,11 @@ def test_gemma3_with_a_5_to_1_pattern_estimates_without_a_traceback():
     5 is not in the traced slice"; a 12-layer Gemma-3 now traces a 3-layer slice (sliding, sliding, full)."""
     import transformers as tf
 
-    from estimator.trace import slice_config, slice_layer_count, _layer_types
+    from estimator.slicing import layer_kinds, slice_config, slice_layer_count
 
     cfg = tf.Gemma3TextConfig(intermediate_size=128, num_hidden_layers=12, num_key_value_heads=2, head_dim=16,
                               sliding_window=16, **_COMMON)
-    kinds = _layer_types(cfg)
+    kinds = layer_kinds(cfg)
     assert kinds[5] == "full_attention" and kinds.count("full_attention") == 2
     assert slice_config(cfg, slice_layer_count(kinds)).layer_types == [
         "sliding_attention", "sliding_attention", "full_attention"]

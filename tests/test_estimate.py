@@ -88,8 +88,8 @@ def test_extrapolation_equals_full_depth_trace(method, grad_ckpt):
     """pre + layer0 + (L-1) x layer1 + post from a 2-layer slice == the trace of the whole 5-layer model."""
     from transformers import LlamaConfig
 
-    from estimator.trace import (TraceSettings, build_training_model, extrapolate, run_traced_step,
-                                 slice_config, trace_slice)
+    from estimator.slicing import slice_config
+    from estimator.trace import TraceSettings, build_training_model, extrapolate, run_traced_step, trace_slice
 
     cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=5,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
@@ -104,8 +104,8 @@ def test_alternating_layer_types_use_a_three_layer_slice():
     """Gemma-2 alternates sliding/full attention: a 3-layer slice, exact against the 6-layer trace."""
     from transformers import Gemma2Config
 
-    from estimator.trace import (TraceSettings, build_training_model, extrapolate, run_traced_step,
-                                 slice_config, trace_slice)
+    from estimator.slicing import slice_config
+    from estimator.trace import TraceSettings, build_training_model, extrapolate, run_traced_step, trace_slice
 
     cfg = Gemma2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=32,
@@ -121,9 +121,10 @@ def test_alternating_layer_types_use_a_three_layer_slice():
 def test_trace_failure_falls_back_to_formula_and_says_so(tiny_cfg, monkeypatch):
     from estimator import engine
     from estimator import trace as trace_mod
+    from estimator.errors import TraceError
 
     def boom(*a, **k):
-        raise trace_mod.TraceError("NotImplementedError: unsupported op (test)")
+        raise TraceError("NotImplementedError: unsupported op (test)")
 
     monkeypatch.setattr(trace_mod, "trace_slice", boom)
     engine.clear_caches()

@@ -189,7 +189,7 @@ def test_qlora_weights_match_a_real_bitsandbytes_load(tiny_model_dir):
 
 
 def test_nf4_formula_matches_reference():
-    from estimator.trace import nf4_linear_bytes
+    from estimator.nf4 import nf4_linear_bytes
 
     # REFERENCE.md, measured with bitsandbytes 0.50: a 4096 x 4096 Linear stores 8,655,940 bytes
     assert nf4_linear_bytes(4096 * 4096) == 8_655_940
