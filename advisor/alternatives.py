@@ -97,12 +97,19 @@ def _keep_memory_order(method: str, chosen: Candidate, shown: dict[str, _Shown])
 def _why_not(ctx: Context, m: str, method: str, wanted: str, chosen: Candidate, sh: _Shown, gpu_name: str) -> str:
     """Why the alternative ``m`` was not recommended, opening with which configuration its figures are of."""
     cand, _ = sh.pick
-    same = _knob_values(cand) == _knob_values(chosen)
-    if sh.at == "own_rung":
-        where = f"At its own first fitting rung ({knobs_text(cand)}" + (
-            ", the recommendation's knobs)" if same else ")")
+    knobs = knobs_text(cand)
+    # At the ladder's knobs of the recommendation (KNOBS), the regime of its own method settings (8-bit AdamW,
+    # pure bf16) may still differ: then only the ladder's knobs are the recommendation's.
+    if knobs == knobs_text(chosen):
+        ours, sep = "the recommendation's knobs", ", "
     else:
-        where = f"At the recommendation's knobs ({knobs_text(cand)})"
+        ours, sep = "the recommendation's " + ("checkpointing, micro-batch and sharding"
+                                               if chosen.request["num_gpus"] > 1 else "checkpointing and micro-batch"), "; "
+    if sh.at == "own_rung":
+        alike = _knob_values(cand) == _knob_values(chosen)
+        where = f"At its own first fitting rung ({knobs}" + (f"{sep}{ours})" if alike else ")")
+    else:
+        where = f"At {ours} ({knobs})"
     if cand.error:
         return f"{where}: {cand.verdict}"
     if not cand.fits or not cand.within_budget:
@@ -110,7 +117,7 @@ def _why_not(ctx: Context, m: str, method: str, wanted: str, chosen: Candidate, 
         own = sh.own[0] if sh.own is not None else None
         if sh.at == "winner_knobs" and own is not None and own.ok:
             why += (f". At its own first fitting rung ({knobs_text(own)}) it fits ({gib(own.peak_bytes)}, "
-                    f"{usd(own.cost_usd)}), but the ladder tried {label(method, chosen.settings)} first")
+                    f"{usd(own.cost_usd)}), but the ladder tried {label(chosen)} first")
         elif sh.at == "winner_knobs" and own is None and not cand.fits:
             why += f". It fits no rung of the ladder on {cand.request['num_gpus']}x {gpu_name}"
         return why
@@ -120,7 +127,7 @@ def _why_not(ctx: Context, m: str, method: str, wanted: str, chosen: Candidate, 
         return (f"{where}: also fits ({cand.verdict}), but {method} "
                 + ("is what the rules want, and it fits" if method == wanted else
                    "fits too and is higher on the ladder (fewer trade-offs in quality)"))
-    return (f"{where}: fits ({cand.verdict}), but the ladder tried {label(method, chosen.settings)} first "
+    return (f"{where}: fits ({cand.verdict}), but the ladder tried {label(chosen)} first "
             f"(it changes the method before it trades compute for memory)")
 
 

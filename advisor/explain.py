@@ -111,7 +111,7 @@ def decision_path(nodes: list[TreeNode], method_rule, book: RuleBook, tried: lis
     ))
     labels = []
     for cand in tried:
-        text = f"{label(cand.method, cand.settings)} on {cand.request['num_gpus']}x {cand.request['gpu']}"
+        text = f"{label(cand)} on {cand.request['num_gpus']}x {cand.request['gpu']}"
         labels.append((text, cand is chosen, cand.method))
     path.append(TreeNode(
         id="physics",

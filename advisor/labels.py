@@ -24,32 +24,38 @@ def usd(x: float | None) -> str:
     return f"${x:.4f}" if 0 < x < 0.01 else (f"${x:,.2f}" if x < 100 else f"${x:,.0f}")
 
 
-def label(method: str, s: dict[str, Any]) -> str:
-    """A configuration in words: 'LoRA (r=16, checkpointing, micro-batch 4x4)'."""
-    name = METHOD_NAMES[method]
-    bits = []
-    if s.get("rank"):
-        bits.append(f"r={s['rank']}")
-    if s.get("pure_16bit"):
+_8BIT_OPTIMIZERS = ("adamw-8bit", "paged-adamw-8bit")
+
+
+def knob_bits(method: str, s: dict[str, Any], num_gpus: int) -> list[str]:
+    """The knobs of one configuration in words, in one order: checkpointing, micro-batch x accumulation, the
+    sharding (more than one GPU), then the regime the method's own settings pick (pure bf16, 8-bit AdamW).
+
+    The one wording of a configuration's knobs: the ladder's verdicts (``label``), the alternatives' headers
+    (``knobs_text``) and their why-not all read it, so a header never names other knobs than its figures'.
+    """
+    bits = ["checkpointing" if s.get("gradient_checkpointing") else "no checkpointing",
+            f"micro-batch {s['micro_batch_size']}x{s['gradient_accumulation_steps']}"]
+    if num_gpus > 1:
+        bits.append(_SHARDING_LABEL.get(s.get("sharding"), str(s.get("sharding"))))
+    if method == "full" and s.get("pure_16bit"):  # the lean full rungs' regime
         bits.append("pure bf16")
-    if s.get("gradient_checkpointing"):
-        bits.append("checkpointing")
-    if s.get("optimizer") in ("adamw-8bit", "paged-adamw-8bit"):
+    if s.get("optimizer") in _8BIT_OPTIMIZERS:
         bits.append("8-bit AdamW")
-    bits.append(f"micro-batch {s['micro_batch_size']}x{s['gradient_accumulation_steps']}")
-    if s.get("sharding") in ("zero3", "fsdp"):
-        bits.append(s["sharding"].upper() if s["sharding"] == "fsdp" else "ZeRO-3")
-    return f"{name} ({', '.join(bits)})"
+    return bits
+
+
+def label(cand: Candidate) -> str:
+    """A candidate in words: 'QLoRA (r=16, checkpointing, micro-batch 4x4, 8-bit AdamW)'."""
+    rank = [f"r={cand.settings['rank']}"] if cand.settings.get("rank") else []
+    return f"{METHOD_NAMES[cand.method]} ({', '.join(rank + knob_bits(cand.method, cand.settings, _gpus(cand)))})"
 
 
 def knobs_text(cand: Candidate) -> str:
-    """The memory knobs of a candidate in words: 'checkpointing, micro-batch 4x4' (+ the sharding on >1 GPU)."""
-    s = cand.settings
-    bits = ["checkpointing" if s.get("gradient_checkpointing") else "no checkpointing",
-            f"micro-batch {s['micro_batch_size']}x{s['gradient_accumulation_steps']}"]
-    if cand.request["num_gpus"] > 1:
-        bits.append(_SHARDING_LABEL.get(s.get("sharding"), str(s.get("sharding"))))
-    if cand.method == "full" and s.get("pure_16bit"):  # the lean full rungs' regime (their own knobs)
-        bits.append("pure bf16" + (", 8-bit AdamW" if s.get("optimizer") in ("adamw-8bit", "paged-adamw-8bit")
-                                   else ""))
-    return ", ".join(bits)
+    """The knobs of a candidate in words: 'checkpointing, micro-batch 4x4' (+ the sharding on >1 GPU, + its
+    regime: pure bf16, 8-bit AdamW)."""
+    return ", ".join(knob_bits(cand.method, cand.settings, _gpus(cand)))
+
+
+def _gpus(cand: Candidate) -> int:
+    return cand.request["num_gpus"]

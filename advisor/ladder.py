@@ -176,7 +176,7 @@ def evaluate(ctx: Context, rung: str, method: str, s: dict[str, Any], gpu, num_g
         cand.within_budget = cand.cost_usd <= ctx.answers.budget_usd
     else:
         cand.within_budget = True
-    name = label(method, s)
+    name = label(cand)
     if est.fits and not est.eval_fits:
         cand.verdict = (f"{name} trains in {gib(cand.peak_bytes)} per GPU but its eval phase needs "
                         f"{gib(est.eval_memory.device_peak_bytes)} ({est.eval_memory.phase}); the {gpu.name} has "

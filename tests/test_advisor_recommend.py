@@ -8,6 +8,7 @@ scenario. Where the estimator's physics says otherwise, the test asserts the phy
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -387,10 +388,11 @@ def test_alternatives_are_compared_at_fair_knobs():
     qlora = next(a for a in rec.alternatives if a.method == "qlora")
     full = next(a for a in rec.alternatives if a.method == "full")
     # QLoRA's base rung (no checkpointing) does not fit 24 GiB, so its first fitting rung is checkpointing at
-    # micro-batch 4x4: the recommendation's own knobs, and the text says so.
-    assert qlora.at == "own_rung" and qlora.knobs == "checkpointing, micro-batch 4x4"
-    assert qlora.why_not.startswith("At its own first fitting rung (checkpointing, micro-batch 4x4, "
-                                    "the recommendation's knobs)")
+    # micro-batch 4x4: the recommendation's checkpointing and micro-batch, and the text says so. Its optimizer is
+    # its own, 8-bit AdamW (the run below that gives the same figure uses paged-adamw-8bit), and the knobs say so.
+    assert qlora.at == "own_rung" and qlora.knobs == "checkpointing, micro-batch 4x4, 8-bit AdamW"
+    assert qlora.why_not.startswith("At its own first fitting rung (checkpointing, micro-batch 4x4, 8-bit AdamW; "
+                                    "the recommendation's checkpointing and micro-batch)")
     assert qlora.fits and qlora.peak_bytes <= lora_peak
     # Independent of the advisor's own loop: the same run as LoRA's with QLoRA's method settings, estimated
     # through the mapping, gives the figure shown.
@@ -406,6 +408,29 @@ def test_alternatives_are_compared_at_fair_knobs():
     assert "fits no rung of the ladder" in full.why_not
     assert full.peak_bytes >= lora_peak
     _memory_order_holds(rec)
+
+
+# A configuration in words inside a why-not, e.g. "QLoRA (r=16, checkpointing, micro-batch 4x4, 8-bit AdamW)".
+_NAMED = re.compile(r"(?:full fine-tuning|LoRA|QLoRA) \(([^)]*)\)")
+
+
+@pytest.mark.parametrize("answers", [
+    dict(),  # Llama-2-7B, one RTX 4090: QLoRA (paged 8-bit AdamW) beside LoRA (AdamW)
+    dict(gpu="a100-80gb"),  # full fine-tuning shown at its pure-bf16 rung
+    dict(gpu="a100-80gb", num_gpus=4, accuracy_pct=99, budget_usd=5_000),  # full over 4 GPUs with ZeRO-3
+], ids=["rtx-4090", "a100-80gb", "4x-a100"])
+def test_an_alternative_names_the_knobs_of_its_own_figures(answers):
+    # Before, two functions worded the knobs: the QLoRA alternative's header said "checkpointing, micro-batch 4x4"
+    # while its why-not named "QLoRA (r=16, checkpointing, 8-bit AdamW, micro-batch 4x4)".
+    rec = recommend(Answers(**answers))
+    assert rec.alternatives
+    for alt in rec.alternatives:
+        where, _, rest = alt.why_not.partition(": ")
+        assert where.startswith("At ") and f"({alt.knobs}" in where, alt.why_not  # the opening names the header's
+        named = _NAMED.search(rest)
+        assert named, alt.why_not
+        knobs = [b for b in named.group(1).split(", ") if not b.startswith("r=")]
+        assert ", ".join(knobs) == alt.knobs, (alt.knobs, alt.why_not)
 
 
 def test_alternatives_text_reaches_the_cli(capsys):
