@@ -27,7 +27,7 @@ def usd(x: float | None) -> str:
 _8BIT_OPTIMIZERS = ("adamw-8bit", "paged-adamw-8bit")
 
 
-def knob_bits(method: str, s: dict[str, Any], num_gpus: int) -> list[str]:
+def _knob_bits(method: str, s: dict[str, Any], num_gpus: int) -> list[str]:
     """The knobs of one configuration in words, in one order: checkpointing, micro-batch x accumulation, the
     sharding (more than one GPU), then the regime the method's own settings pick (pure bf16, 8-bit AdamW).
 
@@ -48,13 +48,13 @@ def knob_bits(method: str, s: dict[str, Any], num_gpus: int) -> list[str]:
 def label(cand: Candidate) -> str:
     """A candidate in words: 'QLoRA (r=16, checkpointing, micro-batch 4x4, 8-bit AdamW)'."""
     rank = [f"r={cand.settings['rank']}"] if cand.settings.get("rank") else []
-    return f"{METHOD_NAMES[cand.method]} ({', '.join(rank + knob_bits(cand.method, cand.settings, _gpus(cand)))})"
+    return f"{METHOD_NAMES[cand.method]} ({', '.join(rank + _knob_bits(cand.method, cand.settings, _gpus(cand)))})"
 
 
 def knobs_text(cand: Candidate) -> str:
     """The knobs of a candidate in words: 'checkpointing, micro-batch 4x4' (+ the sharding on >1 GPU, + its
     regime: pure bf16, 8-bit AdamW)."""
-    return ", ".join(knob_bits(cand.method, cand.settings, _gpus(cand)))
+    return ", ".join(_knob_bits(cand.method, cand.settings, _gpus(cand)))
 
 
 def _gpus(cand: Candidate) -> int:

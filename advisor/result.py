@@ -39,7 +39,7 @@ class Alternative(BaseModel):
     rank: int | None
     at: Literal["own_rung", "winner_knobs"] = Field(description="which configuration the figures are of")
     knobs: str = Field(description="that configuration's knobs, e.g. 'checkpointing, micro-batch 4x4, 8-bit AdamW' "
-                                   "(advisor.labels.knob_bits, as in its why_not)")
+                                   "(advisor.labels.knobs_text, as in its why_not)")
     fits: bool = Field(description="peak memory fits the GPUs")
     within_budget: bool | None = Field(description="cost of all tasks within the budget (None: no cost figure)")
     peak_bytes: int | None
