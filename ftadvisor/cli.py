@@ -65,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except UserError as exc:
+    except UserError as exc:  # EstimatorError, AdvisorError, RunnerError too: the message and the fix, no traceback
         print(f"error: {exc}", file=sys.stderr)
+        if exc.fix:
+            print(f"fix: {exc.fix}", file=sys.stderr)
         return 2
     except Exception as exc:  # pydantic errors are bad input too
         from pydantic import ValidationError

@@ -1,18 +1,20 @@
 """Error types shared by every package.
 
 A ``UserError`` is a problem with what the user gave us (a field, a file, a knob). Its message names
-the field and the fix. The CLI prints it and exits with status 2; the app shows it next to the input.
+the field; ``fix``, when the raiser knows one, says what to do. The CLI prints both (``error: ...`` then
+``fix: ...``) and exits with status 2; the app shows them next to the input.
 """
 
 from __future__ import annotations
 
 
 class UserError(Exception):
-    """Bad input: the message names the field and the fix."""
+    """Bad input: the message names the field (and the fix, or ``fix`` holds it on its own)."""
 
-    def __init__(self, message: str, *, field: str | None = None):
+    def __init__(self, message: str, *, field: str | None = None, fix: str = ""):
         super().__init__(message)
         self.field = field
+        self.fix = fix
 
 
 def format_validation_error(exc) -> str:

@@ -242,6 +242,22 @@ def follow(manager, run_id: str, *, out=sys.stdout, poll_s: float = FOLLOW_POLL_
         raise
 
 
+def after_run_line(report: Report) -> str | None:
+    """One line with a finished run's forgetting and intruder figures (report.json), e.g.
+    ``general text (40 paragraphs): loss 3.237 -> 3.251 (+0.0146); intruder dimensions: 0 in 120 modules``."""
+    parts = []
+    f = report.forgetting
+    if f and f.after is not None:
+        change = f" ({f.change:+.4f})" if f.change is not None else ""
+        before = f"{f.before:.4g} -> " if f.before is not None else ""
+        parts.append(f"general text ({f.texts} paragraphs): loss {before}{f.after:.4g}{change}")
+    i = report.intruder_dimensions
+    if i:
+        parts.append(f"intruder dimensions: {i.summary.total} in {i.summary.modules} modules "
+                     f"(top {i.top_k}, |cos| < {i.epsilon:g})")
+    return "; ".join(parts) or None
+
+
 def _finish(manager, rec, args) -> int:
     if getattr(args, "json", False):
         print(json.dumps(rec.summary(), indent=2))
@@ -250,8 +266,6 @@ def _finish(manager, rec, args) -> int:
             saved = next((rec.run_dir / d for d in ("adapter", "model") if (rec.run_dir / d).is_dir()), None)
             print(f"run {rec.id} completed" + (f"; saved {saved}" if saved else "") + f"; folder {rec.output_dir}")
             from runner.train.demo import before_after
-
-            from runner.tools.forgetting import after_run_line
 
             report = read_report(rec.run_dir)
             for line in (before_after(report), after_run_line(report)) if report else ():
@@ -280,15 +294,15 @@ def _manager():
 
 def _model_ready(ref: str, out=None) -> None:
     """Refuse a model that cannot be had before anything is queued or loaded (exit 2: offline and not cached,
-    gated, unknown, no room; runner.train.models); download a hub model that is not cached here, in the foreground with
+    gated, unknown, no room; runner.models); download a hub model that is not cached here, in the foreground with
     huggingface_hub's progress bar, so a queued run starts from the local cache."""
-    from runner.train.models import check_model_available, resolve_model
+    from runner.models import check_model_available, resolve_model
 
     out = out or sys.stderr
-    resolved = _fix_in_message(check_model_available, ref)
+    resolved = check_model_available(ref)
     if resolved.kind == "hub" and not resolved.ready:
         print(resolved.describe(), file=out, flush=True)
-        resolved = _fix_in_message(resolve_model, ref)
+        resolved = resolve_model(ref)
     if resolved.kind == "hub":
         print(f"model: {resolved.describe()}", file=out, flush=True)
 
@@ -539,22 +553,11 @@ def cmd_adapters_merge(args) -> int:
     return 0
 
 
-def _fix_in_message(fn, *args, **kwargs):
-    """Call fn; a RunnerError comes back with its fix in the message (the dispatcher prints only the message)."""
-    from runner.errors import RunnerError
-
-    try:
-        return fn(*args, **kwargs)
-    except RunnerError as exc:
-        raise RunnerError(f"{exc}\nfix: {exc.fix}" if exc.fix else str(exc), field=exc.field, kind=exc.kind,
-                          fix=exc.fix) from None
-
-
 def cmd_adapters_export(args) -> int:
     from runner.tools import adapters
 
     _model_ready(args.base)
-    res = _fix_in_message(adapters.export, args.base, args.adapter, args.format, args.output,
+    res = adapters.export(args.base, args.adapter, args.format, args.output,
                           gguf_type=args.gguf_type, verify=args.verify)
     if args.json:
         print(json.dumps(res, indent=2))

@@ -72,8 +72,7 @@ def check_command(args) -> int:
 def run_check(ds, model: str, seq_len: int):
     """``check_dataset`` with the model's tokenizer; the model reference resolves as a run's does."""
     from runner.train.data import check_dataset
-    from runner.train.models import resolve_model_dir
-    from runner.train.recipe import load_tokenizer
+    from runner.models import load_tokenizer, resolve_model_dir
 
     return check_dataset(ds, load_tokenizer(resolve_model_dir(model)), seq_len)
 

@@ -14,9 +14,8 @@ class RunnerError(UserError):
     """
 
     def __init__(self, message: str, *, field: str | None = None, kind: str = "bad_spec", fix: str = ""):
-        super().__init__(message, field=field)
+        super().__init__(message, field=field, fix=fix)
         self.kind = kind
-        self.fix = fix
 
     @property
     def exit_code(self) -> int:

@@ -43,14 +43,10 @@ def export_command(args) -> int:
 
 def _check_model_name(ref: str) -> None:
     """The bundle runs elsewhere, so the weights need not be here, but the name must be one the runner's model
-    resolution knows (runner.train.models): a catalog id with released weights, a hub id, or a folder. An absolute
+    resolution knows (runner.models): a catalog id with released weights, a hub id, or a folder. An absolute
     path passes even when missing here (it may be a folder on the cluster; the bundle's README says so)."""
-    from runner.errors import RunnerError
-    from runner.train.models import parse_model_ref
+    from runner.models import parse_model_ref
 
     if Path(ref).is_absolute():
         return
-    try:
-        parse_model_ref(ref)
-    except RunnerError as exc:  # the dispatcher prints the message only: carry the fix in it
-        raise RunnerError(f"{exc}\nfix: {exc.fix}", field=exc.field, kind=exc.kind, fix=exc.fix) from None
+    parse_model_ref(ref)  # a RunnerError: the dispatcher prints its message and its fix

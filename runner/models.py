@@ -506,3 +506,52 @@ def log_progress(prefix: str = "download", percent_step: int = 10, out=None) -> 
             print(f"{prefix}: {_gib(done)} of {_gib(total)} ({percent}%)", file=out or sys.stderr, flush=True)
 
     return report
+
+
+# ------------------------------------------------------------------------------- using a resolved model
+# (the recipe's eval and the adapters' generate/compare share these, so the tools need not import the recipe)
+
+#: Generation batch size (left-padded batches): the recipe's exact-match eval and the adapters' generation.
+GENERATE_BATCH = 16
+
+
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
+    """The folder's tokenizer, with a pad token (EOS when it has none)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:  # batches need a pad id; EOS is the usual stand-in (its labels are masked)
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+
+def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, add_special_tokens: bool = True,
+                   batch_size: int = GENERATE_BATCH) -> list[str]:
+    """Greedy continuations of prompts (left padding), decoded without special tokens."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    cache = model.config.use_cache if hasattr(model, "config") else None
+    if cache is not None:
+        model.config.use_cache = True
+    device = next(model.parameters()).device
+    outputs = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[i: i + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=add_special_tokens).to(device)
+            with torch.no_grad():
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            new = gen[:, enc["input_ids"].shape[1]:]
+            outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+        if cache is not None:
+            model.config.use_cache = cache
+        model.train(was_training)
+    return outputs

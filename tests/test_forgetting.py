@@ -77,11 +77,12 @@ def test_report_has_forgetting_and_intruders(tiny_model_dir, tmp_path, method):
 
 
 def test_after_run_line(make_report):
+    from runner.cli import after_run_line
     from runner.tools.intruder import IntruderReport, IntruderSummary
 
     intruders = IntruderReport(source="lora", top_k=10, epsilon=0.5, per_module=[], summary=IntruderSummary(
         modules=120, modules_total=120, total=3, mean_per_module=0.025, modules_with_intruders=3, seconds=1.0))
     rep = make_report(forgetting=forgetting.forgetting_report(3.25, 3.5, 1000), intruder_dimensions=intruders)
-    assert forgetting.after_run_line(rep) == ("general text (40 paragraphs): loss 3.25 -> 3.5 (+0.2500); "
-                                              "intruder dimensions: 3 in 120 modules (top 10, |cos| < 0.5)")
-    assert forgetting.after_run_line(make_report()) is None
+    assert after_run_line(rep) == ("general text (40 paragraphs): loss 3.25 -> 3.5 (+0.2500); "
+                                   "intruder dimensions: 3 in 120 modules (top 10, |cos| < 0.5)")
+    assert after_run_line(make_report()) is None

@@ -1,4 +1,4 @@
-"""One model resolution (runner.train.models): catalog id -> hub id -> local hub cache -> (online) download.
+"""One model resolution (runner.models): catalog id -> hub id -> local hub cache -> (online) download.
 
 The hub cache is a temporary folder laid out as huggingface_hub lays it out (tests/hubcache.py), holding a tiny
 real model under a catalog model's hub id; HF_HUB_OFFLINE=1 throughout (conftest), so nothing reaches the network.
@@ -15,7 +15,7 @@ import yaml
 
 from ftadvisor.cli import main
 from hubcache import COMMIT, save_to_hub_cache
-from runner.train import models
+from runner import models
 from runner.errors import RunnerError
 
 ROOT = Path(__file__).resolve().parents[1]

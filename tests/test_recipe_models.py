@@ -15,7 +15,7 @@ import pytest
 from runner import exitcodes
 from runner.train import recipe
 from runner.errors import RunnerError
-from runner.train.models import DEMO_MODEL_ID, resolve_model_dir
+from runner.models import DEMO_MODEL_ID, resolve_model_dir
 from runner.spec import DatasetSpec, PeftSettings, RunSpec
 
 

@@ -30,7 +30,7 @@ def env(tmp_path, monkeypatch):
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps({"prompt": "1+1=", "completion": "2"}) + "\n")
     # `run` refuses a model it cannot find before queueing; the stand-in worker never reads the files, so a
-    # folder holding the names runner.train.models.check_model_dir looks for stands in for a model folder
+    # folder holding the names runner.models.check_model_dir looks for stands in for a model folder
     stub = tmp_path / "tiny-model"
     stub.mkdir()
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
@@ -208,3 +208,51 @@ def test_demo_spec_with_overrides(env, capsys):
     from runner.jobs.manager import JobManager
 
     assert JobManager().wait(rec["id"], timeout_s=30).status == "completed"  # (stand-in worker)
+
+
+# ------------------------------------------------------------------------------ the dispatcher's error output
+
+
+def _ftadvisor(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, FTADVISOR_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "ftadvisor", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_command_line_prints_a_runner_error_and_its_fix_without_a_traceback(tmp_path):
+    (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "1+1=", "completion": "2"}) + "\n")
+    res = _ftadvisor(tmp_path, "run", "--model", "./no-such-folder", "--method", "lora", "--dataset", "train.jsonl")
+    assert res.returncode == 2, res.stderr[-3000:]
+    lines = [line for line in res.stderr.splitlines() if line.startswith(("error:", "fix:"))]
+    # runner.models.parse_model_ref's message and fix for a missing folder, each once
+    assert lines == ["error: model folder './no-such-folder' does not exist",
+                     "fix: check the path, or give a catalog id (ftadvisor models) or a hub id (owner/name)"]
+    assert "Traceback" not in res.stderr
+
+
+def test_command_line_prints_an_estimator_error_without_a_traceback(tmp_path):
+    res = _ftadvisor(tmp_path, "estimate", "--model", "no-such-model")
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "error: model: unknown model 'no-such-model'" in res.stderr and "Traceback" not in res.stderr
+    assert "fix:" not in res.stderr  # this one names its fix in the message and has no separate fix
+
+
+@pytest.mark.parametrize("error", ["ftcore.errors.UserError", "estimator.errors.EstimatorError",
+                                   "advisor.errors.AdvisorError", "runner.errors.RunnerError"])
+def test_every_user_error_type_prints_message_and_fix(error, monkeypatch, capsys):
+    import argparse
+    import importlib
+
+    import ftadvisor.cli as cli
+
+    module, name = error.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+
+    def fail(args):
+        raise cls("rank: must be between 1 and 1024 (got 0)", field="rank", fix="pass --rank 16")
+
+    parser = argparse.ArgumentParser()
+    parser.set_defaults(func=fail)
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    assert cli.main([]) == 2
+    assert capsys.readouterr().err == "error: rank: must be between 1 and 1024 (got 0)\nfix: pass --rank 16\n"

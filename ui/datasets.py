@@ -24,9 +24,8 @@ def shipped() -> list[Path]:
 @st.cache_resource(show_spinner=False, max_entries=4)
 def tokenizer(model_ref: str, trust_remote_code: bool = False):
     """The run's tokenizer (resolving the model folder the same way the worker will). Raises RunnerError."""
-    ready()  # before runner.train.recipe, which imports transformers
-    from runner.train.models import resolve_model_dir
-    from runner.train.recipe import load_tokenizer
+    ready()  # before load_tokenizer, which imports transformers
+    from runner.models import load_tokenizer, resolve_model_dir
 
     return load_tokenizer(resolve_model_dir(model_ref), trust_remote_code=trust_remote_code)
 

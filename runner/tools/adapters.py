@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from runner.errors import RunnerError
-from runner.train.models import resolve_model_dir
+from runner.models import resolve_model_dir
 
 #: Default generation length, tokens.
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -45,7 +45,7 @@ def load_base(base: str, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from runner.train.recipe import load_tokenizer
+    from runner.models import load_tokenizer
 
     folder = resolve_model_dir(base)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, use_safetensors=True)
@@ -88,7 +88,7 @@ def generate(base: str, adapters: list[str | Path], prompt: str, weights: list[f
              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, chat: bool = True) -> str:
     """Greedy answer of base + adapters to ``prompt``. One adapter: that adapter. Several with ``weights``:
     their weighted combination ("cat", exact). Several without weights: the first (use :func:`generate_each` to compare)."""
-    from runner.train.recipe import generate_batch
+    from runner.models import generate_batch
 
     model, tok, names = load_with_adapters(base, adapters)
     if weights is not None and len(names) > 1:
@@ -102,7 +102,7 @@ def generate_each(base: str, adapters: list[str | Path], prompt: str,
                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, chat: bool = True,
                   include_base: bool = True) -> dict[str, str]:
     """Answers of the base and of each adapter, switching adapters on one loaded base (``set_adapter``)."""
-    from runner.train.recipe import generate_batch
+    from runner.models import generate_batch
 
     model, tok, names = load_with_adapters(base, adapters)
     text, special = chat_prompt(tok, prompt, chat)
@@ -192,7 +192,7 @@ def generate_compare(base: str, adapters: list[str | Path], prompts: list[str],
     with one output per column, in column order; the base column is first and is generated with every adapter
     disabled (``disable_adapter``).
     """
-    from runner.train.recipe import generate_batch
+    from runner.models import generate_batch
 
     prompts = [p for p in prompts if p and p.strip()]
     if not prompts:

@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
 from ftcore.paths import data_path
-
-if TYPE_CHECKING:  # runner.jobs.runfiles imports this module's ForgettingReport
-    from runner.jobs.runfiles import Report
 
 #: The shipped text set, relative to the data folder (``data_path``).
 GENERAL_TEXT = ("general_eval", "general_text.jsonl")
@@ -91,19 +87,3 @@ def forgetting_report(before: float | None, after: float | None, tokens: int = 0
     change = after - before if before is not None and after is not None else None
     return ForgettingReport(before=before, after=after, change=change, tokens=tokens,
                             texts=len(load_texts()) if texts is None else texts)
-
-
-def after_run_line(report: Report) -> str | None:
-    """One line with a finished run's forgetting and intruder figures (report.json), e.g.
-    ``general text (40 paragraphs): loss 3.237 -> 3.251 (+0.0146); intruder dimensions: 0 in 120 modules``."""
-    parts = []
-    f = report.forgetting
-    if f and f.after is not None:
-        change = f" ({f.change:+.4f})" if f.change is not None else ""
-        before = f"{f.before:.4g} -> " if f.before is not None else ""
-        parts.append(f"general text ({f.texts} paragraphs): loss {before}{f.after:.4g}{change}")
-    i = report.intruder_dimensions
-    if i:
-        parts.append(f"intruder dimensions: {i.summary.total} in {i.summary.modules} modules "
-                     f"(top {i.top_k}, |cos| < {i.epsilon:g})")
-    return "; ".join(parts) or None

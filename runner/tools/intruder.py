@@ -187,7 +187,7 @@ def adapter_intruders(base_dir: str | Path, adapter_dir: str | Path, top_k: int 
     from safetensors.torch import load_file
 
     from runner.tools.adapters import check_adapter_dir
-    from runner.train.models import resolve_model_dir
+    from runner.models import resolve_model_dir
 
     start = time.perf_counter()
     adapter_dir = check_adapter_dir(adapter_dir)
@@ -217,7 +217,7 @@ def full_intruders(base_dir: str | Path, tuned_dir: str | Path, module_suffixes:
     """
     import time
 
-    from runner.train.models import resolve_model_dir
+    from runner.models import resolve_model_dir
 
     start = time.perf_counter()
     base = _Weights(resolve_model_dir(str(base_dir)))

@@ -10,7 +10,7 @@ reported next to it, so the "before" figure measures what the base model knows, 
 from __future__ import annotations
 
 from ftcore.paths import data_path
-from runner.train.models import DEMO_MODEL_ID
+from runner.models import DEMO_MODEL_ID
 from runner.jobs.runfiles import Report
 from runner.spec import DatasetSpec, PeftSettings, RunSpec
 

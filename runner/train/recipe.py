@@ -26,7 +26,7 @@ from runner.launch import distributed
 from runner.train.callbacks import (AdaLoraCallback, MetricsCallback, Progress, StopOnRequest, peak_memory,
                               write_json)
 from runner.errors import RunnerError
-from runner.train.models import log_progress, resolve_model_dir
+from runner.models import GENERATE_BATCH, generate_batch, load_tokenizer, log_progress, resolve_model_dir
 from runner.jobs.runfiles import METRICS_FILE, REPORT_FILE, DatasetSummary, Report, Sample, write_model
 from runner.spec import RunSpec
 
@@ -38,8 +38,6 @@ EXACT_MATCH_EXTRA_TOKENS = 8
 EXACT_MATCH_MAX_NEW_TOKENS = 64
 #: Samples shown in report.json.
 REPORT_SAMPLES = 4
-#: Generation batch size for exact match (left-padded batches).
-GENERATE_BATCH = 16
 
 OPTIMIZERS = {"adamw": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit", "paged-adamw-8bit": "paged_adamw_8bit",
               "sgd": "sgd", "adafactor": "adafactor"}
@@ -119,15 +117,6 @@ def _setup(r: Run) -> None:
     with _oom_as("oom_load"):
         r.model = BUILDERS[spec.method](r)
     r.trainer = _build_trainer(r)
-
-
-def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    if tok.pad_token is None:  # batches need a pad id; EOS is the usual stand-in (its labels are masked)
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def _device(spec: RunSpec) -> str:
@@ -603,37 +592,6 @@ def exact_match(model, tokenizer, rows: list[dict], fmt: str, max_rows: int = EX
                for (p, a), g, h in list(zip(pairs, answers, hits))[:REPORT_SAMPLES]]
     return {"exact_match": sum(hits) / len(hits), "answer_match": sum(contained) / len(contained),
             "exact_match_rows": len(hits), "samples": samples}
-
-
-def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, add_special_tokens: bool = True,
-                   batch_size: int = GENERATE_BATCH) -> list[str]:
-    """Greedy continuations of prompts (left padding), decoded without special tokens."""
-    import torch
-
-    was_training = model.training
-    model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    cache = model.config.use_cache if hasattr(model, "config") else None
-    if cache is not None:
-        model.config.use_cache = True
-    device = next(model.parameters()).device
-    outputs = []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[i: i + batch_size], return_tensors="pt", padding=True,
-                            add_special_tokens=add_special_tokens).to(device)
-            with torch.no_grad():
-                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            new = gen[:, enc["input_ids"].shape[1]:]
-            outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = side
-        if cache is not None:
-            model.config.use_cache = cache
-        model.train(was_training)
-    return outputs
 
 
 @contextlib.contextmanager

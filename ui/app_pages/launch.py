@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from ftcore.errors import UserError
 from runner.errors import RunnerError
-from runner.train.models import Download, check_model_available, hub_cache_dir, hub_offline
+from runner.models import Download, check_model_available, hub_cache_dir, hub_offline
 from runner.spec import DatasetSpec, RunSpec
 from ui import charts, datasets, estimates, jobs, state, uploads
 from ui.errors import attempt, message_of
@@ -213,7 +213,7 @@ with side:
     st.subheader("Check")
     spec, _ = attempt(RunSpec.model_validate, spec_dict)
     report = None
-    model_ready = False  # the model check: the same resolution the worker uses (runner.train.models), before the button
+    model_ready = False  # the model check: the same resolution the worker uses (runner.models), before the button
     if spec is not None:
         avail, model_err = _model_status(spec.model, str(hub_cache_dir()), hub_offline())
         if model_err:
