@@ -103,8 +103,9 @@ def _why_not(ctx: Context, m: str, method: str, wanted: str, chosen: Candidate, 
     if knobs == knobs_text(chosen):
         ours, sep = "the recommendation's knobs", ", "
     else:
-        ours, sep = "the recommendation's " + ("checkpointing, micro-batch and sharding"
-                                               if chosen.request["num_gpus"] > 1 else "checkpointing and micro-batch"), "; "
+        shared = "checkpointing, micro-batch and sharding" if chosen.request["num_gpus"] > 1 else \
+            "checkpointing and micro-batch"
+        ours, sep = f"the recommendation's {shared}", "; "
     if sh.at == "own_rung":
         alike = _knob_values(cand) == _knob_values(chosen)
         where = f"At its own first fitting rung ({knobs}" + (f"{sep}{ours})" if alike else ")")
