@@ -138,7 +138,8 @@ def _estimate(req: EstimateRequest) -> Estimate:
                       num_gpus=req.num_gpus, offload=req.offload, activations_bytes=acts.held,
                       forward_peak_rel=acts.forward_peak_rel, backward_peak_rel=acts.backward_peak_rel,
                       grad_accum_steps=req.grad_accum_steps, base_dtype=base_dtype(req),
-                      master_dtype=req.master_dtype, workspace_bytes=cublas_workspace_bytes(gpu.compute_capability))
+                      master_dtype=req.master_dtype, workspace_bytes=cublas_workspace_bytes(gpu.compute_capability),
+                      compute_bytes=4 if req.dtype == "fp32" else 2)
     card = card_memory(mem.phase_peaks, usable_bytes=gpu.usable_bytes, multi_gpu=req.num_gpus > 1)
     ev = eval_memory(config, resident_bytes=mem.weights_bytes + mem.optimizer_bytes + mem.overhead_bytes
                      + mem.gathered_bytes, eval_batch=req.eval_batch_size or req.batch_size, seq_len=req.seq_len,

@@ -27,8 +27,21 @@ The regime counted (``runner/train/recipe.py`` + HF Trainer defaults, read from 
   weights, fp32 gradient partitions and the optimizer moments in the optimizer (DeepSpeed's own count:
   "18 = 2 grads16 + 4 grads32 + 4 params32 + 8 optimizer states", ``stage_1_and_2.py``); activations are
   traced with 16-bit weights and no autocast.
-* **FSDP full-shard** (Trainer/accelerate): fp32 flat parameters sharded, gathered one layer at a time in
-  bf16 (``MixedPrecision(param_dtype=bf16)``), fp32 gradient and optimizer shards; activations as ZeRO.
+* **FSDP full-shard** (Trainer/accelerate, FSDP2 ``fully_shard`` as the runner launches it; FSDP1 alike): each
+  GPU holds 1/N of every parameter in the dtype it has when wrapped, its gradient shard in the same dtype and
+  the optimizer states of that shard only (``fsdp_shard_bytes``, ``tests/test_fsdp_memory.py`` on a real
+  two-process gloo step). That dtype: accelerate upcasts the *trainable* parameters to fp32 when mixed
+  precision is on ("FSDP upcast of low precision parameters", ``accelerate/utils/fsdp_utils.py``
+  ``fsdp2_prepare_model``; FSDP1: ``Accelerator.prepare_model``, PR #2674), so master_dtype fp32 = fp32 shards
+  gathered in 16-bit (``MixedPrecisionPolicy(param_dtype=bf16)``) and fp32 gradient shards; a 16-bit model
+  without mixed precision (master_dtype bf16/fp16) stays 16-bit: weights, gradients and AdamW moments 2 B each,
+  sharded; frozen parameters (the LoRA base, QLoRA's NF4 storage with ``bnb_4bit_quant_storage`` = the compute
+  dtype) are sharded in their load dtype and never upcast. Unsharded at a time (``fsdp_unsharded``): the
+  current and the prefetched decoder layer in the compute dtype (``BackwardPrefetch.BACKWARD_PRE``, FSDP2's
+  implicit prefetch), the tail unit (final norm + LM head: accelerate wraps it with
+  ``reshard_after_forward=False``, so it stays gathered from the loss into backward), and in backward one layer's
+  unsharded gradients, the reduce-scatter input; none of them at the optimizer step (everything is resharded by
+  then). Activations as ZeRO.
 * **Optimizer states** (GPU bytes): ``adamw`` = ``adamw_torch`` (foreach on CUDA; the step ``step`` counters
   are CPU scalars): two fp32 moments, 8 B per trainable parameter, plus one fp32 temporary per parameter at
   the step (``torch._foreach_sqrt`` in ``_multi_tensor_adamw``). ``adamw-8bit`` / ``paged-adamw-8bit``
@@ -151,7 +164,8 @@ class StepMemory(BaseModel):
     overhead_bytes: int = Field(description="allocated beyond the tensors of the model: cuBLAS workspaces (+ DDP "
                                             "gradient buckets)")
     optimizer_temp_bytes: int = Field(description="temporaries of the optimizer step")
-    gathered_bytes: int = Field(0, description="ZeRO-3/FSDP: unsharded layers gathered at a time")
+    gathered_bytes: int = Field(0, description="ZeRO-3/FSDP: unsharded layers (and FSDP's tail unit) gathered "
+                                               "at a time in forward and backward (``fsdp_unsharded``)")
     phase_peaks: dict[str, int] = Field(description="peak bytes of each phase")
     peak_bytes: int
     peak_phase: str
@@ -258,14 +272,53 @@ def optimizer_temp_bytes(inv: Inventory, optimizer: str, master_dtype: str = "fp
 
 
 def largest_layer_bytes(inv: Inventory, bytes_per_value: int = 2) -> int:
-    """Bytes of the largest decoder layer gathered unsharded (16-bit compute copy)."""
+    """Bytes of the largest decoder layer gathered unsharded: ``bytes_per_value`` (the compute dtype) per value,
+    NF4 storage for QLoRA's quantized weights (gathered as stored, ``bnb_4bit_quant_storage``)."""
+    def size(t: TensorInfo) -> int:
+        return nf4_linear_bytes(t.numel) if t.quantized else bytes_per_value * t.numel
+
     per_layer: dict[int, int] = {}
     for t in inv.tensors:
         if t.layer is not None:
-            per_layer[t.layer] = per_layer.get(t.layer, 0) + t.numel
+            per_layer[t.layer] = per_layer.get(t.layer, 0) + size(t)
     if not per_layer:
-        return bytes_per_value * sum(t.numel for t in inv.tensors)
-    return bytes_per_value * max(per_layer.values())
+        return sum(size(t) for t in inv.tensors)
+    return max(per_layer.values())
+
+
+def fsdp_shard_bytes(total_bytes: int, num_gpus: int) -> int:
+    """One GPU's share of ``total_bytes`` sharded over ``num_gpus`` (FSDP2 pads each parameter's dim 0 to a
+    multiple of the GPU count, FSDP1 each flat parameter: the largest share, rounded up)."""
+    return -(-total_bytes // max(1, num_gpus))
+
+
+def _is_input_embedding(name: str) -> bool:
+    return any(k in name for k in ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings"))
+
+
+def tail_unit_bytes(inv: Inventory, bytes_per_value: int) -> int:
+    """The FSDP tail unit gathered in the compute dtype: the parameters outside the decoder layers but the input
+    embedding (final norm, LM head), or with the embedding when the LM head is tied to it (accelerate then puts
+    the embedding in the tail: ``fsdp2_prepare_model``, "Carve embed + tail=[final_norm, lm_head]")."""
+    outside = [t for t in inv.tensors if t.layer is None and not t.adapter]
+    tied = not any(not _is_input_embedding(t.name) and len(t.shape) == 2 for t in outside)
+    return bytes_per_value * sum(t.numel for t in outside if tied or not _is_input_embedding(t.name))
+
+
+def fsdp_unsharded(inv: Inventory, compute_bytes: int, *, tail: bool) -> tuple[int, int]:
+    """Bytes gathered on top of the shards in (forward/loss end, backward) under ZeRO-3/FSDP, in the compute
+    dtype: the current + prefetched decoder layer (``GATHERED_LAYERS``), the tail unit kept gathered from the
+    loss into backward (FSDP via accelerate: ``reshard_after_forward=False``), and in backward the unsharded
+    gradients of one layer's trainable parameters (the reduce-scatter input, in the reduce dtype = the compute
+    dtype: FSDP2 ``MixedPrecisionPolicy(reduce_dtype=None)``)."""
+    layers = GATHERED_LAYERS * largest_layer_bytes(inv, compute_bytes)
+    tail_bytes = tail_unit_bytes(inv, compute_bytes) if tail else 0
+    per_layer: dict[int, int] = {}
+    for t in inv.tensors:
+        if t.layer is not None and t.trainable:
+            per_layer[t.layer] = per_layer.get(t.layer, 0) + t.numel
+    reduce_scatter = compute_bytes * max(per_layer.values(), default=0)
+    return layers + tail_bytes, layers + tail_bytes + reduce_scatter
 
 
 def cublas_workspace_bytes(compute_capability: float | None) -> int:
@@ -280,7 +333,7 @@ def cublas_workspace_bytes(compute_capability: float | None) -> int:
 def step_memory(inv: Inventory, *, method: str, optimizer: str, sharding: Sharding, num_gpus: int,
                 offload: bool, activations_bytes: int, forward_peak_rel: int, backward_peak_rel: int,
                 grad_accum_steps: int = 1, base_dtype: str = "fp32", master_dtype: str = "fp32",
-                workspace_bytes: int = 0) -> StepMemory:
+                workspace_bytes: int = 0, compute_bytes: int = 2) -> StepMemory:
     """Per-GPU *allocated* memory of one step from the inventory and the (extrapolated) traced activations.
 
     ``forward_peak_rel`` / ``backward_peak_rel`` are the traced peaks above the step start, for one GPU with
@@ -289,7 +342,8 @@ def step_memory(inv: Inventory, *, method: str, optimizer: str, sharding: Shardi
     of the next ones: they are added to both (an upper bound for backward, whose trace already counts the
     gradients it allocates). ``base_dtype``: dtype of the frozen base weights (see ``weights_bytes``);
     ``master_dtype``: bf16/fp16 for pure 16-bit full fine-tuning; ``workspace_bytes``: cuBLAS workspaces
-    (``cublas_workspace_bytes``). What the card holds beyond this is ``card_memory``.
+    (``cublas_workspace_bytes``); ``compute_bytes``: bytes per value of the copies ZeRO-3/FSDP gather (2 for
+    bf16/fp16 runs, 4 for fp32). What the card holds beyond this is ``card_memory``.
     """
     n = max(1, num_gpus) if sharding != "none" else 1
     w_all = weights_bytes(inv, sharding, method, base_dtype, master_dtype)
@@ -307,21 +361,27 @@ def step_memory(inv: Inventory, *, method: str, optimizer: str, sharding: Shardi
     elif sharding == "zero2":
         g, s, temp = g_all // n, s_all // n, temp_all // n
     elif sharding in ("zero3", "fsdp"):
-        w, g, s, temp = w_all // n, g_all // n, s_all // n, temp_all // n
-        gathered = GATHERED_LAYERS * largest_layer_bytes(inv, 2)
+        # parameters are sharded, buffers (rotary inv_freq) stay whole on every GPU
+        w = fsdp_shard_bytes(w_all - inv.buffer_bytes, n) + inv.buffer_bytes
+        g, s, temp = (fsdp_shard_bytes(x, n) for x in (g_all, s_all, temp_all))
+    fwd_extra = bwd_extra = 0
+    if sharding in ("zero3", "fsdp"):
+        fwd_extra, bwd_extra = fsdp_unsharded(inv, compute_bytes, tail=sharding == "fsdp")
+        gathered = fwd_extra
     if offload and sharding in ("zero1", "zero2", "zero3", "fsdp"):
         offloaded += s + temp
         s, temp = 0, 0
         if sharding in ("zero3", "fsdp"):
             offloaded += w
             w = 0
-    resident = w + s + overhead + gathered
+    resident = w + s + overhead
     # the traced backward peak holds every gradient of a single GPU; with sharded gradients only 1/N stays
     grads_in_peak = g_all - g if sharding in ("zero2", "zero3", "fsdp") else 0
     carried = g if grad_accum_steps > 1 else 0
     phases = {
-        "forward/loss end": resident + carried + forward_peak_rel,
-        "backward": resident + carried + max(backward_peak_rel - grads_in_peak, 0),
+        "forward/loss end": resident + carried + fwd_extra + forward_peak_rel,
+        "backward": resident + carried + bwd_extra + max(backward_peak_rel - grads_in_peak, 0),
+        # ZeRO-3 / FSDP: every unit is resharded after its backward, nothing is gathered at the step
         "optimizer step": resident + g + temp,
     }
     phase = max(phases, key=lambda k: phases[k])

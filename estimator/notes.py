@@ -30,6 +30,11 @@ def method_note(req: EstimateRequest) -> str:
                 f"states in {req.master_dtype}, no fp32 master copy, no autocast"
                 + ("; fp16 without loss scaling can underflow gradients: prefer bf16 where the GPU has it"
                    if req.master_dtype == "fp16" else ""))
+    if weights_16bit(req) and req.sharding == "fsdp":
+        trained = "fp32 shards of the trainable weights" if req.method == "full" else "fp32 adapter shards"
+        base = "" if req.method == "full" else f", frozen base shards in {req.dtype}"
+        return (f"fsdp: {trained} (accelerate upcasts trainable parameters when mixed precision is on){base}, "
+                f"gathered in {req.dtype} (MixedPrecisionPolicy param_dtype); fp32 gradient shards")
     if weights_16bit(req):
         return (f"{req.sharding}: module weights in {req.dtype}, fp32 master weights/gradients with the "
                 "optimizer, no autocast")
@@ -102,8 +107,11 @@ def step_notes(req: EstimateRequest, inv: Inventory, acts: Activations, mem: Ste
                          "and the latent key/value projections (kv_a_proj_with_mqa, kv_b_proj) stand for q and v")
     notes.extend(_moe_notes(req, inv))
     if req.sharding in ("zero3", "fsdp"):
+        tail = (", the tail unit (final norm + LM head) kept gathered from the loss into backward, and one "
+                "layer's unsharded gradients in backward (reduce-scatter)" if req.sharding == "fsdp" else "")
         notes.append(f"{req.sharding}: weights, gradients and states split over {req.num_gpus} GPUs, plus two "
-                     "unsharded layers gathered at a time (current + prefetched)")
+                     f"unsharded layers gathered at a time (current + prefetched){tail}; nothing gathered at the "
+                     "optimizer step")
     if req.offload:
         if req.sharding in ("zero1", "zero2", "zero3", "fsdp"):
             notes.append(f"offload: {mem.offloaded_bytes / GIB:.1f} GiB kept in CPU memory instead of the GPU")

@@ -19,10 +19,13 @@ def pure16(req: EstimateRequest) -> bool:
 
 
 def base_dtype(req: EstimateRequest) -> str:
-    """dtype of the frozen base weights: LoRA bf16/fp16 runs on one GPU or DDP load the base in that dtype
+    """dtype of the frozen base weights: LoRA bf16/fp16 runs on one GPU, DDP or FSDP load the base in that dtype
     (``runner/train/recipe.py`` ``lora_base_dtype``); full fine-tuning keeps fp32 master weights, QLoRA stores NF4,
     and ZeRO/FSDP cast the module themselves (``weights_16bit``)."""
-    if req.method == "lora" and req.dtype != "fp32" and req.sharding in ("none", "ddp"):
+    if req.method == "lora" and req.dtype != "fp32" and req.sharding in ("none", "ddp", "fsdp"):
+        # FSDP2 shards a frozen parameter in its load dtype and asks only the trainable parameters of a group
+        # to share one dtype (torch FSDPParamGroup._init_mp_dtypes; accelerate upcasts requires_grad ones only),
+        # so the runner loads the FSDP LoRA base in 16-bit too (tests/test_fsdp_memory.py, a real gloo step)
         return req.dtype
     if (req.method == "qlora" and req.qlora_regime == "paper" and req.dtype != "fp32"
             and req.sharding in ("none", "ddp")):

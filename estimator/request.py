@@ -58,7 +58,7 @@ class EstimateRequest(BaseModel):
     eval_batch_size: int | None = Field(None, ge=1, le=MAX_BATCH, description=(
         "sequences per eval forward (the runner's per_device_eval_batch_size); default batch_size"))
     generate_batch_size: int = Field(16, ge=1, le=MAX_BATCH, description=(
-        "prompts per generate() call in the eval (runner.train.recipe.GENERATE_BATCH)"))
+        "prompts per generate() call in the eval (runner.models.GENERATE_BATCH)"))
     max_new_tokens: int = Field(64, ge=0, le=MAX_SEQ_LEN, description=(
         "tokens generated per prompt in the eval (runner.train.recipe.EXACT_MATCH_MAX_NEW_TOKENS); 0 = no generation"))
     gpu: str = Field("a100-80gb", description="GPU catalog id (see `ftadvisor gpus`)")
@@ -83,9 +83,13 @@ class EstimateRequest(BaseModel):
             if self.master_dtype != self.dtype:
                 raise ValueError(f"master_dtype: pure 16-bit trains in the weights' own dtype, so master_dtype "
                                  f"{self.master_dtype} needs --dtype {self.master_dtype} (got {self.dtype})")
-            if self.sharding in ("zero1", "zero2", "zero3", "fsdp"):
-                raise ValueError("master_dtype: pure 16-bit runs on one GPU or DDP; DeepSpeed ZeRO and FSDP keep "
-                                 "their own fp32 master weights; use --master-dtype fp32 or --sharding ddp")
+            # FSDP shards the parameters in the dtype they were loaded in; accelerate upcasts trainable ones to
+            # fp32 only when mixed precision is on (accelerate utils/fsdp_utils.py fsdp2_prepare_model, "FSDP
+            # upcast of low precision parameters"), so a 16-bit model without mixed precision trains pure 16-bit
+            # sharded. DeepSpeed's bf16/fp16 modes always create fp32 master partitions.
+            if self.sharding in ("zero1", "zero2", "zero3"):
+                raise ValueError("master_dtype: pure 16-bit runs on one GPU, DDP or FSDP; DeepSpeed ZeRO keeps "
+                                 "its own fp32 master weights; use --master-dtype fp32 or --sharding fsdp")
         if self.num_gpus > 1 and self.sharding == "none":
             object.__setattr__(self, "sharding", "ddp")
         return self

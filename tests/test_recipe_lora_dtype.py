@@ -60,11 +60,17 @@ def test_fp32_run_keeps_an_fp32_base(tiny_model_dir):
     assert set(base) == {(torch.float32, False)} and {dt for dt, _ in adapter} == {torch.float32}
 
 
-def test_fsdp_and_deepspeed_keep_an_fp32_base(tiny_model_dir):
-    """FSDP flattens a unit into one dtype and DeepSpeed casts the module itself: the builder leaves them fp32."""
+def test_deepspeed_keeps_an_fp32_base_fsdp_a_16bit_one(tiny_model_dir):
+    """DeepSpeed casts the module itself: the builder leaves it fp32. FSDP2 shards frozen parameters in their own
+    dtype (tests/test_fsdp_memory.py runs it): the base stays 16-bit as on one process."""
     from runner.train import recipe
 
-    for strategy in ("fsdp", "zero3"):
+    fsdp = RunSpec(model=str(tiny_model_dir), dataset=DatasetSpec(path="unused.jsonl"), precision="bf16",
+                   distribution=DistributionSpec(nproc_per_node=2, strategy="fsdp"))
+    r = recipe.Run(spec=fsdp, run_dir=tiny_model_dir)
+    r.precision = "bf16"
+    assert recipe.lora_base_dtype(r) == torch.bfloat16
+    for strategy in ("zero2", "zero3"):
         spec = RunSpec(model=str(tiny_model_dir), dataset=DatasetSpec(path="unused.jsonl"), precision="bf16",
                        distribution=DistributionSpec(nproc_per_node=2, strategy=strategy))
         r = recipe.Run(spec=spec, run_dir=tiny_model_dir)

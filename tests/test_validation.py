@@ -41,6 +41,17 @@ def test_issue_case_pure_bf16_full_is_within_one_percent():
     assert abs(c.ratio - 1) < 0.01, c
 
 
+def test_fsdp_rows_are_within_ten_percent():
+    """fms-acceleration's 2-GPU FSDP rows (A100-80GB, max_memory_allocated per GPU): pure 16-bit full
+    fine-tuning, LoRA and QLoRA (Mistral-7B, Llama-2-70B). Before FSDP was modelled per regime (fp32 master
+    weights for every row) they were 1.09-1.99x; now each is within the issue's 10%."""
+    out = [compare(r) for r in rows() if kind_of(r) == "fsdp"]
+    assert len(out) == 5
+    assert all(abs(c.ratio - 1) <= 0.10 and not c.regime_differs for c in out), [(c.id, c.ratio) for c in out]
+    full = [c.ratio for c in out if c.id.startswith("fms-full-fsdp")]
+    assert full and all(abs(r - 1) < 0.02 for r in full), full  # optimizer-step peak: shards only
+
+
 @pytest.mark.slow
 def test_every_published_row_is_within_its_band():
     """All rows (about 30 s with warm trace caches, a few minutes cold)."""

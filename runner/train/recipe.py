@@ -278,20 +278,22 @@ def _build_full(r: Run):
     return model
 
 
-# Distribution strategies whose engine manages the weights' dtype itself (FSDP flattens each unit into one
-# dtype; DeepSpeed casts the module to 16-bit with its own fp32 master copy): the LoRA base is loaded in fp32
-# for them, as before. One process or DDP runs the model as loaded.
+# Distribution strategies whose engine manages the weights' dtype itself (FSDP casts every parameter to its
+# MixedPrecisionPolicy param_dtype; DeepSpeed casts the module to 16-bit with its own fp32 master copy): QLoRA
+# keeps peft's fp32 upcast for them (``qlora_paper_regime``). One process or DDP runs the model as loaded.
 _ENGINE_MANAGED_DTYPE = ("fsdp", "zero2", "zero3")
 
 
 def lora_base_dtype(r: Run):
     """torch dtype the frozen LoRA base is loaded in: the run's 16-bit dtype when it really trains in
-    bf16/fp16 (``r.precision``, after the CPU/GPU fallbacks) on one process or DDP, else fp32."""
+    bf16/fp16 (``r.precision``, after the CPU/GPU fallbacks) on one process, DDP or FSDP, else fp32."""
     import torch
 
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(r.precision)
     sharding = distributed.estimator_sharding(r.spec)
-    if half is None or sharding in _ENGINE_MANAGED_DTYPE:
+    # FSDP2 (the runner's FSDP) shards a frozen parameter in its own dtype and upcasts only trainable ones
+    # (accelerate fsdp2_prepare_model), so the FSDP base stays 16-bit; DeepSpeed casts the module itself
+    if half is None or sharding in ("zero2", "zero3"):
         return torch.float32
     return half
 
