@@ -608,6 +608,14 @@ def cmd_adapters_combine(args) -> int:
 
 
 # -- parser -----------------------------------------------------------------------------------------------
+def _command(sub, name, func, help_text):
+    """A sub-command with the shared ``--json`` flag that dispatches to ``func``."""
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("--json", action="store_true", help="JSON output")
+    p.set_defaults(func=func)
+    return p
+
+
 def register(subparsers) -> None:
     """Add ``run``, ``runs`` and ``adapters`` to the ``ftadvisor`` parser."""
     run = subparsers.add_parser(
@@ -631,11 +639,9 @@ def register(subparsers) -> None:
     sub = runs.add_subparsers(dest="action", metavar="ACTION")
 
     def action(name, func, help_text, with_id=True):
-        p = sub.add_parser(name, help=help_text)
+        p = _command(sub, name, func, help_text)
         if with_id:
             p.add_argument("id", help="run id (an unambiguous prefix is enough)")
-        p.add_argument("--json", action="store_true", help="JSON output")
-        p.set_defaults(func=func)
         return p
 
     action("list", cmd_runs_list, "all runs, oldest first", with_id=False)
@@ -658,48 +664,45 @@ def register(subparsers) -> None:
 
     adapters = subparsers.add_parser("adapters", help="generate with, merge or combine LoRA adapters")
     asub = adapters.add_subparsers(dest="action", metavar="ACTION", required=True)
-    gen = asub.add_parser("generate", help="generate text with a base model and adapter(s)")
-    gen.add_argument("--base", required=True, help="base model: catalog id, hub id or folder")
-    gen.add_argument("--adapter", action="append", help="adapter folder (repeat for several)")
+
+    def adapter_action(name, func, help_text, adapter="one"):
+        """``--base`` and ``--adapter`` (``one``: exactly one; ``several``: repeated, at least one; ``any``:
+        repeated or none, the base alone)."""
+        p = _command(asub, name, func, help_text)
+        p.add_argument("--base", required=True, help="base model: catalog id, hub id or folder")
+        if adapter == "one":
+            p.add_argument("--adapter", required=True, help="adapter folder (or a run folder)")
+        else:
+            p.add_argument("--adapter", action="append", required=adapter == "several",
+                           help="adapter folder or run folder (repeat for several)")
+        return p
+
+    gen = adapter_action("generate", cmd_adapters_generate, "generate text with a base model and adapter(s)",
+                         adapter="any")
     gen.add_argument("--weights", help="comma-separated weights when several adapters are given")
     gen.add_argument("--prompt", required=True, action="append", help="prompt (repeat with --compare)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--each", action="store_true", help="answer with the base and with each adapter in turn")
     gen.add_argument("--compare", action="store_true",
                      help="the same prompts through the base and each adapter, side by side with labels")
-    gen.add_argument("--json", action="store_true")
-    gen.set_defaults(func=cmd_adapters_generate)
-    merge = asub.add_parser("merge", help="merge an adapter into its base and save a full model")
-    merge.add_argument("--base", required=True)
-    merge.add_argument("--adapter", required=True)
+    merge = adapter_action("merge", cmd_adapters_merge, "merge an adapter into its base and save a full model")
     merge.add_argument("--output", required=True, help="folder for the merged model")
-    merge.add_argument("--json", action="store_true")
-    merge.set_defaults(func=cmd_adapters_merge)
-    exp = asub.add_parser("export", help="export base + adapter as merged safetensors or GGUF (+ Ollama Modelfile)")
-    exp.add_argument("--base", required=True, help="base model: catalog id, hub id or folder")
-    exp.add_argument("--adapter", required=True, help="adapter folder (or a run folder)")
+    exp = adapter_action("export", cmd_adapters_export,
+                         "export base + adapter as merged safetensors or GGUF (+ Ollama Modelfile)")
     exp.add_argument("--format", choices=("merged", "gguf"), required=True,
                      help="merged: safetensors for transformers / vLLM; gguf: llama.cpp / Ollama (llama family)")
     exp.add_argument("--output", required=True, help="folder to write")
     exp.add_argument("--gguf-type", choices=("f16", "q8_0"), default="f16", help="GGUF weight type (default f16)")
     exp.add_argument("--verify", action="store_true",
                      help="gguf: read the file back with transformers and print the logits difference")
-    exp.add_argument("--json", action="store_true")
-    exp.set_defaults(func=cmd_adapters_export)
-    intr = asub.add_parser("intruders", help="intruder dimensions of an adapter (Shuttleworth et al. 2024)")
-    intr.add_argument("--base", required=True)
-    intr.add_argument("--adapter", required=True)
+    intr = adapter_action("intruders", cmd_adapters_intruders,
+                          "intruder dimensions of an adapter (Shuttleworth et al. 2024)")
     intr.add_argument("--top-k", type=int, help="top singular vectors checked (default: intruder.INTRUDER_TOP_K, 10)")
     intr.add_argument("--epsilon", type=float,
                       help="similarity threshold (default: intruder.INTRUDER_EPSILON, 0.5)")
-    intr.add_argument("--json", action="store_true")
-    intr.set_defaults(func=cmd_adapters_intruders)
-    comb = asub.add_parser("combine", help="weighted combination of several adapters into one")
-    comb.add_argument("--base", required=True)
-    comb.add_argument("--adapter", action="append", required=True, help="adapter folder (repeat)")
+    comb = adapter_action("combine", cmd_adapters_combine, "weighted combination of several adapters into one",
+                          adapter="several")
     comb.add_argument("--weights", help="comma-separated weights (default: equal)")
     comb.add_argument("--combination", choices=("cat", "linear"), default=None,
                       help="cat (exact for any ranks; default) or linear (equal ranks)")
-    comb.add_argument("--output", required=True)
-    comb.add_argument("--json", action="store_true")
-    comb.set_defaults(func=cmd_adapters_combine)
+    comb.add_argument("--output", required=True, help="folder for the combined adapter")

@@ -60,7 +60,7 @@ NOT_FROM_SPEC: dict[str, str] = {
     "price": "USD per GPU-hour (default from the GPU catalog)",
     "examples": "the dataset's row count (the dataset check or the advisor's answers)",
     "tokens_per_example": "the dataset's typical tokens per row, at most seq_len (rows are truncated to it)",
-    "generate_batch_size": "the runner's eval constant runner.train.recipe.GENERATE_BATCH (the request's default)",
+    "generate_batch_size": "the runner's eval constant runner.models.GENERATE_BATCH (the request's default)",
     "max_new_tokens": "the runner's eval constant runner.train.recipe.EXACT_MATCH_MAX_NEW_TOKENS (the request's default)",
     "tokens": "total tokens: set only when spec.max_steps caps the run (steps x sequences per step x tokens each)",
 }

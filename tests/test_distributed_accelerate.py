@@ -15,15 +15,13 @@ from __future__ import annotations
 import json
 import socket
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 
-from runner.jobs.manager import JobManager
-from runner.jobs.runfiles import TrainRow, read_metrics
-from runner.spec import DatasetSpec, DistributionSpec, RunSpec
+from jobs_helpers import job_manager, stop_save_then_resume, sum_rows, wait_for, write_jsonl
 from runner.jobs.supervisor import run_processes, worker_processes
+from runner.spec import DatasetSpec, DistributionSpec, RunSpec
 
 ROWS, MICRO_BATCH, NPROC, MAX_STEPS = 24, 2, 2, 30
 
@@ -32,11 +30,8 @@ ROWS, MICRO_BATCH, NPROC, MAX_STEPS = 24, 2, 2, 30
 def manager(tmp_path, monkeypatch):
     monkeypatch.setenv("FTADVISOR_CANCEL_GRACE_S", "5")
     monkeypatch.delenv("FTADVISOR_WORKER_CMD", raising=False)
-    mgr = JobManager(tmp_path / "runs")
-    yield mgr
-    for rec in mgr.list():  # never leave ranks behind, even when a test fails
-        if not rec.finished:
-            mgr.cancel(rec.id, grace_s=1)
+    with job_manager(tmp_path / "runs") as mgr:
+        yield mgr
 
 
 def _free_port() -> int:
@@ -45,70 +40,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rows() -> list[dict]:
-    return [{"prompt": f"Q{i}: what is {i} plus {i}?", "completion": f" {2 * i}"} for i in range(ROWS)]
-
-
-def _wait_for(cond, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.3)
-    return False
-
-
-def _train_steps(run_dir: Path) -> list[TrainRow]:
-    return [m for m in read_metrics(run_dir / "metrics.jsonl") if isinstance(m, TrainRow)]
-
-
 @pytest.mark.slow
 def test_accelerate_two_ranks_stop_save_then_resume(manager, tmp_path, tiny_model_dir):
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in _rows()), encoding="utf-8")
+    data = write_jsonl(tmp_path / "train.jsonl", sum_rows(ROWS))
     spec = RunSpec(name="accelerate-two-ranks", model=str(tiny_model_dir), method="lora",
                    dataset=DatasetSpec(path=str(data), eval_fraction=0.2), max_steps=MAX_STEPS, save_steps=100,
                    micro_batch_size=MICRO_BATCH, seq_len=32, precision="fp32", device="cpu", learning_rate=1e-2,
                    distribution=DistributionSpec(nproc_per_node=NPROC, strategy="ddp", launcher="accelerate",
                                                  master_port=_free_port()))
-    rec = manager.launch(spec)
-    run_dir = Path(rec.output_dir)
-    assert _wait_for(lambda: len(_train_steps(run_dir)) >= 2, timeout_s=300), manager.log_tail(rec.id, 80)
 
-    # the ranks registered themselves; the launcher (which also has "runner.train.worker" in its argv) did not
-    workers = worker_processes(rec.id, run_dir)
-    assert len(workers) == NPROC
-    launchers = [p for p in run_processes(rec.id).get(rec.id, [])
-                 if "accelerate.commands.launch" in psutil.Process(p).cmdline()]
-    assert len(launchers) == 1 and launchers[0] not in workers
+    def only_the_ranks_are_workers(rec, run_dir):
+        # the ranks registered themselves; the launcher (which also has "runner.train.worker" in its argv) did not
+        workers = worker_processes(rec.id, run_dir)
+        assert len(workers) == NPROC
+        launchers = [p for p in run_processes(rec.id).get(rec.id, [])
+                     if "accelerate.commands.launch" in psutil.Process(p).cmdline()]
+        assert len(launchers) == 1 and launchers[0] not in workers
 
-    manager.stop_and_save(rec.id)
-    stopped = manager.wait(rec.id, timeout_s=200)
-    assert stopped.status == "stopped", (stopped.reason, manager.log_tail(rec.id, 80))
-    checkpoints = sorted(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*"))
-    assert checkpoints, "stop-and-save left no checkpoint"
-    stop_step = checkpoints[-1]
-    assert 2 <= stop_step < MAX_STEPS
-    # both ranks took part in the checkpoint (the Trainer saves one RNG state per rank)
-    assert {p.name for p in (run_dir / f"checkpoint-{stop_step}").glob("rng_state_*.pth")} == {
-        "rng_state_0.pth", "rng_state_1.pth"}
-    assert not run_processes(rec.id).get(rec.id)
+    def both_ranks_saved(run_dir, stop_step):
+        # both ranks took part in the checkpoint (the Trainer saves one RNG state per rank)
+        assert {p.name for p in (run_dir / f"checkpoint-{stop_step}").glob("rng_state_*.pth")} == {
+            "rng_state_0.pth", "rng_state_1.pth"}
 
-    resumed = manager.resume(rec.id)
-    done = manager.wait(resumed.id, timeout_s=400)
-    assert done.status == "completed", (done.reason, manager.log_tail(rec.id, 80))
-    steps = [m.step for m in _train_steps(run_dir)]
-    assert steps[-1] == MAX_STEPS and stop_step + 1 in steps  # continued after the checkpoint, not from step 1
+    run_dir, stop_step = stop_save_then_resume(manager, spec, while_running=only_the_ranks_are_workers,
+                                               when_stopped=both_ranks_saved)
 
     # tokens are summed over both ranks (the Trainer's include_num_input_tokens_seen): this session ran
     # (MAX_STEPS - stop_step) steps of MICRO_BATCH rows on each of NPROC ranks; each row is between the
     # shortest and the longest row of the file (lengths from the tokenizer itself), and one rank alone could
     # not reach the lower bound (shortest x 2 > longest here)
+    from runner.models import load_tokenizer
     from runner.train import data as rdata
-    from runner.train.recipe import load_tokenizer
 
     tok = load_tokenizer(tiny_model_dir)
-    lengths = [len(rdata.encode(r, "prompt_completion", tok).input_ids) for r in _rows()]
+    lengths = [len(rdata.encode(r, "prompt_completion", tok).input_ids) for r in sum_rows(ROWS)]
     rows_seen = (MAX_STEPS - stop_step) * MICRO_BATCH * NPROC
     assert 2 * min(lengths) > max(lengths)
     report = json.loads((run_dir / "report.json").read_text())
@@ -131,7 +96,7 @@ def test_only_registered_ranks_are_workers(tmp_path):
     launcher = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), "no", "-m", "runner.train.worker"], env=env)
     rank = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), "register"], env=env)
     try:
-        assert _wait_for(lambda: worker_processes(run_id, tmp_path) == [rank.pid], timeout_s=30)
+        assert wait_for(lambda: worker_processes(run_id, tmp_path) == [rank.pid], timeout_s=30, poll_s=0.3)
         entry = json.loads(worker_pid_path(tmp_path, 1).read_text())
         assert entry["pid"] == rank.pid and entry["rank"] == 1
         worker_pid_path(tmp_path, 1).write_text(json.dumps(entry | {"create_time": entry["create_time"] - 5}))

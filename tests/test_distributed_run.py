@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
 
-from runner.jobs.manager import JobManager
-from runner.jobs.runfiles import TrainRow, read_metrics
+from jobs_helpers import job_manager, stop_save_then_resume, sum_rows, train_steps, wait_for, write_jsonl
+from runner.jobs.supervisor import pid_alive, run_processes
 from runner.spec import DatasetSpec, DistributionSpec, RunSpec
-from runner.jobs.supervisor import run_processes
 
 #: Installed as ``sitecustomize`` in every Python process of the run; active only in the ranks (torchrun sets
 #: RANK) and only when the test asks. It wraps the recipe's cleanup to write a SHA-256 of the rank's trainable
@@ -67,36 +65,18 @@ def manager(tmp_path, monkeypatch):
     monkeypatch.setenv("FTADVISOR_TEST_ADAPTER_HASH", "1")
     monkeypatch.setenv("FTADVISOR_CANCEL_GRACE_S", "5")
     monkeypatch.delenv("FTADVISOR_WORKER_CMD", raising=False)
-    mgr = JobManager(tmp_path / "runs")
-    yield mgr
-    for rec in mgr.list():  # never leave ranks behind, even when a test fails
-        if not rec.finished:
-            mgr.cancel(rec.id, grace_s=1)
+    with job_manager(tmp_path / "runs") as mgr:
+        yield mgr
 
 
 def _spec(tmp_path: Path, model_dir: Path, **overrides) -> RunSpec:
-    data = tmp_path / "train.jsonl"
-    rows = [{"prompt": f"Q{i}: what is {i} plus {i}?", "completion": f" {2 * i}"} for i in range(ROWS)]
-    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    data = write_jsonl(tmp_path / "train.jsonl", sum_rows(ROWS))
     fields = dict(name="two-ranks", model=str(model_dir), method="lora",
                   dataset=DatasetSpec(path=str(data), eval_fraction=EVAL_FRACTION), max_steps=4, save_steps=2,
                   micro_batch_size=MICRO_BATCH, seq_len=32, precision="fp32", device="cpu", learning_rate=1e-2,
                   distribution=DistributionSpec(nproc_per_node=NPROC, strategy="ddp"))
     fields.update(overrides)
     return RunSpec(**fields)
-
-
-def _wait_for(cond, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.2)
-    return False
-
-
-def _train_steps(run_dir: Path) -> list[TrainRow]:
-    return [m for m in read_metrics(run_dir / "metrics.jsonl") if isinstance(m, TrainRow)]
 
 
 def _hashes(run_dir: Path) -> dict[int, dict]:
@@ -122,7 +102,7 @@ def test_two_ranks_train_identical_adapters_rank0_writes(manager, tmp_path, tiny
         "prepared; the recipe must call runner.launch.distributed.prepare_for_training(trainer) before trainer.train())")
     # The data is split between the ranks: a step consumes micro-batch x 2 ranks rows, so after 4 steps
     # 4 * 2 * 2 = 16 of the 20 training rows are seen -> epoch 0.8 (one rank alone would be at 0.4).
-    steps = _train_steps(run_dir)
+    steps = train_steps(run_dir)
     assert [m.step for m in steps] == [1, 2, 3, 4]  # rank 0 alone writes metrics: no duplicate lines
     assert steps[-1].epoch == pytest.approx(4 * MICRO_BATCH * NPROC / TRAIN_ROWS)
     # Checkpoints every 2 steps; the final adapter by rank 0 equals what both ranks hold.
@@ -151,23 +131,7 @@ def test_two_ranks_stop_save_then_resume(manager, tmp_path, tiny_model_dir):
     rank that stops first leaves the other waiting in an all-reduce) and runner.launch.distributed.finish_ranks at the
     worker's exit (otherwise torchrun may SIGTERM rank 0 while it writes the checkpoint)."""
     spec = _spec(tmp_path, tiny_model_dir, max_steps=30, save_steps=100)
-    rec = manager.launch(spec)
-    run_dir = Path(rec.output_dir)
-    assert _wait_for(lambda: len(_train_steps(run_dir)) >= 2, timeout_s=300), manager.log_tail(rec.id, 80)
-    manager.stop_and_save(rec.id)
-    stopped = manager.wait(rec.id, timeout_s=200)
-    assert stopped.status == "stopped", (stopped.reason, manager.log_tail(rec.id, 80))
-    checkpoints = sorted(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*"))
-    assert checkpoints, "stop-and-save left no checkpoint"
-    stop_step = checkpoints[-1]
-    assert 2 <= stop_step < 30
-    assert not run_processes(rec.id).get(rec.id)
-
-    resumed = manager.resume(rec.id)
-    done = manager.wait(resumed.id, timeout_s=400)
-    assert done.status == "completed", (done.reason, manager.log_tail(rec.id, 80))
-    steps = [m.step for m in _train_steps(run_dir)]
-    assert steps[-1] == 30 and stop_step + 1 in steps  # continued after the checkpoint, not from step 1
+    run_dir, _ = stop_save_then_resume(manager, spec)
     hashes = _hashes(run_dir)
     assert hashes[0]["sha256"] == hashes[1]["sha256"] and hashes[0]["step"] == 30
 
@@ -178,19 +142,12 @@ def test_cancel_two_ranks_leaves_no_process(manager, tmp_path, tiny_model_dir):
     rec = manager.launch(spec)
     run_dir = Path(rec.output_dir)
     # Wait until both ranks are up (rank 1 has opened its log) and training has started.
-    assert _wait_for(lambda: (run_dir / "log.rank1.txt").is_file() and _train_steps(run_dir), timeout_s=300), \
-        manager.log_tail(rec.id, 80)
+    assert wait_for(lambda: (run_dir / "log.rank1.txt").is_file() and train_steps(run_dir), timeout_s=300,
+                    poll_s=0.2), manager.log_tail(rec.id, 80)
     pids = run_processes(rec.id).get(rec.id) or []
     assert len(pids) >= 3  # supervisor/torchrun plus two ranks
     manager.cancel(rec.id)
-    assert _wait_for(lambda: not run_processes(rec.id).get(rec.id), timeout_s=60)
+    assert wait_for(lambda: not run_processes(rec.id).get(rec.id), timeout_s=60, poll_s=0.2)
     for pid in pids:
-        assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid), f"process {pid} survived the cancel"
+        assert not pid_alive(pid), f"process {pid} survived the cancel"  # psutil: a zombie counts as gone
     assert manager.get(rec.id).status == "cancelled"
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
-    except OSError:
-        return True

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.jobs.manager import JobManager
+from jobs_helpers import job_manager, wait_for
 from runner.jobs.runfiles import TrainRow, read_metrics
 from runner.spec import RunSpec
 from runner.jobs.supervisor import run_processes
@@ -26,11 +26,8 @@ def manager(tmp_path, monkeypatch):
     monkeypatch.setenv("FTADVISOR_WORKER_CMD", f"{sys.executable} {FAKE_WORKER}")
     monkeypatch.setenv("FTADVISOR_CANCEL_GRACE_S", "3")
     monkeypatch.setenv("FAKE_STEP_S", "0.05")
-    mgr = JobManager(tmp_path / "runs")
-    yield mgr
-    for rec in mgr.list():  # never leave a process behind, even when a test fails
-        if not rec.finished:
-            mgr.cancel(rec.id, grace_s=1)
+    with job_manager(tmp_path / "runs") as mgr:
+        yield mgr
 
 
 @pytest.fixture
@@ -38,15 +35,6 @@ def spec(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps({"prompt": "1+1=", "completion": "2"}) + "\n")
     return RunSpec(model="tiny-model", method="lora", dataset={"path": str(data)}, name="t")
-
-
-def _wait_for(cond, timeout_s=20.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_launch_returns_at_once_and_completes(manager, spec):
@@ -76,7 +64,7 @@ def test_second_launch_queues_until_first_finishes(manager, spec, monkeypatch):
     monkeypatch.setenv("FAKE_STEPS", "30")
     first = manager.launch(spec)
     second = manager.launch(spec.model_copy(update={"name": "second"}))
-    assert _wait_for(lambda: manager.get(first.id).status == "running")
+    assert wait_for(lambda: manager.get(first.id).status == "running")
     assert manager.get(second.id).status == "queued"
     a = manager.wait(first.id, timeout_s=30)
     b = manager.wait(second.id, timeout_s=30)
@@ -97,7 +85,7 @@ def test_cancel_leaves_no_process_behind(manager, spec, monkeypatch):
     monkeypatch.setenv("FAKE_MODE", "child")  # the worker starts a grandchild in its own session, like torchrun
     monkeypatch.setenv("FAKE_STEPS", "10000")
     rec = manager.launch(spec)
-    assert _wait_for(lambda: len(run_processes(rec.id).get(rec.id, [])) >= 3)  # supervisor, worker, grandchild
+    assert wait_for(lambda: len(run_processes(rec.id).get(rec.id, [])) >= 3)  # supervisor, worker, grandchild
     out = manager.cancel(rec.id)
     assert out.status == "cancelled"
     assert not run_processes(rec.id), "a process of the cancelled run survived"
@@ -108,7 +96,7 @@ def test_cancel_while_queued(manager, spec, monkeypatch):
     monkeypatch.setenv("FAKE_STEPS", "10000")
     first = manager.launch(spec)
     second = manager.launch(spec)
-    assert _wait_for(lambda: manager.get(first.id).status == "running")
+    assert wait_for(lambda: manager.get(first.id).status == "running")
     assert manager.cancel(second.id).status == "cancelled"
     assert manager.get(first.id).status == "running"
     assert manager.cancel(first.id).status == "cancelled"
@@ -117,7 +105,7 @@ def test_cancel_while_queued(manager, spec, monkeypatch):
 
 def test_sigkill_mid_run_is_failed_with_reason_and_resume_finishes(manager, spec):
     rec = manager.launch(spec)
-    assert _wait_for(lambda: any(m.step >= 7 for m in manager.metrics(rec.id)))
+    assert wait_for(lambda: any(m.step >= 7 for m in manager.metrics(rec.id)))
     worker = manager.get(rec.id).worker_pid
     os.kill(worker, signal.SIGKILL)
     failed = manager.wait(rec.id, timeout_s=20)
@@ -135,7 +123,7 @@ def test_sigkill_mid_run_is_failed_with_reason_and_resume_finishes(manager, spec
 def test_stop_and_save_then_resume(manager, spec, monkeypatch):
     monkeypatch.setenv("FAKE_STEPS", "200")
     rec = manager.launch(spec)
-    assert _wait_for(lambda: any(m.step >= 3 for m in manager.metrics(rec.id)))
+    assert wait_for(lambda: any(m.step >= 3 for m in manager.metrics(rec.id)))
     manager.stop_and_save(rec.id)
     stopped = manager.wait(rec.id, timeout_s=20)
     assert stopped.status == "stopped" and stopped.exit_code == 6
@@ -155,9 +143,9 @@ def test_worker_failure_is_classified_from_result(manager, spec, monkeypatch):
 def test_supervisor_killed_too_is_reconciled_as_lost(manager, spec, monkeypatch):
     monkeypatch.setenv("FAKE_STEPS", "10000")
     rec = manager.launch(spec)
-    assert _wait_for(lambda: manager.get(rec.id).status == "running" and manager.get(rec.id).worker_pid)
+    assert wait_for(lambda: manager.get(rec.id).status == "running" and manager.get(rec.id).worker_pid)
     manager.signal(rec.id, signal.SIGKILL)  # the whole run dies at once (e.g. the machine's OOM killer spree)
-    assert _wait_for(lambda: not run_processes(rec.id))
+    assert wait_for(lambda: not run_processes(rec.id))
     out = manager.get(rec.id)
     assert out.status == "failed" and out.kind == "lost", out.reason
 
@@ -165,7 +153,7 @@ def test_supervisor_killed_too_is_reconciled_as_lost(manager, spec, monkeypatch)
 def test_new_manager_in_another_process_sees_the_right_status(manager, spec, monkeypatch):
     monkeypatch.setenv("FAKE_STEPS", "60")
     rec = manager.launch(spec)
-    assert _wait_for(lambda: manager.get(rec.id).status == "running")
+    assert wait_for(lambda: manager.get(rec.id).status == "running")
     code = ("import sys; from runner.jobs.manager import JobManager; m = JobManager(sys.argv[1]); "
             "r = m.get(sys.argv[2]); print(r.status); print(m.wait(r.id, 60).status)")
     out = subprocess.run([sys.executable, "-c", code, str(manager.runs_dir), rec.id], capture_output=True,
@@ -199,7 +187,7 @@ def test_silent_worker_is_reported_by_heartbeat_but_left_running(manager, spec, 
     monkeypatch.setenv("FAKE_MODE", "hang")
     monkeypatch.setenv("FTADVISOR_HEARTBEAT_STALE_S", "1.5")
     rec = manager.launch(spec)
-    assert _wait_for(lambda: (manager.get(rec.id).reason or "").startswith("no heartbeat"), timeout_s=30)
+    assert wait_for(lambda: (manager.get(rec.id).reason or "").startswith("no heartbeat"), timeout_s=30)
     hung = manager.get(rec.id)
     assert hung.status == "running" and hung.step == 3 and "still running" in hung.reason
     assert manager.cancel(rec.id).status == "cancelled"
@@ -208,7 +196,7 @@ def test_silent_worker_is_reported_by_heartbeat_but_left_running(manager, spec, 
 def test_supervisor_killed_alone_the_worker_finishes_and_the_row_follows(manager, spec, monkeypatch):
     monkeypatch.setenv("FAKE_STEPS", "40")
     rec = manager.launch(spec)
-    assert _wait_for(lambda: manager.get(rec.id).worker_pid)
+    assert wait_for(lambda: manager.get(rec.id).worker_pid)
     os.kill(manager.get(rec.id).pid, signal.SIGKILL)  # only the supervisor dies; the worker goes on
     out = manager.wait(rec.id, timeout_s=30)
     assert out.status == "completed", out.reason  # reconciled from the worker's result.json

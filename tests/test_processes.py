@@ -7,16 +7,8 @@ import subprocess
 import sys
 import time
 
+from jobs_helpers import wait_for
 from runner.jobs.supervisor import RUN_ENV, is_run_process, pid_alive, run_processes, worker_processes
-
-
-def _wait_for(cond, timeout_s=20.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 def test_a_marked_process_is_found_and_a_zombie_is_not(tmp_path):
@@ -25,12 +17,12 @@ def test_a_marked_process_is_found_and_a_zombie_is_not(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], env=env,
                              stdin=subprocess.PIPE)
     try:
-        assert _wait_for(lambda: run_processes(run_id).get(run_id) == [child.pid])
+        assert wait_for(lambda: run_processes(run_id).get(run_id) == [child.pid])
         assert pid_alive(child.pid) and is_run_process(child.pid, run_id)
         assert not is_run_process(child.pid, run_id + "-other") and run_id not in run_processes("other-run")
         assert worker_processes(run_id) == []  # not a runner.train.worker command line
         child.stdin.close()  # it exits; not reaped yet, so it is a zombie until wait()
-        assert _wait_for(lambda: not pid_alive(child.pid))
+        assert wait_for(lambda: not pid_alive(child.pid))
         assert not is_run_process(child.pid, run_id) and run_id not in run_processes(run_id)
     finally:
         child.kill()
@@ -55,10 +47,10 @@ def test_stop_reaches_a_worker_once_whoever_asks(tmp_path):
             "time.sleep(30)\n")
     child = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=os.getcwd())
     try:
-        assert _wait_for(lambda: worker_processes(run_id, tmp_path) == [child.pid])
+        assert wait_for(lambda: worker_processes(run_id, tmp_path) == [child.pid])
         assert request_stop(run_id, tmp_path) == [child.pid]          # the job manager
         assert request_stop(run_id, tmp_path, already=set()) == []    # the supervisor's loop, not knowing the first
-        assert _wait_for(lambda: counter.is_file() and counter.read_text() == "x")
+        assert wait_for(lambda: counter.is_file() and counter.read_text() == "x")
         time.sleep(0.3)
         assert counter.read_text() == "x"
         clear_workers(tmp_path)  # a new attempt (resume) may be stopped again

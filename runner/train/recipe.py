@@ -26,7 +26,7 @@ from runner.launch import distributed
 from runner.train.callbacks import (AdaLoraCallback, MetricsCallback, Progress, StopOnRequest, peak_memory,
                               write_json)
 from runner.errors import RunnerError
-from runner.models import GENERATE_BATCH, generate_batch, load_tokenizer, log_progress, resolve_model_dir
+from runner.models import generate_batch, load_tokenizer, log_progress, resolve_model_dir
 from runner.jobs.runfiles import METRICS_FILE, REPORT_FILE, DatasetSummary, Report, Sample, write_model
 from runner.spec import RunSpec
 
