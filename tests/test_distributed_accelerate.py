@@ -87,6 +87,7 @@ def test_only_registered_ranks_are_workers(tmp_path):
     import subprocess
     import sys
 
+    from runner.jobs.runfiles import WorkerEntry, write_model
     from runner.jobs.supervisor import RUN_ENV, worker_pid_path
 
     run_id = f"reg-{os.getpid()}-{time.monotonic_ns()}"
@@ -97,9 +98,11 @@ def test_only_registered_ranks_are_workers(tmp_path):
     rank = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), "register"], env=env)
     try:
         assert wait_for(lambda: worker_processes(run_id, tmp_path) == [rank.pid], timeout_s=30, poll_s=0.3)
-        entry = json.loads(worker_pid_path(tmp_path, 1).read_text())
-        assert entry["pid"] == rank.pid and entry["rank"] == 1
-        worker_pid_path(tmp_path, 1).write_text(json.dumps(entry | {"create_time": entry["create_time"] - 5}))
+        entry = WorkerEntry.model_validate_json(worker_pid_path(tmp_path, 1).read_text())
+        assert entry.pid == rank.pid and entry.rank == 1
+        worker_pid_path(tmp_path, 2).write_text(json.dumps({"pid": launcher.pid}))  # off the contract: no rank
+        assert worker_processes(run_id, tmp_path) == [rank.pid]
+        write_model(worker_pid_path(tmp_path, 1), entry.model_copy(update={"create_time": entry.create_time - 5}))
         assert worker_processes(run_id, tmp_path) == []  # same pid, other start time: not our rank
         assert worker_processes(run_id) == []  # no run folder, no registrations
     finally:

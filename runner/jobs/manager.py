@@ -142,7 +142,7 @@ class JobManager:
                           kind="bad_spec", fix="give more of the id")
 
     def list(self) -> list[RunRecord]:
-        """All runs, oldest first, reconciled with their processes (one /proc scan for all)."""
+        """All runs, oldest first, reconciled with their processes (one psutil process-table scan for all)."""
         records = self.registry.list()
         active = [r for r in records if r.status in ACTIVE]
         if active:

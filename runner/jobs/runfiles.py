@@ -1,5 +1,5 @@
 """The run folder's files between processes, as types: ``heartbeat.json``, ``metrics.jsonl``, ``result.json``,
-``report.json``.
+``report.json``, and the ranks' ``workers/rank<N>.json``.
 
 The worker (``runner.train.worker``, ``runner.train.recipe``, ``runner.train.callbacks``) writes them through these models; the
 supervisor, the failure classifier, the job manager, the sweep, the CLI and the Runs page read them back through
@@ -50,6 +50,15 @@ class Heartbeat(RunFile):
     max_steps: int = Field(description="optimizer steps planned (0 until known)")
     phase: Phase = "setup"
     time: float = Field(description="when it was written, Unix seconds")
+
+
+class WorkerEntry(RunFile):
+    """``workers/rank<RANK>.json``: a training process says it is a rank of the run
+    (``runner.jobs.supervisor.register_worker``); stop-and-save signals exactly these processes."""
+
+    pid: int = Field(description="the rank's process")
+    rank: int = Field(description="its RANK (0 for a single process)")
+    create_time: float = Field(description="its start time (psutil create_time), so a reused pid is not taken for it")
 
 
 # ----------------------------------------------------------------------------------------------- metrics

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import json
 import os
 import shlex
 import signal
@@ -35,10 +34,11 @@ import time
 from pathlib import Path
 
 import psutil
+from pydantic import ValidationError
 
 from runner.errors import RunnerError
 from runner.jobs.registry import ACTIVE, Registry, RunRecord
-from runner.jobs.runfiles import RESULT_FILE, read_heartbeat
+from runner.jobs.runfiles import RESULT_FILE, WorkerEntry, read_heartbeat, write_model
 
 RUN_ENV = "FTADVISOR_RUN_ID"
 #: Replaces the worker command (``python -m runner.train.worker``) when set; used by tests with a stand-in worker.
@@ -142,9 +142,7 @@ def register_worker(run_dir: Path) -> Path:
     path = worker_pid_path(run_dir, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     me = psutil.Process()
-    tmp = path.with_name(f".{path.name}.{me.pid}.tmp")
-    tmp.write_text(json.dumps({"pid": me.pid, "rank": rank, "create_time": me.create_time()}), encoding="utf-8")
-    os.replace(tmp, path)
+    write_model(path, WorkerEntry(pid=me.pid, rank=rank, create_time=me.create_time()))
     return path
 
 
@@ -176,11 +174,11 @@ def worker_processes(run_id: str, run_dir: Path | None = None) -> list[int]:
         return []
     pids = []
     for path in sorted((Path(run_dir) / WORKERS_DIR).glob("rank*.json")):
-        try:
-            entry = json.loads(path.read_text(encoding="utf-8"))
-            pid, started = int(entry["pid"]), float(entry["create_time"])
-            same = abs(psutil.Process(pid).create_time() - started) < 0.01
-        except (OSError, ValueError, KeyError, TypeError, psutil.NoSuchProcess, psutil.AccessDenied):
+        try:  # a half-gone or foreign file is no registration (write_model renames whole files into place)
+            entry = WorkerEntry.model_validate_json(path.read_text(encoding="utf-8"))
+            pid = entry.pid
+            same = abs(psutil.Process(pid).create_time() - entry.create_time) < 0.01
+        except (OSError, ValidationError, psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         if same and is_run_process(pid, run_id):
             pids.append(pid)
