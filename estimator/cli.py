@@ -233,9 +233,11 @@ def format_estimate(est) -> str:
     rows.append(("reserved peak (max_memory_reserved)", _gib(mem.reserved_peak_bytes)))
     rows.append(("PEAK on the card (+ CUDA context" + (", NCCL)" if mem.nccl_bytes else ")"),
                  f"{_gib(mem.peak_bytes)} at {mem.peak_phase}"))
+    if mem.load_peak_bytes:
+        rows.append(("LOAD peak on the card (experts before 4-bit)", _gib(mem.load_device_peak_bytes)))
     out.append(_table(rows))
     out.append("")
-    verdict = "yes" if est.fits else "NO"
+    verdict = "yes" if est.fits else ("NO (loading)" if not est.load_fits else "NO")
     usable = g.usable_bytes or g.memory_bytes
     out.append(f"fits {g.count} x {g.name} ({_gib(usable)} usable each): {verdict}, margin "
                f"{mem.margin_bytes / GIB:+,.2f} GiB after {_gib(mem.headroom_bytes)} headroom "

@@ -16,8 +16,8 @@ from estimator.compute import compute_info, formula_flops_per_token
 from estimator.errors import EstimatorError, TraceError
 from estimator.inventory import adapter_file_bytes, build_inventory, param_breakdown
 from estimator.memory import (card_memory, cublas_workspace_bytes, eval_memory, formula_activations, host_memory,
-                              step_memory)
-from estimator.notes import card_notes, method_note, step_notes
+                              moe_qlora_load_peak_bytes, step_memory)
+from estimator.notes import card_notes, load_note, method_note, step_notes
 from estimator.precision import base_dtype, eval_value_bytes, pure16, weights_16bit
 from estimator.request import EstimateRequest
 from estimator.result import Estimate, GPUInfo, MemoryBreakdown, ModelInfo, StorageInfo
@@ -146,8 +146,15 @@ def _estimate(req: EstimateRequest) -> Estimate:
                      generate_batch=req.generate_batch_size, max_new_tokens=req.max_new_tokens,
                      value_bytes=eval_value_bytes(req), attention=req.attention, usable_bytes=gpu.usable_bytes,
                      multi_gpu=req.num_gpus > 1)
+    # QLoRA MoE: the runner quantizes the fused experts after the load, so loading holds them in the load dtype
+    load_alloc = (moe_qlora_load_peak_bytes(inv, 2 if base_dtype(req) != "fp32" else 4)
+                  if req.method == "qlora" else 0)
+    load_card = (card_memory({"load": load_alloc}, usable_bytes=gpu.usable_bytes, multi_gpu=req.num_gpus > 1)
+                 if load_alloc else None)
     notes = step_notes(req, inv, acts, mem, targets)
     notes += card_notes(req, card, ev)
+    if load_card is not None:
+        notes.append(load_note(load_card))
     trainable = inv.trainable_params
     # compute
     tokens_per_step = req.batch_size * req.seq_len
@@ -192,9 +199,11 @@ def _estimate(req: EstimateRequest) -> Estimate:
         allocated_peak_bytes=card.allocated_peak_bytes, reserved_peak_bytes=card.reserved_peak_bytes,
         allocator_cache_bytes=card.allocator_cache_bytes, context_bytes=card.context_bytes,
         nccl_bytes=card.nccl_bytes, usable_bytes=card.usable_bytes, headroom_bytes=card.headroom_bytes,
-        margin_bytes=card.margin_bytes)
+        margin_bytes=card.margin_bytes, load_peak_bytes=load_alloc,
+        load_device_peak_bytes=load_card.device_peak_bytes if load_card else 0)
+    load_fits = load_card.fits if load_card else True
     return Estimate(request=req, model=model_info, method=req.method, memory=memory, gpu=gpu_info,
-                    fits=card.fits, adapter_bytes=adapter_bytes,
+                    fits=card.fits and load_fits, load_fits=load_fits, adapter_bytes=adapter_bytes,
                     checkpoint_bytes=checkpoint_bytes, compute=compute, storage=storage, notes=notes,
                     trace_seconds=acts.seconds, eval_memory=ev, eval_fits=ev.fits, host_memory=host)
 

@@ -321,6 +321,33 @@ def fsdp_unsharded(inv: Inventory, compute_bytes: int, *, tail: bool) -> tuple[i
     return layers + tail_bytes, layers + tail_bytes + reduce_scatter
 
 
+def moe_qlora_load_peak_bytes(inv: Inventory, load_value_bytes: int) -> int:
+    """GPU bytes at the peak of loading a QLoRA MoE model as the runner loads it (0 when nothing is swapped).
+
+    bitsandbytes' 4-bit loader leaves transformers 5's fused experts in the load dtype (``estimator/experts.py``),
+    and the runner quantizes them after ``from_pretrained`` (``runner/train/experts.py``), one layer at a time:
+    the peak is at the first layer's swap, when every fused expert is still there in the load dtype
+    (``load_value_bytes``: 2 for the paper regime, loaded in the compute dtype; 4 for peft-upcast, loaded fp32)
+    beside that layer's new NF4 experts. Every other weight is as loaded: NF4 for quantized Linears, the load
+    dtype for the rest (the paper regime's fp32 norms come later, with ``prepare_qlora_paper``), no adapters yet.
+    """
+    experts = [t for t in inv.tensors if t.quantized and ".experts." in t.name]
+    if not experts:
+        return 0
+    loaded = inv.buffer_bytes
+    for t in inv.tensors:
+        if t.adapter:
+            continue  # peft adds the adapters after the load
+        if t.quantized and ".experts." not in t.name:
+            loaded += nf4_linear_bytes(t.numel)
+        else:
+            loaded += load_value_bytes * t.numel
+    per_layer: dict[int | None, int] = {}
+    for t in experts:
+        per_layer[t.layer] = per_layer.get(t.layer, 0) + nf4_linear_bytes(t.numel)
+    return loaded + max(per_layer.values())
+
+
 def cublas_workspace_bytes(compute_capability: float | None) -> int:
     """cuBLAS workspaces PyTorch allocates for a training step (``CUBLAS_HANDLES`` handles) on this GPU."""
     per = CUBLAS_WORKSPACE_BYTES_SM90 if (compute_capability or 0) >= 9.0 else CUBLAS_WORKSPACE_BYTES_OLDER

@@ -144,3 +144,13 @@ def card_notes(req: EstimateRequest, card, ev) -> list[str]:
                  f"with weights and optimizer states resident: {ev.device_peak_bytes / GIB:.2f} GiB on the card "
                  f"({ev.phase}){'' if ev.fits else ' - DOES NOT FIT: lower the eval or generation batch'}")
     return notes
+
+
+def load_note(load_card) -> str:
+    """QLoRA on fused MoE experts: the load peak (``memory.moe_qlora_load_peak_bytes``) and whether it fits."""
+    verdict = "fits" if load_card.fits else "does not fit: the run fails while loading, before training starts"
+    return (f"loading: {load_card.allocated_peak_bytes / GIB:.2f} GiB allocated at the load peak "
+            f"({load_card.device_peak_bytes / GIB:.2f} GiB on the card): bitsandbytes' 4-bit loader leaves the fused "
+            "experts in the load dtype and the runner quantizes them layer by layer after the load, so every "
+            f"expert is still 16/32-bit when the first layer is swapped; {verdict} "
+            f"(margin {load_card.margin_bytes / GIB:+.2f} GiB)")

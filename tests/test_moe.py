@@ -267,3 +267,52 @@ def test_presets_resolve_the_same_before_and_after_the_expert_swap():
     assert quantize_fused_experts(model, torch.bfloat16)[0] == 2
     assert {p: resolve_targets(model, p) for p in PRESETS} == before
     assert before["all-linear"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("regime", ["paper", "peft-upcast"])
+def test_qlora_load_peak_matches_the_runners_real_load(tmp_path, regime, monkeypatch):
+    """The load peak of QLoRA on a tiny Mixtral as the runner loads it (``recipe._build_qlora``: a real
+    bitsandbytes 4-bit load on CPU, then ``quantize_fused_experts``): every stored byte of the model plus the
+    new NF4 experts, measured at each swap while the fused experts it replaces still exist. The estimate's
+    ``load_peak_bytes`` equals the largest, which exceeds the trained weights (16/32-bit experts), and
+    ``fits`` checks it: Mixtral-8x7B's bf16 experts (about 86 GiB) do not load on an A100-80GB."""
+    pytest.importorskip("bitsandbytes")
+    import estimator.experts as experts
+    from runner.train import recipe
+    from runner.spec import DatasetSpec, RunSpec
+    from runner.train.tinymodel import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "mixtral", arch="mixtral")
+    peaks, holder = [], {}
+    original = experts.replace_fused_experts
+    cls = experts.nf4_experts_class()
+
+    class Measured(cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            peaks.append(_stored_bytes(holder["model"]) + _stored_bytes(self))  # the fused module still lives
+
+    def replace(model, make_linear, split=None):
+        holder["model"] = model
+        return original(model, make_linear, split)
+
+    monkeypatch.setattr(experts, "_CLS", Measured)
+    monkeypatch.setattr(experts, "replace_fused_experts", replace)
+    spec = RunSpec(model=str(folder), dataset=DatasetSpec(path="unused.jsonl"), method="qlora", precision="bf16",
+                   qlora_regime=regime)
+    r = recipe.Run(spec=spec, run_dir=tmp_path)
+    r.model_dir, r.tokenizer, r.precision, r.max_steps = folder, recipe.load_tokenizer(folder), "bf16", 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = recipe._build_qlora(r)
+    assert len(peaks) == 2 and peaks[0] == max(peaks)  # two MoE layers; the first swap is the peak
+    real_peak = max(peaks)
+    monkeypatch.undo()  # the estimate's trace swaps experts on its own meta model
+    est = estimate(EstimateRequest(model=str(folder), method="qlora", batch_size=1, seq_len=16, qlora_regime=regime))
+    assert est.memory.load_peak_bytes == real_peak
+    assert est.memory.load_peak_bytes > _stored_bytes(model) == est.memory.weights_bytes
+    assert est.fits and est.load_fits and any(n.startswith("loading:") for n in est.notes)
+    big = estimate(EstimateRequest(model="mixtral-8x7b", method="qlora", batch_size=1, seq_len=512,
+                                   gpu="a100-80gb", qlora_regime="paper"))
+    assert not big.load_fits and not big.fits
+    assert 80 * 2**30 < big.memory.load_peak_bytes < 90 * 2**30  # ~45B expert weights x 2 B
