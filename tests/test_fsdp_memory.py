@@ -47,69 +47,79 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, port: int, regime: str, out: str) -> None:
+REGIMES = ("pure-bf16", "fp32-master", "lora")
+
+
+def _rank(rank: int, port: int, out: str) -> None:
+    """One rank: every regime in turn on the same process group, one JSON report per regime."""
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        from transformers import LlamaForCausalLM
-
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(_config())
-        if regime == "pure-bf16":
-            model = model.to(torch.bfloat16)
-            policy = MixedPrecisionPolicy()  # no mixed precision: parameters stay as loaded
-        elif regime == "fp32-master":
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
-        else:  # lora: bf16 frozen base, fp32 adapters (peft autocast_adapter_dtype), gathered in bf16
-            from tests.test_memory_exact import with_lora
-
-            model = with_lora(model.to(torch.bfloat16))
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
-        mesh = init_device_mesh("cpu", (WORLD,))
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        for layer in base.model.layers:
-            fully_shard(layer, mesh=mesh, mp_policy=policy)
-        fully_shard(base.model.embed_tokens, mesh=mesh, mp_policy=policy)
-        fully_shard([base.model.norm, base.lm_head], mesh=mesh, mp_policy=policy, reshard_after_forward=False)
-        fully_shard(model, mesh=mesh, mp_policy=policy)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(trainable, lr=1e-3, foreach=False)
-        ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(rank))
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-
-        def local(t):
-            return t.to_local() if hasattr(t, "to_local") else t
-
-        def nbytes(t):
-            t = local(t)
-            return t.numel() * t.element_size()
-
-        report = {
-            "weights": sum(nbytes(p) for p in model.parameters()),
-            "gradients": sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None),
-            "optimizer": sum(nbytes(v) for st in opt.state.values() for k, v in st.items()
-                             if torch.is_tensor(v) and k != "step"),
-            "dtypes": sorted({str(local(p).dtype) for p in model.parameters()}),
-        }
-        with open(f"{out}.{rank}", "w") as fh:
-            json.dump(report, fh)
+        for regime in REGIMES:
+            with open(f"{out}.{regime}.{rank}", "w") as fh:
+                json.dump(_one_step(rank, regime), fh)
     finally:
         dist.destroy_process_group()
 
 
-def _real(tmp_path, regime: str) -> list[dict]:
+def _one_step(rank: int, regime: str) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_config())
+    if regime == "pure-bf16":
+        model = model.to(torch.bfloat16)
+        policy = MixedPrecisionPolicy()  # no mixed precision: parameters stay as loaded
+    elif regime == "fp32-master":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    else:  # lora: bf16 frozen base, fp32 adapters (peft autocast_adapter_dtype), gathered in bf16
+        from tests.test_memory_exact import with_lora
+
+        model = with_lora(model.to(torch.bfloat16))
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in base.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(base.model.embed_tokens, mesh=mesh, mp_policy=policy)
+    fully_shard([base.model.norm, base.lm_head], mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-3, foreach=False)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(rank))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    def nbytes(t):
+        t = local(t)
+        return t.numel() * t.element_size()
+
+    return {
+        "weights": sum(nbytes(p) for p in model.parameters()),
+        "gradients": sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None),
+        "optimizer": sum(nbytes(v) for st in opt.state.values() for k, v in st.items()
+                         if torch.is_tensor(v) and k != "step"),
+        "dtypes": sorted({str(local(p).dtype) for p in model.parameters()}),
+    }
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory) -> dict[str, list[dict]]:
+    """Per regime, the two ranks' reports of one real FSDP2 step (one spawn of two processes for all)."""
     import torch.multiprocessing as mp
 
-    out = str(tmp_path / regime)
+    out = str(tmp_path_factory.mktemp("fsdp") / "rank")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mp.spawn(_rank, args=(_free_port(), regime, out), nprocs=WORLD, join=True)
-    return [json.loads(open(f"{out}.{r}").read()) for r in range(WORLD)]
+        mp.spawn(_rank, args=(_free_port(), out), nprocs=WORLD, join=True)
+    return {g: [json.loads(open(f"{out}.{g}.{r}").read()) for r in range(WORLD)] for g in REGIMES}
 
 
 def _estimate(tmp_path, **kw):
@@ -125,20 +135,20 @@ def _estimate(tmp_path, **kw):
     ("fp32-master", dict(method="full", dtype="bf16", master_dtype="fp32")),
     ("lora", dict(method="lora", dtype="bf16", rank=8, alpha=16, targets="attention-qv")),
 ])
-def test_fsdp_shards_match_a_real_two_process_step(tmp_path, regime, kw):
-    real = _real(tmp_path, regime)
+def test_fsdp_shards_match_a_real_two_process_step(tmp_path, real, regime, kw):
     mem = _estimate(tmp_path, **kw)
     from transformers import LlamaForCausalLM
 
     # buffers (rotary inv_freq, fp32 as transformers creates them) are replicated: FSDP shards parameters only
     buffers = sum(b.numel() * b.element_size() for b in LlamaForCausalLM(_config()).buffers())
-    for r in real:
+    ranks = real[regime]
+    for r in ranks:
         assert mem.weights_bytes - buffers == r["weights"], (regime, r)
         assert mem.gradients_bytes == r["gradients"], (regime, r)
         assert mem.optimizer_bytes == r["optimizer"], (regime, r)
     if regime == "pure-bf16":
-        assert real[0]["dtypes"] == ["torch.bfloat16"]
+        assert ranks[0]["dtypes"] == ["torch.bfloat16"]
     elif regime == "fp32-master":
-        assert real[0]["dtypes"] == ["torch.float32"]
+        assert ranks[0]["dtypes"] == ["torch.float32"]
     else:
-        assert real[0]["dtypes"] == ["torch.bfloat16", "torch.float32"]
+        assert ranks[0]["dtypes"] == ["torch.bfloat16", "torch.float32"]
