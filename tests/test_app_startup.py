@@ -59,3 +59,17 @@ def test_lazy_pandas_is_pandas():
     import pandas
 
     assert isinstance(frame, pandas.DataFrame) and pd.DataFrame is pandas.DataFrame
+
+
+def test_estimate_page_answers_from_the_disk_result_cache_without_torch(tmp_path):
+    # The first server process computes the estimate (torch + transformers) and stores it on disk; a second one (a
+    # restarted app) answers the same request from estimator.result_cache, the store the terminal's `ftadvisor
+    # estimate` uses, without importing torch or transformers, with the same figures.
+    code = ("import sys\nfrom estimator.request import EstimateRequest\nfrom ui import estimates\n"
+            "est = estimates.estimate(EstimateRequest(model='smollm2-135m', method='lora', seq_len=64))\n"
+            f"print(est.memory.peak_bytes, est.model.trainable_params, sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    first = _run(code, tmp_path).strip().splitlines()[-1].split(" ", 2)
+    assert "torch" in first[2]  # computed: the estimator traced the step
+    assert len(list((tmp_path / "cache" / "estimates").glob("*.json"))) == 1  # ftcore.paths.cache_dir()/estimates
+    again = _run(code, tmp_path).strip().splitlines()[-1].split(" ", 2)
+    assert again[:2] == first[:2] and again[2] == "[]"

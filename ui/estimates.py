@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING
 
 import streamlit as st
 
-from ui.warmup import ready, wait_with_words
+from ui.warmup import loading, ready, wait_with_words
 
 if TYPE_CHECKING:
     from estimator.request import EstimateRequest
+    from estimator.result import Estimate
 
 # ``estimator`` (its package imports every result model) is imported at the first estimate, not by the Advisor's
 # first question, which only lists the catalog.
@@ -62,14 +63,33 @@ def gpus():
     return list_gpus()
 
 
+def _stored(req: EstimateRequest) -> tuple[str | None, Estimate | None]:
+    """``(key, Estimate)`` from the on-disk result cache (``estimator.result_cache``, which the terminal's
+    ``ftadvisor estimate`` fills too): a hit needs neither torch nor transformers; ``(key, None)`` on a miss."""
+    from estimator import result_cache
+    from estimator.result import Estimate
+
+    key, data = result_cache.lookup(req)
+    return key, (Estimate.model_validate(data) if data is not None else None)
+
+
 @st.cache_data(show_spinner=False, max_entries=CACHE_ENTRIES)
 def _estimate(req_json: str):
-    return api("estimate")(_request(req_json))
+    req = _request(req_json)
+    key, est = _stored(req)
+    if est is None:
+        est = api("estimate")(req)
+        from estimator import result_cache
+
+        result_cache.store(key, est.to_json())
+    return est
 
 
 def estimate(req: EstimateRequest):
-    """The estimator's Estimate for ``req``, cached per request (a spinner says so while the libraries load)."""
-    wait_with_words()
+    """The estimator's Estimate for ``req``: from this session's memory, else from the on-disk result cache, else
+    computed (and stored in both). A spinner says so while the libraries load, unless the disk has the answer."""
+    if loading() and _stored(req)[1] is None:
+        wait_with_words()
     return _estimate(req.model_dump_json())
 
 

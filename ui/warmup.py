@@ -4,7 +4,7 @@ The app starts fast because pages import them lazily; the first estimate would t
 imports. A daemon thread started after the first render (and a short delay for the browser to draw it) takes that
 cost while the user reads the page, and ends
 with one tiny estimate, so that the code paths of a first trace (transformers' Llama modules, fake-tensor kernels)
-are loaded too. Every page call that needs those libraries goes through ``ready()`` first, so two threads never
+are loaded too (skipped when a page already waits: its own estimate loads them). Every page call that needs those libraries goes through ``ready()`` first, so two threads never
 import transformers at the same time (its lazy module is not safe for that); ``wait_with_words()`` does the same
 with a spinner that says what the page waits for. ``FTADVISOR_WARMUP=0`` turns the warm-up off.
 """
@@ -49,19 +49,17 @@ def _import_all() -> None:
         import estimator
         from estimator.request import EstimateRequest
 
-        try:
-            estimator.estimate(EstimateRequest(**WARM_REQUEST))
-        except Exception as exc:  # noqa: BLE001 - a warm-up estimate is an optimisation; the page reports real errors
-            log.warning("ftadvisor warm-up: the warm-up estimate failed (%s)", exc)
+        if not _needed.is_set():  # a page waiting for its own estimate warms the same paths; do not delay it
+            try:
+                estimator.estimate(EstimateRequest(**WARM_REQUEST))
+            except Exception as exc:  # noqa: BLE001 - a warm-up estimate is an optimisation; pages report errors
+                log.warning("ftadvisor warm-up: the warm-up estimate failed (%s)", exc)
     finally:
         _done.set()
         # benchmarks/bench_startup.py waits for this line
         print(f"ftadvisor warm-up: done in {time.perf_counter() - start:.1f} s", flush=True)
     for name in LATER_MODULES:  # after ready(): a page that needs one meanwhile imports it itself (import lock)
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            pass
+        importlib.import_module(name)  # dependencies of the package (pyproject): a failure is a broken install
 
 
 def _start_thread() -> None:
