@@ -356,3 +356,33 @@ def test_runs_page_stop_and_save_then_resume(tiny_model_dir, tiny_dataset):
     at.button(key=f"resume_{rec.id}").click().run()
     assert manager().get(rec.id).status in ("queued", "running")
     manager().cancel(rec.id)
+
+
+# ---- cached figures (ui/figures.py) ------------------------------------------------------------------------
+def test_a_cached_figure_is_drawn_as_a_freshly_built_one():
+    # ui.figures shares one figure object between reruns; st.plotly_chart must draw it unchanged each time
+    # (it serialises a copy). The reference is plotly's own JSON of a figure built anew by ui.charts.
+    import plotly.io
+
+    from ui import charts
+
+    args = dict(n_tasks=[1, 10], full_bytes=[2**30, 10 * 2**30], adapter_bytes=[2**30, 2**30 + 10 * 2**20])
+
+    def page():
+        import streamlit as st
+
+        from ui import figures
+
+        args = dict(n_tasks=[1, 10], full_bytes=[2**30, 10 * 2**30], adapter_bytes=[2**30, 2**30 + 10 * 2**20])
+        first = figures.figure("storage_lines", **args)
+        st.plotly_chart(first, key="first")
+        again = figures.figure("storage_lines", **args)
+        st.plotly_chart(again, key="again")
+        st.text(str(first is again))
+
+    at = AppTest.from_function(page, default_timeout=TIMEOUT_S).run()
+    assert not at.exception, at.exception
+    specs = [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+    assert len(specs) == 2 and specs[0] == specs[1]
+    assert specs[0] == json.loads(plotly.io.to_json(charts.storage_lines(**args), validate=False))
+    assert at.text[0].value == "True"  # built once, then the same object

@@ -6,23 +6,26 @@ Every knob is bound to the URL query string, so the address bar is a shareable l
 import json
 
 import streamlit as st
-from pydantic import ValidationError
 
-from estimator.request import EstimateRequest
-from ftcore.errors import UserError
-from ui import charts, estimates, uploads
-from ui.errors import attempt, message_of, show
-from ui.format import fmt_bytes, fmt_flops, fmt_hours, fmt_params, fmt_usd
-from ui.lazy import pandas as pd  # pandas loads at the first table, not when the page starts
-from ui.report import estimate_cli, estimate_csv, estimate_markdown, estimate_rows
+# The title goes on screen before the imports below: opened while the warm-up thread imports torch (which holds
+# the GIL), importing the estimator's package and plotly took seconds, and the page stayed blank meanwhile.
+st.title("Estimate")
+st.caption("Exact parameter counts and per-GPU memory from the real architecture (meta model + traced "
+           "activations); time and cost from FLOPs. The URL holds every knob: copy it to share this estimate.")
+
+from pydantic import ValidationError  # noqa: E402
+
+from estimator.request import EstimateRequest  # noqa: E402
+from ftcore.errors import UserError  # noqa: E402
+from ui import estimates, figures, uploads  # noqa: E402
+from ui.errors import attempt, message_of, show  # noqa: E402
+from ui.format import fmt_bytes, fmt_flops, fmt_hours, fmt_params, fmt_usd  # noqa: E402
+from ui.lazy import pandas as pd  # noqa: E402  (pandas loads at the first table, not when the page starts)
+from ui.report import estimate_cli, estimate_csv, estimate_markdown, estimate_rows  # noqa: E402
 
 RANKS = [4, 8, 16, 32, 64, 128, 256]  # the seed's rank guide spans 4-256 ("Comparing LoRA ranks")
 SOURCES = ["Catalog", "Upload", "Folder", "Hub"]  # where the model comes from (short: they go in the URL)
 QP = "query-params"
-
-st.title("Estimate")
-st.caption("Exact parameter counts and per-GPU memory from the real architecture (meta model + traced "
-           "activations); time and cost from FLOPs. The URL holds every knob: copy it to share this estimate.")
 
 model_names = estimates.model_names()
 model_ids = list(model_names)
@@ -206,8 +209,9 @@ with results:
                 except (UserError, ValidationError) as exc:
                     failures[m] = message_of(exc)
                     continue
-                columns[estimates.METHOD_LABELS[m]] = e.memory.model_dump()
-            st.plotly_chart(charts.memory_bars(columns, est.gpu.usable_bytes or est.gpu.memory_bytes, est.gpu.name), key="mem_chart")
+                columns[estimates.METHOD_LABELS[m]] = e.memory.model_dump(mode="json")
+            st.plotly_chart(figures.figure("memory_bars", columns=columns, gpu_bytes=est.gpu.usable_bytes
+                                           or est.gpu.memory_bytes, gpu_label=est.gpu.name), key="mem_chart")
             for m, msg in failures.items():
                 st.warning(f"{estimates.METHOD_LABELS[m]}: {msg}")
             rows = [{"part": k.removeprefix("memory.").removesuffix("_bytes").replace("_", " "),
@@ -286,8 +290,9 @@ with results:
                         if e is not None:
                             pts.append((r, e.memory.peak_bytes, e.adapter_bytes or 0, e.model.trainable_params))
                 if pts:
-                    st.plotly_chart(charts.rank_lines([p[0] for p in pts], [p[1] for p in pts],
-                                                      [p[2] for p in pts], est.gpu.memory_bytes), key="rank_chart")
+                    st.plotly_chart(figures.figure("rank_lines", ranks=[p[0] for p in pts],
+                                                   peak_bytes=[p[1] for p in pts], adapter_bytes=[p[2] for p in pts],
+                                                   gpu_bytes=est.gpu.memory_bytes), key="rank_chart")
                     st.dataframe(pd.DataFrame([{"rank": r, "peak per GPU": fmt_bytes(pk), "adapter": fmt_bytes(ab),
                                                 "trainable": f"{tp:,}"} for r, pk, ab, tp in pts]),
                                  hide_index=True, width="stretch")
@@ -305,8 +310,9 @@ with results:
                 ns = sorted({1, max(1, n_tasks // 4), max(1, n_tasks // 2), n_tasks})
                 per = [storage_for_tasks(est, n) for n in ns]
                 if per[0].get("base_plus_adapters_bytes") is not None:
-                    st.plotly_chart(charts.storage_lines(ns, [p["full_checkpoints_bytes"] for p in per],
-                                                         [p["base_plus_adapters_bytes"] for p in per]),
+                    st.plotly_chart(figures.figure("storage_lines", n_tasks=ns,
+                                                   full_bytes=[p["full_checkpoints_bytes"] for p in per],
+                                                   adapter_bytes=[p["base_plus_adapters_bytes"] for p in per]),
                                     key="storage_chart")
 
     if is_open(t_dl):
