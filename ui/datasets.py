@@ -7,7 +7,6 @@ from pathlib import Path
 import streamlit as st
 
 from ftcore.paths import data_path
-from runner.spec import DatasetSpec
 from ui.warmup import ready
 
 SHIPPED_DIR = data_path("datasets")
@@ -34,6 +33,7 @@ def tokenizer(model_ref: str, trust_remote_code: bool = False):
 def check(ds_json: str, model_ref: str, seq_len: int, mtime_ns: int, trust_remote_code: bool = False):
     """runner.train.data.check_dataset for a dataset spec (JSON) and model; keyed also by the file's mtime."""
     ready()
+    from runner.spec import DatasetSpec  # not at the top: the Advisor's first question imports this module
     from runner.train.data import check_dataset
 
     ds = DatasetSpec.model_validate_json(ds_json)
