@@ -53,6 +53,20 @@ for p in adapter_paths:
     rows.append({"adapter": names[p], "folder": p, "size": fmt_bytes(f.stat().st_size) if f.is_file() else "missing"})
 st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
 
+
+
+def pick_adapter(label: str, key: str) -> str:
+    """One of the chosen adapters (its folder), shown by its run name; each tab keeps its own choice (``key``)."""
+    return st.selectbox(label, adapter_paths, format_func=names.get, key=key)
+
+
+def adapter_weights(key_prefix: str) -> list[float]:
+    """A weight per chosen adapter, side by side (1 / count each by default); keys ``<key_prefix><index>``."""
+    cols = st.columns(len(adapter_paths))
+    return [cols[i].number_input(names[p], -4.0, 4.0, 1.0 / len(adapter_paths), 0.1, key=f"{key_prefix}{i}")
+            for i, p in enumerate(adapter_paths)]
+
+
 gen, side, comb, merge, exp, intr = st.tabs(["Generate", "Base vs tuned", "Combine", "Merge", "Export",
                                              "Intruder dimensions"])
 
@@ -95,11 +109,9 @@ with gen:
     chosen = adapter_paths[0]
     weights = None
     if mode == "one adapter":
-        chosen = st.selectbox("Adapter", adapter_paths, format_func=names.get, key="ad_one")
+        chosen = pick_adapter("Adapter", "ad_one")
     elif mode == "a weighted combination":
-        cols = st.columns(len(adapter_paths))
-        weights = [cols[i].number_input(names[p], -4.0, 4.0, 1.0 / len(adapter_paths), 0.1, key=f"ad_gw{i}")
-                   for i, p in enumerate(adapter_paths)]
+        weights = adapter_weights("ad_gw")
     if st.button("Generate", type="primary", icon=":material/chat:", key="ad_generate"):
         ready()  # the background import of torch/transformers has finished
         from runner.tools import adapters as ra
@@ -132,9 +144,7 @@ with comb:
     if len(adapter_paths) < 2:
         st.info("Pick two or more adapters to combine.")
     else:
-        cols = st.columns(len(adapter_paths))
-        cw = [cols[i].number_input(names[p], -4.0, 4.0, 1.0 / len(adapter_paths), 0.1, key=f"ad_cw{i}")
-              for i, p in enumerate(adapter_paths)]
+        cw = adapter_weights("ad_cw")
         out_name = st.text_input("Name of the combined adapter", "combined", key="ad_comb_name")
         if st.button("Combine and save", icon=":material/merge:", key="ad_combine"):
             ready()  # the background import of torch/transformers has finished
@@ -149,7 +159,7 @@ with comb:
 with merge:
     st.write("Merge one adapter into the base weights (`merge_and_unload`) and save a standalone model "
              "(safetensors + tokenizer). QLoRA adapters are merged onto the full-precision base.")
-    which = st.selectbox("Adapter to merge", adapter_paths, format_func=names.get, key="ad_merge_pick")
+    which = pick_adapter("Adapter to merge", "ad_merge_pick")
     out_name = st.text_input("Name of the merged model", safe_name(f"{names[which]}-merged"), key="ad_merge_name")
     if st.button("Merge and export", icon=":material/save:", key="ad_merge"):
         ready()  # the background import of torch/transformers has finished
@@ -168,7 +178,7 @@ with exp:
              "generation config) for transformers or `vllm serve`; **gguf**: one .gguf file (llama family: Llama, "
              "Mistral, Qwen2) with the tokenizer and chat template inside, plus an Ollama `Modelfile`. Or serve the "
              "adapter as it is with vLLM's LoRA support (the command is shown after an export).")
-    which_e = st.selectbox("Adapter to export", adapter_paths, format_func=names.get, key="ad_exp_pick")
+    which_e = pick_adapter("Adapter to export", "ad_exp_pick")
     e1, e2, e3 = st.columns(3)
     fmt = e1.radio("Format", ["merged", "gguf"], key="ad_exp_fmt", horizontal=True)
     gtype = e2.radio("GGUF weights", ["f16", "q8_0"], key="ad_exp_gtype", horizontal=True, disabled=fmt != "gguf")
@@ -220,7 +230,7 @@ with intr:
              "singular vectors of W + delta W that resemble no singular vector of the base W. LoRA tends to "
              "introduce them, full fine-tuning does not; they go with forgetting. Read from the files, no model "
              "is loaded.")
-    which_i = st.selectbox("Adapter", adapter_paths, format_func=names.get, key="ad_intr_pick")
+    which_i = pick_adapter("Adapter", "ad_intr_pick")
     if st.button("Measure", icon=":material/query_stats:", key="ad_intr"):
         ready()
         from runner.tools import intruder
