@@ -1,10 +1,12 @@
-"""What the job tests share: waiting for a condition, a job manager that leaves no process behind, the metrics rows
-of a run, a small arithmetic dataset, and the stop-and-save -> resume round trip of a real run."""
+"""What the job and process tests share: waiting for a condition, a free local port, a job manager that leaves no
+process behind, the metrics rows of a run, a small arithmetic dataset, and the stop-and-save -> resume round trip of
+a real run."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -23,6 +25,13 @@ def wait_for(cond: Callable[[], object], timeout_s: float = 20.0, poll_s: float 
             return True
         time.sleep(poll_s)
     return bool(cond())
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing holds now (the OS picks it), for a server or a rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

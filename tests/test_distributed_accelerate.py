@@ -13,13 +13,12 @@ Slow: two real accelerate launches (about 2.5 minutes in all on the shared 2-cor
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import psutil
 import pytest
 
-from jobs_helpers import job_manager, stop_save_then_resume, sum_rows, wait_for, write_jsonl
+from jobs_helpers import free_port, job_manager, stop_save_then_resume, sum_rows, wait_for, write_jsonl
 from runner.jobs.supervisor import run_processes, worker_processes
 from runner.spec import DatasetSpec, DistributionSpec, RunSpec
 
@@ -34,12 +33,6 @@ def manager(tmp_path, monkeypatch):
         yield mgr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:  # accelerate's static rendezvous needs a port no other test run holds
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_accelerate_two_ranks_stop_save_then_resume(manager, tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "train.jsonl", sum_rows(ROWS))
@@ -47,7 +40,7 @@ def test_accelerate_two_ranks_stop_save_then_resume(manager, tmp_path, tiny_mode
                    dataset=DatasetSpec(path=str(data), eval_fraction=0.2), max_steps=MAX_STEPS, save_steps=100,
                    micro_batch_size=MICRO_BATCH, seq_len=32, precision="fp32", device="cpu", learning_rate=1e-2,
                    distribution=DistributionSpec(nproc_per_node=NPROC, strategy="ddp", launcher="accelerate",
-                                                 master_port=_free_port()))
+                                                 master_port=free_port()))  # accelerate's static rendezvous
 
     def only_the_ranks_are_workers(rec, run_dir):
         # the ranks registered themselves; the launcher (which also has "runner.train.worker" in its argv) did not

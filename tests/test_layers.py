@@ -272,3 +272,14 @@ def test_no_import_cycle_between_runner_sub_packages():
     shown = sorted({str(i) for i in IMPORTS if any(_unit(i.source) in c and _unit(i.target) in c
                                              and _unit(i.source) != _unit(i.target) for c in cycles)})
     assert not cycles, "runner sub-packages import each other:\n  " + "\n  ".join(shown)
+
+
+def test_the_command_line_dispatches_to_each_package_cli_module():
+    """``ftadvisor.cli`` imports its command modules by name (importlib), which the parse above cannot see: each is
+    a real module here and the ``cli`` module of a package below the command line."""
+    from ftadvisor.cli import COMMAND_MODULES
+
+    missing = [m for m in COMMAND_MODULES if m not in MODULES]
+    assert not missing, f"COMMAND_MODULES names modules that do not exist: {missing}"
+    assert all(_package(m) in ALLOWED_PACKAGES["ftadvisor"] and m.rsplit(".", 1)[-1].endswith("cli")
+               for m in COMMAND_MODULES), COMMAND_MODULES

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+
+from jobs_helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,12 +130,6 @@ HEALTH_OK = b"ok"
 APP_START_BOUND_S = 90  # health answered 1.4 s after the start on the shared 2-core box; generous for CI
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=2) as r:
         assert r.status == 200, url
@@ -143,7 +138,7 @@ def _get(url: str) -> bytes:
 
 def test_ftadvisor_app_serves_the_installed_app_from_any_folder(installed, tmp_path):
     cwd, env = _away(installed, tmp_path)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "ftadvisor", "app", "--port", str(port)], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
