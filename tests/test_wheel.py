@@ -181,3 +181,18 @@ def test_installed_app_script_renders_its_first_page(installed, tmp_path):
     assert Path(ui_file).is_relative_to(installed), ui_file
     assert exceptions == "0", res.stdout[-3000:]
     assert title == "Advisor"  # ui/app_pages/advise.py, the default page
+
+
+def test_pyproject_lists_every_package_and_the_wheel_has_every_module(installed):
+    """pyproject names its packages one by one: a new sub-package left out of the list would be missing from the
+    wheel, with nothing failing until someone imports it away from the checkout."""
+    import tomllib
+    from setuptools import find_packages
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"])
+    found = set(find_packages(REPO, include=["ftcore*", "advisor*", "estimator*", "runner*", "ftadvisor*", "ui*"]))
+    assert found - listed == set(), "add these packages to [tool.setuptools] packages in pyproject.toml"
+    ours = [p for pkg in ("ftcore", "advisor", "estimator", "runner", "ftadvisor", "ui")
+            for p in (REPO / pkg).rglob("*.py") if "__pycache__" not in p.parts]
+    missing = [str(p.relative_to(REPO)) for p in ours if not (installed / p.relative_to(REPO)).is_file()]
+    assert not missing, f"the wheel lacks {missing}"
