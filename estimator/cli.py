@@ -4,6 +4,7 @@ from ``estimator.engine`` and ``estimator.catalog``."""
 from __future__ import annotations
 
 import json
+import typing
 
 GIB = 1024**3
 
@@ -39,7 +40,8 @@ def register(subparsers) -> None:
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
     p.add_argument("--targets", default="attention-qv",
-                   help="preset attention-qv | attention | all-linear, or comma-separated module names")
+                   help="preset attention-qv | attention | all-linear | all-linear+experts (also the routed "
+                        "experts, LoRA with --dropout 0), or comma-separated module names")
     p.add_argument("--dora", action="store_true", help="DoRA (magnitude vector per adapted Linear)")
     p.add_argument("--rslora", action="store_true", help="rank-stabilized LoRA scaling")
     p.add_argument("--dropout", type=float, default=0.05, help="lora_dropout (default 0.05, as the runner)")
@@ -115,7 +117,9 @@ def build_request(args):
     from estimator.request import EstimateRequest
 
     targets = args.targets
-    presets = ("attention-qv", "attention", "all-linear")
+    from estimator.request import TargetPreset
+
+    presets = typing.get_args(TargetPreset)
     if targets not in presets:
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     data = dict(model=args.model, method=args.method, rank=args.rank, alpha=args.alpha, targets=targets,

@@ -18,6 +18,7 @@ from estimator.inventory import adapter_file_bytes, build_inventory, param_break
 from estimator.memory import (card_memory, cublas_workspace_bytes, eval_memory, formula_activations, host_memory,
                               moe_qlora_load_peak_bytes, step_memory)
 from estimator.notes import card_notes, load_note, method_note, step_notes
+from estimator.params import EXPERTS_PRESET, check_experts_knobs
 from estimator.precision import base_dtype, eval_value_bytes, pure16, weights_16bit
 from estimator.request import EstimateRequest
 from estimator.result import Estimate, GPUInfo, MemoryBreakdown, ModelInfo, StorageInfo
@@ -36,6 +37,8 @@ def _check_request(req: EstimateRequest, config, gpu) -> None:
     if req.method == "full" and (req.dora or req.rslora or req.adalora):
         raise EstimatorError("method: --dora/--rslora/adalora apply to LoRA and QLoRA, not full fine-tuning; "
                              "use --method lora", field="method")
+    if req.targets == EXPERTS_PRESET and req.method != "full":
+        check_experts_knobs(method=req.method, dora=req.dora, adalora=req.adalora, dropout=req.dropout)
     if req.method == "qlora" and req.sharding in ("zero1", "zero2", "zero3") and req.num_gpus > 1:
         pass  # supported: adapters are what the optimizer sees; frozen NF4 weights are sharded by ZeRO-3
 

@@ -41,7 +41,8 @@ def build_inventory(entry, req: EstimateRequest) -> tuple[Inventory, Any, list[s
     import torch.nn as nn
     from transformers.pytorch_utils import Conv1D
 
-    from estimator.params import build_meta_model, resolve_targets
+    from estimator.experts import expert_matrices, fused_experts, num_experts
+    from estimator.params import EXPERTS_PRESET, build_meta_model, resolve_targets
 
     config = entry.hf_config()
     num_layers = _num_layers(config)
@@ -61,6 +62,12 @@ def build_inventory(entry, req: EstimateRequest) -> tuple[Inventory, Any, list[s
         from estimator.experts import fused_experts, unsupported_reason
 
         nf4_experts = {id(m) for _, m in fused_experts(model) if unsupported_reason(m) is None}
+    lora_experts: set[int] = set()
+    if req.method != "full" and req.targets == EXPERTS_PRESET:
+        lora_experts = {id(m) for _, m in fused_experts(model)}
+        if not lora_experts:
+            raise EstimatorError(f"targets: {EXPERTS_PRESET}: this model has no fused routed experts; use "
+                                 "all-linear", field="targets")
     for mod_name, module in model.named_modules():
         is_linear = isinstance(module, (nn.Linear, Conv1D)) and module is not head and bool(mod_name)
         for p_name, p in module.named_parameters(recurse=False):
@@ -95,6 +102,18 @@ def build_inventory(entry, req: EstimateRequest) -> tuple[Inventory, Any, list[s
                                           adapter=True))
             if req.dora:
                 tensors.append(TensorInfo(name=f"{mod_name}.lora_magnitude_vector", shape=(d_out,), trainable=True,
+                                          layer=layer, adapter=True))
+        if id(module) in lora_experts:
+            # peft ParamWrapper per targeted 3D weight (the all-linear+experts preset): lora_A (r x experts, in),
+            # lora_B (out, r x experts); each later target wraps the earlier wrapper, so the first sits deepest
+            mats = expert_matrices(module)
+            n_exp, r = num_experts(module), req.rank
+            for i, (_, d_in, d_out) in enumerate(mats):
+                prefix = f"{mod_name}." + "base_layer." * (len(mats) - 1 - i)
+                layer = _layer_of(mod_name + ".")
+                tensors.append(TensorInfo(name=f"{prefix}lora_A.weight", shape=(r * n_exp, d_in), trainable=True,
+                                          layer=layer, adapter=True))
+                tensors.append(TensorInfo(name=f"{prefix}lora_B.weight", shape=(d_out, r * n_exp), trainable=True,
                                           layer=layer, adapter=True))
     buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
     mapping = layer_map(types, num_layers, n_slice)

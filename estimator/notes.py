@@ -52,7 +52,11 @@ def _moe_notes(req: EstimateRequest, inv: Inventory) -> list[str]:
         return []
     notes = ["MoE: routed experts are fused 3D weights (transformers 5), run in the grouped layout whose tensors "
              "are all sized by tokens x top_k, so the traced activations hold for any routing; FLOPs count the "
-             "top-k active experts (plus shared experts); presets never adapt routed experts"]
+             "top-k active experts (plus shared experts); "
+             + ("the routed experts are adapted too (all-linear+experts: peft target_parameters, one rank-r LoRA "
+                "per expert and matrix, its delta weight built at every forward)"
+                if req.targets == "all-linear+experts" else
+                "presets other than all-linear+experts never adapt routed experts")]
     if req.method == "qlora" and any(len(t.shape) == 3 for t in inv.tensors):
         notes.append("QLoRA on MoE: this architecture's experts (biases, interleaved gate/up or a post-expert norm) "
                      "are not quantized by the runner and stay 3D tensors in the load dtype, counted so here")

@@ -19,8 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from estimator.catalog import ModelEntry, config_key, validate_config
 from estimator.errors import EstimatorError
 
-TargetPreset = Literal["attention-qv", "attention", "all-linear"]
-PRESETS: tuple[str, ...] = ("attention-qv", "attention", "all-linear")
+TargetPreset = Literal["attention-qv", "attention", "all-linear", "all-linear+experts"]
+PRESETS: tuple[str, ...] = ("attention-qv", "attention", "all-linear", "all-linear+experts")
+#: The preset that also adapts the routed experts: all-linear's modules plus peft's ``target_parameters`` on
+#: every fused 3D expert weight (transformers 5 ``experts.gate_up_proj`` / ``experts.down_proj``; peft's
+#: ``ParamWrapper``, one rank-r LoRA per expert: ``lora_A`` (r x experts, in), ``lora_B`` (out, r x experts)).
+EXPERTS_PRESET = "all-linear+experts"
 MAX_RANK = 1024  # same bound as EstimateRequest.rank; beyond it LoRA stops being low-rank for any catalog model
 
 # Bytes per element of the dtypes an adapter can be saved in, and their safetensors names.
@@ -258,8 +262,23 @@ def resolve_targets(model, targets: str | list[str]) -> list[str]:
     return sorted(dict.fromkeys(targets))
 
 
+def expert_target_parameters(model) -> list[str]:
+    """peft ``target_parameters`` for the routed experts: ``<module short name>.<3D weight>`` of every fused
+    experts module (e.g. ``experts.gate_up_proj``, ``experts.down_proj``), in the module's matrix order; empty
+    when the model has none (dense models, or QLoRA's experts already swapped for NF4 Linears)."""
+    from estimator.experts import expert_matrices, fused_experts
+
+    out: dict[str, None] = {}
+    for name, mod in fused_experts(model):
+        for weight, _, _ in expert_matrices(mod):
+            out[f"{name.rsplit('.', 1)[-1]}.{weight}"] = None
+    return list(out)
+
+
 def _preset(model, linears: dict[str, Any], preset: str) -> list[str]:
     short = {name: name.rsplit(".", 1)[-1] for name in linears}
+    if preset == EXPERTS_PRESET:
+        preset = "all-linear"  # the module targets; the experts go in target_parameters (adapter_config)
     if preset == "all-linear":
         # names peft would move onto the fused experts are left out: presets adapt Linear modules only; so are
         # MoE routers built as Linear subclasses (PhiMoE's router returns a tuple a LoRA layer cannot add to)
@@ -380,12 +399,45 @@ def adapter_config(model, *, method: str = "lora", rank: int = 16, alpha: float 
     names = resolve_targets(model, targets)
     lora_alpha = float(alpha) if alpha is not None else 2.0 * rank
     fan_in_fan_out = _uses_conv1d(model, names)
+    experts = experts_targets(model, targets, method=method, dora=dora, adalora=adalora, dropout=dropout)
     if adalora:
         return AdaLoraConfig(init_r=rank, target_r=max(1, math.ceil(rank * 2 / 3)), lora_alpha=lora_alpha,
                              target_modules=names, total_step=total_steps, lora_dropout=dropout,
                              fan_in_fan_out=fan_in_fan_out, task_type="CAUSAL_LM")
     return LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=names, lora_dropout=dropout,
-                      use_dora=dora, use_rslora=rslora, fan_in_fan_out=fan_in_fan_out, task_type="CAUSAL_LM")
+                      use_dora=dora, use_rslora=rslora, fan_in_fan_out=fan_in_fan_out, task_type="CAUSAL_LM",
+                      **({"target_parameters": experts} if experts else {}))
+
+
+def experts_targets(model, targets, *, method: str, dora: bool = False, adalora: bool = False,
+                    dropout: float = 0.0) -> list[str]:
+    """``target_parameters`` for ``targets`` (only the ``all-linear+experts`` preset has any), with what peft's
+    ``ParamWrapper`` refuses named: lora_dropout (it cannot factor x out of B(A(dropout(x)))), DoRA and AdaLoRA
+    (LoRA layers only), QLoRA (the runner stores the experts as NF4 Linears, not 3D weights)."""
+    if targets != EXPERTS_PRESET:
+        return []
+    if any(type(m).__name__ == "NF4Experts" for m in model.modules()):
+        method = "qlora"  # the runner's QLoRA experts
+    check_experts_knobs(method=method, dora=dora, adalora=adalora, dropout=dropout)
+    names = expert_target_parameters(model)
+    if not names:
+        raise EstimatorError(f"targets: {EXPERTS_PRESET}: this model has no fused routed experts; use all-linear",
+                             field="targets")
+    return names
+
+
+def check_experts_knobs(*, method: str, dora: bool = False, adalora: bool = False, dropout: float = 0.0) -> None:
+    """What the ``all-linear+experts`` preset cannot be combined with, as a named error (see ``experts_targets``)."""
+    field = "targets"
+    if method == "qlora":
+        raise EstimatorError(f"targets: {EXPERTS_PRESET} adapts the fused 16-bit experts; QLoRA stores them as "
+                             "NF4 Linears: use --method lora, or the all-linear preset", field=field)
+    if dora or adalora:
+        raise EstimatorError(f"targets: {EXPERTS_PRESET} adapts expert weights with peft's ParamWrapper, which "
+                             "has no DoRA or AdaLoRA: drop --dora/adalora or use all-linear", field=field)
+    if dropout:
+        raise EstimatorError(f"targets: {EXPERTS_PRESET} needs lora_dropout 0 (peft's ParamWrapper cannot apply "
+                             f"dropout; got {dropout:g}): use --dropout 0", field="dropout")
 
 
 def _uses_conv1d(model, names: list[str]) -> bool:

@@ -15,7 +15,7 @@ DType = Literal["fp32", "bf16", "fp16"]
 Optimizer = Literal["adamw", "adamw-8bit", "paged-adamw-8bit", "sgd", "adafactor"]
 Attention = Literal["sdpa", "eager"]
 Sharding = Literal["none", "ddp", "zero1", "zero2", "zero3", "fsdp"]
-TargetPreset = Literal["attention-qv", "attention", "all-linear"]
+TargetPreset = Literal["attention-qv", "attention", "all-linear", "all-linear+experts"]
 QLoraRegime = Literal["paper", "peft-upcast"]
 
 MAX_SEQ_LEN = 1_048_576  # 1M tokens: longer than any catalog model's context; beyond it a trace is absurd

@@ -102,7 +102,8 @@ def test_gpt2_presets_handle_conv1d_and_shared_c_proj():
 @pytest.mark.parametrize("model_id", ["llama-2-7b", "qwen2.5-0.5b", "mixtral-8x7b", "gemma-2-2b", "tinyllama-1.1b"])
 def test_presets_resolve_on_catalog_models(model_id):
     model = build_meta_model(resolve_model(model_id))
-    qv, attention, all_linear = (resolve_targets(model, p) for p in PRESETS)
+    qv, attention, all_linear, with_experts = (resolve_targets(model, p) for p in PRESETS)
+    assert with_experts == all_linear  # the module targets; the experts go in target_parameters
     assert qv == ["q_proj", "v_proj"]
     assert set(qv) <= set(attention) <= set(all_linear)
     assert "lm_head" not in all_linear

@@ -413,12 +413,26 @@ def resolve_targets(model, targets) -> list[str] | str:
                           ) from exc
 
 
+def experts_targets(model, targets, **knobs) -> list[str]:
+    """peft ``target_parameters`` for the routed experts (the ``all-linear+experts`` preset; else []): the
+    estimator's (``estimator.params.experts_targets``), its refusals (QLoRA, DoRA, AdaLoRA, dropout) as RunnerError."""
+    from estimator.params import experts_targets as shared
+    from ftcore.errors import UserError
+
+    try:
+        return shared(model, targets, **knobs)
+    except UserError as exc:
+        raise RunnerError(str(exc), field="peft.target_modules", kind="bad_spec",
+                          fix="use all-linear, or LoRA with dropout 0 for all-linear+experts") from exc
+
+
 def _peft_config(r: Run, model):
     from peft import AdaLoraConfig, LoraConfig
 
     p = r.spec.peft
     targets = resolve_targets(model, p.target_modules)
     if p.variant == "adalora":
+        experts_targets(model, p.target_modules, method=r.spec.method, adalora=True, dropout=p.dropout)
         if p.use_dora:
             raise RunnerError("AdaLoRA cannot be combined with DoRA", field="peft.use_dora", fix="turn off use_dora")
         if p.adalora_target_r >= p.r:  # equal ranks leave nothing to prune (peft fails in kthvalue)
@@ -433,8 +447,11 @@ def _peft_config(r: Run, model):
         return AdaLoraConfig(init_r=p.r, target_r=p.adalora_target_r, lora_alpha=p.alpha, lora_dropout=p.dropout,
                              target_modules=targets, total_step=total, tinit=tinit, tfinal=tfinal, deltaT=1,
                              task_type="CAUSAL_LM")
+    # the all-linear+experts preset: peft's target_parameters on the fused routed experts (estimator.params)
+    experts = experts_targets(model, p.target_modules, method=r.spec.method, dora=p.use_dora, dropout=p.dropout)
     return LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=targets,
-                      use_rslora=p.use_rslora, use_dora=p.use_dora, task_type="CAUSAL_LM")
+                      use_rslora=p.use_rslora, use_dora=p.use_dora, task_type="CAUSAL_LM",
+                      **({"target_parameters": experts} if experts else {}))
 
 
 # ------------------------------------------------------------------------------------------------- trainer
