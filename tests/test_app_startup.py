@@ -73,3 +73,16 @@ def test_estimate_page_answers_from_the_disk_result_cache_without_torch(tmp_path
     assert len(list((tmp_path / "cache" / "estimates").glob("*.json"))) == 1  # ftcore.paths.cache_dir()/estimates
     again = _run(code, tmp_path).strip().splitlines()[-1].split(" ", 2)
     assert again[:2] == first[:2] and again[2] == "[]"
+
+
+@pytest.mark.parametrize("how,warm_estimates", [("warm_up", 1), ("ready", 0)])
+def test_warm_up_runs_its_tiny_estimate_only_when_no_page_waits(how, warm_estimates, tmp_path):
+    # warm_up() after the first page: imports, then one tiny estimate (loads a first trace's code paths). ready()
+    # (a page that waits for its own estimate): imports only; that page's estimate loads the same paths itself.
+    code = ("import estimator\ncalls = []\nestimator.estimate = lambda req: calls.append(req.model)\n"
+            f"from ui import warmup\nwarmup.{how}()\nwarmup._done.wait()\nprint(calls)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={"FTADVISOR_WARMUP": "1", "PATH": "/usr/bin:/bin", "FTADVISOR_HOME": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    # the warm-up thread prints its "done" line after _done is set: it may come before or after this one
+    assert [line for line in out.stdout.splitlines() if line.startswith("[")] == [str(["smollm2-135m"] * warm_estimates)]
