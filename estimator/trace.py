@@ -36,6 +36,7 @@ Traces are cached in memory and on disk (``cache_dir()/traces``) keyed by everyt
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -105,91 +106,142 @@ class Extrapolated(BaseModel):
 # ------------------------------------------------------------------------------------------ live-bytes mode
 
 
-def _flop_registry():
-    from torch.utils.flop_counter import flop_registry
-
-    return flop_registry
-
-
 class _LiveBytes:
     """TorchDispatchMode factory: live storage bytes after every op, segment peaks and FLOPs."""
 
     def __new__(cls, *args, **kwargs):  # built lazily so that importing this module does not import torch
-        from torch.utils._python_dispatch import TorchDispatchMode
+        return _live_bytes_cls()(*args, **kwargs)
 
-        class LiveBytes(TorchDispatchMode):
-            def __init__(self):
-                super().__init__()
-                self.live = 0
-                self._seen: dict[int, weakref.ref] = {}
-                self.segments: list[dict] = []
-                self._cur: dict | None = None
-                self._registry = _flop_registry()
 
-            # -- storages
-            def track(self, t) -> None:
-                import torch
+@functools.lru_cache(maxsize=1)
+def _live_bytes_cls():
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensor, in_kernel_invocation_manager
+    from torch.utils._pytree import tree_flatten
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
 
-                if not isinstance(t, torch.Tensor):
-                    return
-                st = t.untyped_storage()
-                key = id(st)
-                ref = self._seen.get(key)
-                if ref is not None and ref() is st:
-                    return
-                nbytes = st.nbytes()
-                self.live += nbytes
-                born = len(self.segments) if self._cur is not None else -1
+    tensor_type = torch.Tensor
+    device_query = torch.ops.prim.device.default
+    meta = torch.device("meta")
+    aten = torch.ops.aten
+    # ops whose output is a view of their one tensor argument (metadata only: no bytes, no FLOPs); a quarter of
+    # the trace's ops. FakeTensorMode answers them on its generic path (C++ meta kernel on the argument's meta
+    # storage, outputs wrapped as FakeTensors of its device) after building a cache key and, on a miss, an entry;
+    # ``view``/``_unsafe_view`` through a Python reshape helper. ``_fake_view`` takes that generic path directly.
+    views = {aten.view.default, aten._unsafe_view.default, aten.t.default, aten.transpose.int, aten.slice.Tensor,
+             aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default, aten.permute.default,
+             aten.select.int, aten.detach.default, aten.alias.default, aten._reshape_alias.default}
 
-                def _gone(_ref, key=key, nbytes=nbytes, born=born):
-                    self.live -= nbytes
-                    cur = self._cur
-                    if cur is not None and cur["name"] == "exit" and born >= 0:
-                        cur["frees"][born] = cur["frees"].get(born, 0) + nbytes
-                    if self._seen.get(key) is _ref:
-                        del self._seen[key]
+    def _fake_view(func, args, kwargs):
+        """``func`` on a plain FakeTensor (no constant value, no symbolic sizes) as FakeTensorMode runs a view op
+        it has no special rule for, or None when the arguments are not plain."""
+        t = args[0]
+        if (type(t) is not FakeTensor or t.constant is not None or t._has_symbolic_sizes_strides
+                or t.fake_mode.in_kernel_invocation or kwargs
+                or any(isinstance(a, (tensor_type, torch.SymInt)) for a in args[1:])):
+            return None
+        mode = t.fake_mode
+        with in_kernel_invocation_manager(mode):
+            r = func(*args)
+        return mode.wrap_meta_outputs_with_default_device_logic(r, func, args, device=None)
 
-                self._seen[key] = weakref.ref(st, _gone)
+    class LiveBytes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.live = 0
+            self._seen: dict[int, weakref.ref] = {}
+            self.segments: list[dict] = []
+            self._cur: dict | None = None
+            self._flops_of: dict = {}  # op -> its FLOP formula, or None (most ops count none)
 
-            # -- segments
-            def mark(self, name: str, phase: str, layer: int | None) -> None:
-                self.close()
-                self._cur = {"name": name, "phase": phase, "layer": layer, "start": self.live,
-                             "peak": self.live, "flops": 0, "frees": {}}
+        # -- storages
+        def track(self, t) -> None:
+            if not isinstance(t, tensor_type):
+                return
+            st = t.untyped_storage()
+            key = id(st)
+            ref = self._seen.get(key)
+            if ref is not None and ref() is st:
+                return
+            nbytes = st.nbytes()
+            self.live += nbytes
+            born = len(self.segments) if self._cur is not None else -1
 
-            def close(self) -> None:
-                if self._cur is not None:
-                    cur = self._cur
-                    self.segments.append({"name": cur["name"], "phase": cur["phase"], "layer": cur["layer"],
-                                          "delta_bytes": self.live - cur["start"],
-                                          "peak_rel_bytes": max(cur["peak"], self.live) - cur["start"],
-                                          "flops": cur["flops"],
-                                          "freed_from": {self._label(i): b for i, b in cur["frees"].items()}})
-                    self._cur = None
+            def _gone(_ref, key=key, nbytes=nbytes, born=born):
+                self.live -= nbytes
+                cur = self._cur
+                if cur is not None and cur["name"] == "exit" and born >= 0:
+                    cur["frees"][born] = cur["frees"].get(born, 0) + nbytes
+                if self._seen.get(key) is _ref:
+                    del self._seen[key]
 
-            def _label(self, index: int) -> str:
-                seg = self.segments[index]
-                return f"{seg['phase']}:{seg['name']}:{seg['layer']}"
+            self._seen[key] = weakref.ref(st, _gone)
 
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                from torch.utils._pytree import tree_flatten
+        # -- segments
+        def mark(self, name: str, phase: str, layer: int | None) -> None:
+            self.close()
+            self._cur = {"name": name, "phase": phase, "layer": layer, "start": self.live,
+                         "peak": self.live, "flops": 0, "frees": {}}
 
-                kwargs = kwargs or {}
+        def close(self) -> None:
+            if self._cur is not None:
+                cur = self._cur
+                self.segments.append({"name": cur["name"], "phase": cur["phase"], "layer": cur["layer"],
+                                      "delta_bytes": self.live - cur["start"],
+                                      "peak_rel_bytes": max(cur["peak"], self.live) - cur["start"],
+                                      "flops": cur["flops"],
+                                      "freed_from": {self._label(i): b for i, b in cur["frees"].items()}})
+                self._cur = None
+
+        def _label(self, index: int) -> str:
+            seg = self.segments[index]
+            return f"{seg['phase']}:{seg['name']}:{seg['layer']}"
+
+        def _formula(self, func):
+            """The FLOP count of ``func`` as ``(args, kwargs, out) -> int``, or None for the ops that count none."""
+            if func not in self._flops_of:
+                formula = flop_registry.get(func._overloadpacket)
+                if formula is not None:
+                    self._flops_of[func] = lambda args, kwargs, out: int(formula(*args, **kwargs, out_val=out))
+                elif _is_grouped(func):
+                    self._flops_of[func] = lambda args, kwargs, out: _grouped_flops(func, args, out)
+                else:
+                    self._flops_of[func] = None
+            return self._flops_of[func]
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is device_query and isinstance(args[0], FakeTensor):
+                # two of every three calls (autocast and autograd ask before most ops): answered as FakeTensor
+                # answers it (``fake_tensor._device_handler``), without the trip through FakeTensorMode
+                t = args[0]
+                return meta if t.fake_mode.in_kernel_invocation else t.fake_device
+            kwargs = kwargs or {}
+            out = _fake_view(func, args, kwargs) if func in views else None
+            if out is None:
                 out = func(*args, **kwargs)
+            if isinstance(out, tensor_type):
+                self.track(out)
+            elif type(out) in (tuple, list) and not any(type(o) in (tuple, list, dict) for o in out):
+                for t in out:
+                    self.track(t)
+            else:
                 for t in tree_flatten(out)[0]:
                     self.track(t)
-                cur = self._cur
-                if cur is not None:
-                    if self.live > cur["peak"]:
-                        cur["peak"] = self.live
-                    formula = self._registry.get(func._overloadpacket)
-                    if formula is not None:
-                        cur["flops"] += int(formula(*args, **kwargs, out_val=out))
-                    else:
-                        cur["flops"] += _grouped_flops(func, args, out)
-                return out
+            cur = self._cur
+            if cur is not None:
+                if self.live > cur["peak"]:
+                    cur["peak"] = self.live
+                formula = self._formula(func)
+                if formula is not None:
+                    cur["flops"] += formula(args, kwargs, out)
+            return out
 
-        return LiveBytes(*args, **kwargs)
+    return LiveBytes
+
+
+def _is_grouped(func) -> bool:
+    return str(func._overloadpacket).endswith(("_grouped_mm", "grouped_mm_fallback", "grouped_mm_fallback_backward"))
 
 
 def _grouped_flops(func, args, out) -> int:
@@ -331,7 +383,7 @@ def run_traced_step(model, settings: TraceSettings, *, fake: bool = True) -> Sli
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     with patched_for_trace(fake), mode:
         if fake:
-            model.to_empty(device="cpu")
+            _to_empty_cpu(model)
         model.train()
         tracker = _LiveBytes()
         for t in list(model.parameters()) + list(model.buffers()):
@@ -396,6 +448,25 @@ def run_traced_step(model, settings: TraceSettings, *, fake: bool = True) -> Sli
     _check_segments(segments, n)
     return SliceTrace(slice_layers=n, layer_types=layer_kinds(model.config) if hasattr(model, "config") else None,
                       base_bytes=base, segments=segments, seconds=time.perf_counter() - start_t)
+
+
+def _to_empty_cpu(model) -> None:
+    """``model.to_empty(device="cpu")`` (inside a FakeTensorMode): every meta parameter and buffer replaced by an
+    uninitialised CPU tensor of its shape, strides and dtype. For the usual contiguous tensor this is ``torch.empty``,
+    a factory call, so FakeTensorMode does not first convert the meta argument of ``empty_like`` to a fake tensor
+    (a third of the cost of materialising the slice); anything else goes through ``empty_like`` as ``to_empty`` does."""
+    import torch
+
+    def empty(t):
+        stride, n = [], 1
+        for size in reversed(t.shape):
+            stride.append(n)
+            n *= size
+        if t.stride() == tuple(reversed(stride)):
+            return torch.empty(t.shape, dtype=t.dtype, layout=t.layout, device="cpu")
+        return torch.empty_like(t, device="cpu")
+
+    model._apply(empty)
 
 
 def _check_segments(segments: list[Segment], n: int) -> None:
