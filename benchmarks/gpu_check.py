@@ -9,7 +9,7 @@ library versions and the date (``--store``, default ``data/validation/gpu_check/
 Run on a machine with one CUDA GPU (no network needed):
 
     python benchmarks/gpu_check.py [--model llama-2-7b] [--layers 2] [--batch 4] [--seq-len 512] [--steps 3]
-        [--cases full,full-bf16,lora,qlora,qlora-upcast,moe-lora] [--store PATH]
+        [--cases full,full-bf16,lora,qlora,qlora-upcast,moe-lora,moe-qlora,moe-lora-experts] [--store PATH]
 
 It builds a 2-layer slice of a real architecture (the catalog model's config.json with ``num_hidden_layers``
 cut to ``--layers``; random weights, fixed seed; a small locally trained tokenizer, whose ids are valid in the
@@ -48,7 +48,14 @@ CASES = {
     "qlora": ("qlora", "fp32", "paper", None),
     "qlora-upcast": ("qlora", "fp32", "peft-upcast", None),
     "moe-lora": ("lora", "fp32", "paper", "mixtral-8x7b"),
+    # QLoRA on the MoE: max_memory_allocated covers the load, whose peak holds the fused 16-bit experts before
+    # the runner quantizes them (estimate.memory.load_peak_bytes), so the larger of the two is compared
+    "moe-qlora": ("qlora", "fp32", "paper", "mixtral-8x7b"),
+    # LoRA on the routed experts too (preset all-linear+experts: peft target_parameters, lora_dropout 0)
+    "moe-lora-experts": ("lora", "fp32", "paper", "mixtral-8x7b"),
 }
+#: case -> target preset when not all-linear (with lora_dropout 0: peft's ParamWrapper has no dropout)
+CASE_TARGETS = {"moe-lora-experts": "all-linear+experts"}
 #: Words for the synthetic training text (any text works: each row is cut to exactly seq_len tokens).
 WORDS = ("the a model data train loss rank adapter memory token review good bad great poor movie service product "
          "what is of and to in for on with user assistant system plus minus equals").split()
@@ -116,7 +123,8 @@ def _child(args, device: str) -> int:
     model_dir = build_slice(work / "model", model or args.model, args.layers, smoke=args.smoke)
     data = write_dataset(work / "train.jsonl", rows=max(8, args.batch * (args.steps + 1)),
                          words_per_row=args.seq_len * 2)
-    row = measure(method, model_dir, data, work / "run", args, device, master_dtype=master, qlora_regime=regime)
+    row = measure(method, model_dir, data, work / "run", args, device, master_dtype=master, qlora_regime=regime,
+                  targets=CASE_TARGETS.get(args.one, "all-linear"))
     row.update(case=args.one, model=model or args.model)
     args.json.write_text(json.dumps(row, indent=2) + "\n")
     return 0
@@ -156,7 +164,7 @@ def build_slice(folder: Path, model_id: str, layers: int, *, smoke: bool) -> Pat
     from runner.train.tinymodel import build_tiny_model, build_tokenizer
 
     if smoke:
-        return build_tiny_model(folder, arch="llama", layers=layers)
+        return build_tiny_model(folder, arch="mixtral" if "mixtral" in model_id else "llama", layers=layers)
     config_path = data_path("models", model_id, "config.json")
     if not config_path.is_file():
         raise SystemExit(f"--model: no catalog config at {config_path}")
@@ -188,7 +196,7 @@ def write_dataset(path: Path, rows: int, words_per_row: int) -> Path:
 
 
 def make_spec(method: str, model_dir: Path, data: Path, args, device: str, master_dtype: str = "fp32",
-              qlora_regime: str = "paper"):
+              qlora_regime: str = "paper", targets: str = "all-linear"):
     from runner.spec import DatasetSpec, RunSpec
 
     return RunSpec(model=str(model_dir), method=method, dataset=DatasetSpec(path=str(data), format="text",
@@ -196,11 +204,12 @@ def make_spec(method: str, model_dir: Path, data: Path, args, device: str, maste
                    max_steps=args.steps, save_steps=10_000, micro_batch_size=args.batch, seq_len=args.seq_len,
                    precision="bf16", master_dtype=master_dtype, qlora_regime=qlora_regime, device=device,
                    learning_rate=1e-4, logging_steps=1,
-                   peft={"target_modules": "all-linear"} if method != "full" else {})
+                   peft=({"target_modules": targets} | ({"dropout": 0.0} if targets != "all-linear" else {}))
+                   if method != "full" else {})
 
 
 def measure(method: str, model_dir: Path, data: Path, run_dir: Path, args, device: str, master_dtype: str = "fp32",
-            qlora_regime: str = "paper") -> dict:
+            qlora_regime: str = "paper", targets: str = "all-linear") -> dict:
     """Train ``args.steps`` steps in this process and return predicted vs measured bytes (allocated and
     reserved, each against the estimate's figure of the same kind)."""
     import torch
@@ -209,8 +218,10 @@ def measure(method: str, model_dir: Path, data: Path, run_dir: Path, args, devic
     from runner.train import recipe
     from runner.estimate_request import estimate_request
 
-    spec = make_spec(method, model_dir, data, args, device, master_dtype, qlora_regime)
+    spec = make_spec(method, model_dir, data, args, device, master_dtype, qlora_regime, targets)
     est = estimate(estimate_request(spec, gpu=args.gpu))
+    # max_memory_allocated spans the whole run: the load peak counts where it is the larger (QLoRA on MoE)
+    predicted_allocated = max(est.memory.allocated_peak_bytes, est.memory.load_peak_bytes)
     predicted = est.memory.peak_bytes
     overhead = est.memory.peak_bytes - est.memory.allocated_peak_bytes
     gc.collect()
@@ -231,10 +242,11 @@ def measure(method: str, model_dir: Path, data: Path, run_dir: Path, args, devic
         "predicted_without_overhead_bytes": predicted - overhead, "peak_phase": est.memory.peak_phase,
         "activation_source": est.memory.activation_source,
         "measured_max_allocated_bytes": measured, "measured_max_reserved_bytes": reserved,
-        "predicted_allocated_bytes": est.memory.allocated_peak_bytes,
+        "predicted_allocated_bytes": predicted_allocated, "predicted_load_peak_bytes": est.memory.load_peak_bytes,
+        "targets": targets,
         "predicted_reserved_bytes": est.memory.reserved_peak_bytes,
         "master_dtype": master_dtype, "qlora_regime": qlora_regime,
-        "error_pct": (100.0 * (est.memory.allocated_peak_bytes - measured) / measured) if measured else None,
+        "error_pct": (100.0 * (predicted_allocated - measured) / measured) if measured else None,
         "reserved_error_pct": (100.0 * (est.memory.reserved_peak_bytes - reserved) / reserved) if reserved else None,
         "steps": state.trainer.state.global_step if state.trainer else None, "seconds": round(seconds, 1),
     }

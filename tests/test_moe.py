@@ -393,3 +393,27 @@ def test_experts_preset_refusals_and_runner(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             recipe._build_lora(r)
+
+
+def test_runner_qlora_paper_regime_runs_outside_autocast(tmp_path):
+    """The paper regime's fp32 norms hand fp32 hidden states to the 16-bit Linears bitsandbytes leaves alone
+    (LM head) and to Mixtral's router (``MixtralTopKRouter``, a plain 16-bit weight): without autocast (generation,
+    the eval loss, a CPU run) the recipe's cast hooks keep them working. Before, the router failed with
+    "expected m1 and m2 to have the same dtype" (found by ``benchmarks/gpu_check.py --smoke --cases moe-qlora``)."""
+    pytest.importorskip("bitsandbytes")
+    from runner.spec import DatasetSpec, RunSpec
+    from runner.train import recipe
+    from runner.train.tinymodel import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "mixtral", arch="mixtral")
+    spec = RunSpec(model=str(folder), dataset=DatasetSpec(path="unused.jsonl"), method="qlora", precision="bf16")
+    r = recipe.Run(spec=spec, run_dir=tmp_path)
+    r.model_dir, r.tokenizer, r.precision, r.max_steps = folder, recipe.load_tokenizer(folder), "bf16", 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = recipe._build_qlora(r)
+    assert any("Router" in type(m).__name__ and m.weight.dtype == torch.bfloat16 for m in model.modules())
+    ids = torch.randint(0, 100, (2, 16))
+    loss = model(input_ids=ids, labels=ids).loss  # no autocast
+    loss.backward()
+    assert torch.isfinite(loss)

@@ -386,11 +386,22 @@ def prepare_qlora_paper(model, use_gradient_checkpointing: bool = False):
     for name, module in model.named_modules():
         if "norm" in name:
             module.to(torch.float32)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and getattr(head, "weight", None) is not None and head.weight.dtype != torch.float32:
-        # the fp32 final norm hands fp32 hidden states to the 16-bit LM head: autocast casts them in training;
-        # outside it (generation, the general-text loss) cast them the same way (one 16-bit copy, as autocast)
-        head.register_forward_pre_hook(lambda mod, args: (args[0].to(mod.weight.dtype),) + tuple(args[1:]))
+    # the fp32 norms hand fp32 hidden states to the 16-bit plain Linears bitsandbytes leaves unquantized (the LM
+    # head, MoE routers such as Mixtral's ``gate``): autocast casts them in training; outside it (generation, the
+    # general-text loss, a CPU run) cast them the same way (one 16-bit copy, as autocast). Found by the MoE QLoRA
+    # case of benchmarks/gpu_check.py --smoke: Mixtral's router failed with "expected m1 and m2 to have the same
+    # dtype". bitsandbytes' Linear4bit (a Linear subclass) casts its input itself.
+    def cast(mod, args):
+        x = args[0] if args else None
+        if torch.is_tensor(x) and x.is_floating_point() and x.dtype != mod.weight.dtype:
+            return (x.to(mod.weight.dtype),) + tuple(args[1:])
+        return None
+
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        plain = type(module) is torch.nn.Linear or "Router" in type(module).__name__  # transformers' MoE routers
+        if plain and isinstance(weight, torch.nn.Parameter) and weight.dtype in (torch.bfloat16, torch.float16):
+            module.register_forward_pre_hook(cast)
     if use_gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed layers need an input that requires grad
     return model
