@@ -1,7 +1,9 @@
 """GPU check: measured peak memory of the runner's regimes vs the estimator's prediction.
 
 Cases (``CASES``): full fine-tuning with fp32 master weights and in pure bf16, LoRA, QLoRA in the paper's regime
-and with peft's fp32 upcast, and LoRA on an MoE (Mixtral's shape). Each case trains in a fresh process, so
+and with peft's fp32 upcast, and on an MoE (Mixtral's shape) LoRA, QLoRA (whose load peak, the fused 16-bit
+experts before their quantization, max_memory_allocated also sees) and LoRA on the routed experts too
+(``all-linear+experts``). Each case trains in a fresh process, so
 ``torch.cuda.max_memory_allocated`` and ``max_memory_reserved`` start from zero and are compared with the
 estimate's allocated and reserved peaks (error of each printed). The rows are stored with the GPU's name, the
 library versions and the date (``--store``, default ``data/validation/gpu_check/<date>-<gpu>.json``).
