@@ -65,14 +65,18 @@ def test_estimate_page_answers_from_the_disk_result_cache_without_torch(tmp_path
     # The first server process computes the estimate (torch + transformers) and stores it on disk; a second one (a
     # restarted app) answers the same request from estimator.result_cache, the store the terminal's `ftadvisor
     # estimate` uses, without importing torch or transformers, with the same figures.
-    code = ("import sys\nfrom estimator.request import EstimateRequest\nfrom ui import estimates\n"
+    code = ("import sys\nfrom estimator.request import EstimateRequest\nfrom estimator.result_cache import source_hash\n"
+            "from ui import estimates\n"
             "est = estimates.estimate(EstimateRequest(model='smollm2-135m', method='lora', seq_len=64))\n"
-            f"print(est.memory.peak_bytes, est.model.trainable_params, sorted(m for m in {HEAVY!r} if m in sys.modules))")
-    first = _run(code, tmp_path).strip().splitlines()[-1].split(" ", 2)
-    assert "torch" in first[2]  # computed: the estimator traced the step
+            f"print(source_hash(), est.memory.peak_bytes, est.model.trainable_params, "
+            f"sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    first = _run(code, tmp_path).strip().splitlines()[-1].split(" ", 3)
+    assert "torch" in first[3]  # computed: the estimator traced the step
     assert len(list((tmp_path / "cache" / "estimates").glob("*.json"))) == 1  # ftcore.paths.cache_dir()/estimates
-    again = _run(code, tmp_path).strip().splitlines()[-1].split(" ", 2)
-    assert again[:2] == first[:2] and again[2] == "[]"
+    again = _run(code, tmp_path).strip().splitlines()[-1].split(" ", 3)
+    if again[0] != first[0]:  # the cache's own invalidation (tests/test_result_cache.py), not this page's miss
+        pytest.skip("the estimator's source files changed between the two runs (an edit in progress)")
+    assert again[1:3] == first[1:3] and again[3] == "[]"
 
 
 @pytest.mark.parametrize("how,warm_estimates", [("warm_up", 1), ("ready", 0)])
