@@ -116,7 +116,9 @@ class _LiveBytes:
 @functools.lru_cache(maxsize=1)
 def _live_bytes_cls():
     import torch
-    from torch._subclasses.fake_tensor import FakeTensor, in_kernel_invocation_manager
+    from torch._decomp import decomposition_table, meta_table
+    from torch._subclasses.fake_tensor import (FakeTensor, FakeTensorMode, in_kernel_invocation_manager,
+                                               torch_decomp_decompositions)
     from torch.utils._pytree import tree_flatten
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import flop_registry
@@ -125,26 +127,60 @@ def _live_bytes_cls():
     device_query = torch.ops.prim.device.default
     meta = torch.device("meta")
     aten = torch.ops.aten
-    # ops whose output is a view of their one tensor argument (metadata only: no bytes, no FLOPs); a quarter of
-    # the trace's ops. FakeTensorMode answers them on its generic path (C++ meta kernel on the argument's meta
-    # storage, outputs wrapped as FakeTensors of its device) after building a cache key and, on a miss, an entry;
-    # ``view``/``_unsafe_view`` through a Python reshape helper. ``_fake_view`` takes that generic path directly.
+    # Ops answered by their meta kernel directly (``_on_meta``), without FakeTensorMode's dispatch, when every
+    # tensor argument is a plain FakeTensor (no constant value, no symbolic sizes) of one mode and device:
+    # - views of one tensor (a quarter of the trace's ops): FakeTensorMode runs the same meta kernel on the
+    #   argument's meta storage (``view``/``_unsafe_view`` through a Python reshape helper), after building a
+    #   cache key and, on a miss, an entry;
+    # - the ops FakeTensorMode runs as a Python decomposition although they have a meta kernel (the loss,
+    #   log-softmax and their backwards, silu_backward, slice_backward, _to_copy: one nll_loss_forward is some 25
+    #   fake ops): the meta kernel gives the same output tensors (shape, dtype, strides, a storage of their own),
+    #   and the decomposition's intermediates were never seen by this mode either. The traces are equal field by
+    #   field (132 traces: 11 catalog architectures, 5 of them MoE, x 12 settings).
     views = {aten.view.default, aten._unsafe_view.default, aten.t.default, aten.transpose.int, aten.slice.Tensor,
              aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default, aten.permute.default,
              aten.select.int, aten.detach.default, aten.alias.default, aten._reshape_alias.default}
+    on_meta: dict = {}  # op -> answered by its meta kernel
 
-    def _fake_view(func, args, kwargs):
-        """``func`` on a plain FakeTensor (no constant value, no symbolic sizes) as FakeTensorMode runs a view op
-        it has no special rule for, or None when the arguments are not plain."""
-        t = args[0]
-        if (type(t) is not FakeTensor or t.constant is not None or t._has_symbolic_sizes_strides
-                or t.fake_mode.in_kernel_invocation or kwargs
-                or any(isinstance(a, (tensor_type, torch.SymInt)) for a in args[1:])):
+    def _answered_on_meta(func) -> bool:
+        if func not in on_meta:
+            on_meta[func] = func in views or (
+                isinstance(func, torch._ops.OpOverload) and func.namespace == "aten"
+                # FakeTensorMode._dispatch_impl's condition for a Python decomposition
+                and func not in meta_table and torch.Tag.view_copy not in func.tags
+                and func not in FakeTensorMode._cpp_meta_supports_symint
+                and func in decomposition_table and torch_decomp_decompositions(func)
+                and torch._C._dispatch_has_computed_kernel_for_dispatch_key(func.name(), "Meta"))
+        return on_meta[func]
+
+    def _on_meta(func, args, kwargs):
+        """``func`` run by its meta kernel on plain FakeTensor arguments, outputs wrapped as FakeTensors of their
+        device (``wrap_meta_outputs_with_default_device_logic``); None when the arguments are not plain."""
+        mode = device = None
+        for a in args:
+            if isinstance(a, tensor_type):
+                if (type(a) is not FakeTensor or a.constant is not None or a._has_symbolic_sizes_strides
+                        or (mode is not None and (a.fake_mode is not mode or a.fake_device != device))):
+                    return None
+                mode, device = a.fake_mode, a.fake_device
+            elif isinstance(a, torch.SymInt) or (isinstance(a, (list, tuple))
+                                                 and any(isinstance(e, (tensor_type, torch.SymInt)) for e in a)):
+                return None
+        if (mode is None or mode.in_kernel_invocation or "device" in kwargs
+                or any(isinstance(v, tensor_type) for v in kwargs.values())):
             return None
-        mode = t.fake_mode
-        with in_kernel_invocation_manager(mode):
-            r = func(*args)
-        return mode.wrap_meta_outputs_with_default_device_logic(r, func, args, device=None)
+        try:
+            with in_kernel_invocation_manager(mode):
+                r = func(*args, **kwargs)
+        except NotImplementedError:
+            return None  # no meta kernel after all: FakeTensorMode's own path
+
+        def wrap(e):
+            if not isinstance(e, tensor_type) or isinstance(e, FakeTensor):
+                return e
+            return mode.fake_tensor_converter.from_meta_and_device(mode, e, device)
+
+        return wrap(r) if isinstance(r, tensor_type) else type(r)(wrap(e) for e in r)
 
     class LiveBytes(TorchDispatchMode):
         def __init__(self):
@@ -217,7 +253,7 @@ def _live_bytes_cls():
                 t = args[0]
                 return meta if t.fake_mode.in_kernel_invocation else t.fake_device
             kwargs = kwargs or {}
-            out = _fake_view(func, args, kwargs) if func in views else None
+            out = _on_meta(func, args, kwargs) if _answered_on_meta(func) else None
             if out is None:
                 out = func(*args, **kwargs)
             if isinstance(out, tensor_type):
