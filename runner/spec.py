@@ -92,7 +92,7 @@ class RunSpec(BaseModel):
     master_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description=(
         "full fine-tuning: fp32 = fp32 master weights with 16-bit autocast (mixed precision); bf16/fp16 = pure "
         "16-bit: the model loaded in that dtype, trained without autocast (weights, gradients, AdamW states "
-        "16-bit); must equal precision"))
+        "16-bit); must equal precision; one process, DDP or FSDP (DeepSpeed keeps fp32 master weights)"))
     qlora_regime: Literal["paper", "peft-upcast"] = Field("paper", description=(
         "QLoRA: paper = norms fp32, embeddings / LM head / other weights in the compute dtype (QLoRA paper); "
         "peft-upcast = prepare_model_for_kbit_training's fp32 upcast of every non-quantized weight"))
@@ -121,9 +121,13 @@ class RunSpec(BaseModel):
             if self.master_dtype != self.precision:
                 raise ValueError(f"master_dtype: pure {self.master_dtype} needs precision {self.master_dtype} "
                                  f"(got {self.precision})")
-            if self.distribution.world_size > 1 and self.distribution.strategy != "ddp":
-                raise ValueError("master_dtype: pure 16-bit runs on one process or DDP; FSDP and DeepSpeed keep "
-                                 "their own fp32 master weights; set master_dtype to fp32 or strategy to ddp")
+            if self.distribution.world_size > 1 and self.distribution.strategy in ("zero2", "zero3"):
+                # FSDP shards the model as loaded (accelerate upcasts trainable parameters to fp32 only with mixed
+                # precision on, fsdp2_prepare_model); DeepSpeed's bf16/fp16 optimizer always keeps fp32 master
+                # weights in the optimizer state, so a "pure" ZeRO run would not be pure.
+                raise ValueError(f"master_dtype: pure {self.master_dtype} cannot run under DeepSpeed "
+                                 f"{self.distribution.strategy}: DeepSpeed keeps an fp32 master copy of the weights "
+                                 "as optimizer state; set master_dtype to fp32 or strategy to fsdp or ddp")
         return self
 
     def save(self, path: str | Path) -> None:

@@ -85,6 +85,24 @@ def quant_storage_dtype(spec: RunSpec) -> str | None:
     return TORCH_DTYPE_NAME[spec.precision]
 
 
+def pure_16bit(spec: RunSpec) -> bool:
+    """True when the spec asks for a pure 16-bit full fine-tune (master_dtype bf16/fp16): the model is loaded in
+    that dtype and trained without autocast, so the engines must not turn mixed precision on (under FSDP,
+    accelerate's ``fsdp2_prepare_model`` upcasts every trainable parameter to fp32 when ``mixed_precision`` is
+    not "no"). The recipe's ``pure_16bit(run)`` is the same question after the device's fallbacks."""
+    return spec.method == "full" and spec.master_dtype != "fp32"
+
+
+def mixed_precision(spec: RunSpec) -> str:
+    """accelerate's ``mixed_precision`` for this spec: the spec's precision, or "no" for pure 16-bit.
+
+    ``accelerate launch`` exports it as ``ACCELERATE_MIXED_PRECISION``, which ``TrainingArguments`` reads as its
+    own ``mixed_precision`` when neither ``bf16`` nor ``fp16`` is set (transformers training_args.py), so a
+    "bf16" here would bring autocast and FSDP's fp32 upcast back into a pure bf16 run.
+    """
+    return "no" if pure_16bit(spec) else MIXED_PRECISION[spec.precision]
+
+
 def on_cpu(spec: RunSpec) -> bool:
     """True when the ranks will run on CPU (device cpu, or auto without a CUDA device here)."""
     if spec.device == "cpu":
@@ -378,7 +396,7 @@ def accelerate_config(spec: RunSpec, run_dir: Path | str | None = None) -> dict:
     config: dict = {
         "compute_environment": "LOCAL_MACHINE",
         "distributed_type": distributed_type,
-        "mixed_precision": MIXED_PRECISION[spec.precision],
+        "mixed_precision": mixed_precision(spec),
         "num_processes": dist.world_size,
         "num_machines": dist.nnodes,
         "machine_rank": dist.node_rank,
