@@ -65,8 +65,8 @@ def test_estimate_page_answers_from_the_disk_result_cache_without_torch(tmp_path
     # The first server process computes the estimate (torch + transformers) and stores it on disk; a second one (a
     # restarted app) answers the same request from estimator.result_cache, the store the terminal's `ftadvisor
     # estimate` uses, without importing torch or transformers, with the same figures.
-    code = ("import sys\nfrom estimator.request import EstimateRequest\nfrom estimator.result_cache import source_hash\n"
-            "from ui import estimates\n"
+    code = ("import sys\nfrom estimator.request import EstimateRequest\n"
+            "from estimator.result_cache import source_hash\nfrom ui import estimates\n"
             "est = estimates.estimate(EstimateRequest(model='smollm2-135m', method='lora', seq_len=64))\n"
             f"print(source_hash(), est.memory.peak_bytes, est.model.trainable_params, "
             f"sorted(m for m in {HEAVY!r} if m in sys.modules))")
@@ -84,9 +84,13 @@ def test_warm_up_runs_its_tiny_estimate_only_when_no_page_waits(how, warm_estima
     # warm_up() after the first page: imports, then one tiny estimate (loads a first trace's code paths). ready()
     # (a page that waits for its own estimate): imports only; that page's estimate loads the same paths itself.
     code = ("import estimator\ncalls = []\nestimator.estimate = lambda req: calls.append(req.model)\n"
-            f"from ui import warmup\nwarmup.{how}()\nwarmup._done.wait()\nprint(calls)")
+            f"from ui import warmup\nwarmup.{how}()\nwarmup._done.wait()\nimport threading\n"
+            # the thread imports pandas after _done: let it end before the interpreter does (a daemon thread
+            # writing at shutdown aborts it)
+            "[t.join() for t in threading.enumerate() if t.name == 'ftadvisor-warm-up']\nprint(calls)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={"FTADVISOR_WARMUP": "1", "PATH": "/usr/bin:/bin", "FTADVISOR_HOME": str(tmp_path)})
     assert out.returncode == 0, out.stderr[-3000:]
     # the warm-up thread prints its "done" line after _done is set: it may come before or after this one
-    assert [line for line in out.stdout.splitlines() if line.startswith("[")] == [str(["smollm2-135m"] * warm_estimates)]
+    printed = [line for line in out.stdout.splitlines() if line.startswith("[")]
+    assert printed == [str(["smollm2-135m"] * warm_estimates)]

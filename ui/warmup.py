@@ -2,11 +2,12 @@
 
 The app starts fast because pages import them lazily; the first estimate would then pay several seconds of
 imports. A daemon thread started after the first render (and a short delay for the browser to draw it) takes that
-cost while the user reads the page, and ends
-with one tiny estimate, so that the code paths of a first trace (transformers' Llama modules, fake-tensor kernels)
-are loaded too (skipped when a page already waits: its own estimate loads them). Every page call that needs those libraries goes through ``ready()`` first, so two threads never
-import transformers at the same time (its lazy module is not safe for that); ``wait_with_words()`` does the same
-with a spinner that says what the page waits for. ``FTADVISOR_WARMUP=0`` turns the warm-up off.
+cost while the user reads the page, and ends with one tiny estimate, so that the code paths of a first trace
+(transformers' Llama modules, fake-tensor kernels) are loaded too; that estimate is skipped when a page already
+waits (its own estimate loads the same paths). Every page call that needs those libraries goes through ``ready()``
+first, so two threads never import transformers at the same time (its lazy module is not safe for that);
+``wait_with_words()`` does the same with a spinner that says what the page waits for. ``FTADVISOR_WARMUP=0`` turns
+the warm-up off.
 """
 
 from __future__ import annotations
