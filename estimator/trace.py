@@ -107,7 +107,11 @@ class Extrapolated(BaseModel):
 
 
 class _LiveBytes:
-    """TorchDispatchMode factory: live storage bytes after every op, segment peaks and FLOPs."""
+    """TorchDispatchMode factory: live storage bytes after every op, segment peaks and FLOPs.
+
+    ``_LiveBytes(shortcuts=False)`` sends every op through FakeTensorMode (device queries and the ops answered by
+    their meta kernel included): ``tests/test_trace_shortcuts.py`` checks that the traces are the same.
+    """
 
     def __new__(cls, *args, **kwargs):  # built lazily so that importing this module does not import torch
         return _live_bytes_cls()(*args, **kwargs)
@@ -183,8 +187,9 @@ def _live_bytes_cls():
         return wrap(r) if isinstance(r, tensor_type) else type(r)(wrap(e) for e in r)
 
     class LiveBytes(TorchDispatchMode):
-        def __init__(self):
+        def __init__(self, shortcuts: bool = True):
             super().__init__()
+            self.shortcuts = shortcuts
             self.live = 0
             self._seen: dict[int, weakref.ref] = {}
             self.segments: list[dict] = []
@@ -247,13 +252,13 @@ def _live_bytes_cls():
             return self._flops_of[func]
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is device_query and isinstance(args[0], FakeTensor):
+            if func is device_query and self.shortcuts and isinstance(args[0], FakeTensor):
                 # two of every three calls (autocast and autograd ask before most ops): answered as FakeTensor
                 # answers it (``fake_tensor._device_handler``), without the trip through FakeTensorMode
                 t = args[0]
                 return meta if t.fake_mode.in_kernel_invocation else t.fake_device
             kwargs = kwargs or {}
-            out = _on_meta(func, args, kwargs) if _answered_on_meta(func) else None
+            out = _on_meta(func, args, kwargs) if self.shortcuts and _answered_on_meta(func) else None
             if out is None:
                 out = func(*args, **kwargs)
             if isinstance(out, tensor_type):
