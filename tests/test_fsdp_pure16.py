@@ -127,3 +127,160 @@ def test_accelerate_launch_env_reaches_the_trainer(tmp_path, tiny_model_dir, mas
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got == {"env_mp": expected, "fsdp": "true", "trainer_mp": expected}
+
+
+# ------------------------------------------------------------------------------------------------ a real run
+
+#: Installed as ``sitecustomize`` in the ranks (torchrun sets RANK) when the test asks. (1) accelerate's
+#: AcceleratorState takes the Trainer's FSDP plugin on MULTI_CPU exactly as its MULTI_GPU branch does (the same
+#: statements), and the runner's CPU refusal of strategy fsdp is skipped: the only two changes to the path.
+#: (2) A Trainer callback records, after every optimizer step and before the gradients are zeroed, each rank's local
+#: dtypes and element counts of parameters, gradients and AdamW states, and whether the model is an FSDP2 module.
+FSDP_ON_CPU_HOOK = '''
+import os
+if os.environ.get("FTADVISOR_TEST_FSDP_ON_CPU") and "RANK" in os.environ:
+    import json
+    from pathlib import Path
+
+    import accelerate.state as _state
+    from accelerate.utils import DistributedType
+
+    _original_init = _state.AcceleratorState.__init__
+
+    def _init(self, *args, **kwargs):
+        _original_init(self, *args, **kwargs)
+        plugin = kwargs.get("fsdp_plugin")
+        if plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            if self._mixed_precision != "no":
+                plugin.set_mixed_precision(self._mixed_precision)
+            self.fsdp_plugin = plugin
+            _state.PartialState._shared_state["distributed_type"] = self.distributed_type  # as the original ends
+
+    _state.AcceleratorState.__init__ = _init
+
+    import runner.launch.distributed as _dist
+    import runner.train.recipe as _recipe
+    from transformers import TrainerCallback
+
+    _dist.check_strategy = lambda spec: None
+
+    def _local(t):
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    class _Dtypes(TrainerCallback):
+        def __init__(self, run_dir):
+            self.path = Path(run_dir, "dtypes.rank" + os.environ["RANK"] + ".jsonl")
+
+        def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+            from torch.distributed.fsdp import FSDPModule
+
+            opt = getattr(optimizer, "optimizer", optimizer)
+            params = list(model.parameters())
+            row = {
+                "step": state.global_step + 1,
+                "fsdp_module": isinstance(model, FSDPModule),
+                "dtensor": all(hasattr(p, "to_local") for p in params),
+                "weights": sorted({str(_local(p).dtype) for p in params}),
+                "grads": sorted({str(_local(p.grad).dtype) for p in params if p.grad is not None}),
+                "grad_count": sum(p.grad is not None for p in params),
+                "optimizer": sorted({k + ":" + str(_local(v).dtype) for s in opt.state.values()
+                                     for k, v in s.items() if k != "step" and hasattr(v, "dtype")}),
+                "local_numel": sum(_local(p).numel() for p in params),
+                "global_numel": sum(p.numel() for p in params),
+                "mixed_precision": os.environ.get("ACCELERATE_MIXED_PRECISION"),
+            }
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(row) + "\\n")
+
+    _original_build_trainer = _recipe._build_trainer
+
+    def _build_trainer(r):
+        trainer = _original_build_trainer(r)
+        trainer.add_callback(_Dtypes(r.run_dir))
+        return trainer
+
+    _recipe._build_trainer = _build_trainer
+    _recipe._cpu_has_bf16 = lambda: True  # bf16 runs on any x86 CPU (slowly without AVX512-BF16)
+'''
+
+STEPS = 2
+
+
+def _run_fsdp_on_cpu(tmp_path: Path, model_dir: Path, launcher: str, master: str) -> Path:
+    """spec.json -> the runner's own launch command (torchrun or accelerate launch) -> two ranks, with the hook."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FSDP_ON_CPU_HOOK, encoding="utf-8")
+    data = write_jsonl(tmp_path / "train.jsonl", sum_rows(16))
+    spec = RunSpec(name="fsdp-pure-bf16", model=str(model_dir), method="full", precision="bf16",
+                   master_dtype=master, dataset=DatasetSpec(path=str(data), eval_fraction=0.0), max_steps=STEPS,
+                   save_steps=STEPS, micro_batch_size=2, seq_len=32, device="cpu", learning_rate=1e-3,
+                   distribution=DistributionSpec(nproc_per_node=2, strategy="fsdp", launcher=launcher))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    spec.save(run_dir / "spec.json")
+    D.write_engine_configs(spec, run_dir)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env.update(PYTHONPATH=os.pathsep.join([str(hook), str(REPO_ROOT)]), FTADVISOR_TEST_FSDP_ON_CPU="1",
+               OMP_NUM_THREADS="1")
+    with open(run_dir / "log.txt", "w") as log:
+        proc = subprocess.run(D.launch_command(spec, run_dir), cwd=REPO_ROOT, env=env, stdout=log,
+                              stderr=subprocess.STDOUT, timeout=600)
+    text = (run_dir / "log.txt").read_text()
+    rank1 = run_dir / "log.rank1.txt"
+    assert proc.returncode == 0, text[-4000:] + (rank1.read_text()[-3000:] if rank1.is_file() else "")
+    return run_dir
+
+
+def _rows(run_dir: Path) -> dict[int, list[dict]]:
+    return {rank: [json.loads(line) for line in (run_dir / f"dtypes.rank{rank}.jsonl").read_text().splitlines()]
+            for rank in (0, 1)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_rank_fsdp_run_trains_in_pure_bf16(tmp_path, tiny_model_dir, launcher):
+    """A real two-rank FSDP2 run of the worker: every step, on both ranks, the local parameter shards, their
+    gradients and AdamW's exp_avg / exp_avg_sq are bf16 (no fp32 master copy), the model is an FSDP2 module
+    whose DTensor shards hold half of the elements, and the saved model (read by safetensors' own reader) is
+    bf16 with the trained values."""
+    from safetensors import safe_open
+
+    run_dir = _run_fsdp_on_cpu(tmp_path, tiny_model_dir, launcher, "bf16")
+    rows = _rows(run_dir)
+    for rank, steps in rows.items():
+        assert [s["step"] for s in steps] == list(range(1, STEPS + 1)), (rank, steps)
+        for s in steps:
+            assert s["fsdp_module"] and s["dtensor"], s  # FSDP2 sharded it (DDP would leave plain tensors)
+            assert s["weights"] == ["torch.bfloat16"], s
+            assert s["grads"] == ["torch.bfloat16"] and s["grad_count"] > 0, s
+            assert s["optimizer"] == ["exp_avg:torch.bfloat16", "exp_avg_sq:torch.bfloat16"], s
+            # two ranks: each holds about half of every parameter (FSDP2 pads dim 0 to a multiple of 2)
+            assert s["local_numel"] < 0.6 * s["global_numel"], s
+    assert rows[0][0]["global_numel"] == rows[1][0]["global_numel"]
+    assert rows[0][0]["local_numel"] + rows[1][0]["local_numel"] >= rows[0][0]["global_numel"]
+    if launcher == "accelerate":  # the config the runner wrote reached the ranks as "no mixed precision"
+        assert {s["mixed_precision"] for s in rows[0]} == {"no"}
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "completed", result
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["precision"] == "bf16" and report["steps"] == STEPS
+    assert any("pure bf16" in n for n in report["notes"]), report["notes"]
+    with safe_open(run_dir / "model" / "model.safetensors", "pt") as saved, \
+            safe_open(Path(tiny_model_dir) / "model.safetensors", "pt") as base:
+        dtypes = {saved.get_slice(k).get_dtype() for k in saved.keys()}
+        assert dtypes == {"BF16"}, dtypes
+        name = next(k for k in saved.keys() if k.endswith("q_proj.weight"))
+        assert not saved.get_tensor(name).float().equal(base.get_tensor(name).float())  # it trained
+
+
+@pytest.mark.slow
+def test_two_rank_fsdp_run_with_fp32_master_upcasts(tmp_path, tiny_model_dir):
+    """The contrast, same hook and path: master_dtype fp32 (mixed precision bf16) -> accelerate upcasts the
+    trainable shards to fp32, so gradients and AdamW states are fp32. Shows the pure run's bf16 is the spec's doing."""
+    run_dir = _run_fsdp_on_cpu(tmp_path, tiny_model_dir, "torchrun", "fp32")
+    for steps in _rows(run_dir).values():
+        for s in steps:
+            assert s["fsdp_module"] and s["weights"] == ["torch.float32"] and s["grads"] == ["torch.float32"], s
+            assert s["optimizer"] == ["exp_avg:torch.float32", "exp_avg_sq:torch.float32"], s

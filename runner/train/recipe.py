@@ -255,8 +255,9 @@ def full_dtype(r: Run):
 
 
 def pure_16bit(r: Run) -> bool:
-    """True for a pure 16-bit full fine-tune: master_dtype bf16/fp16 and the run really uses that precision."""
-    return r.spec.method == "full" and r.spec.master_dtype != "fp32" and r.spec.master_dtype == r.precision
+    """True for a pure 16-bit full fine-tune: master_dtype bf16/fp16 and the run really uses that precision.
+    One process, DDP and FSDP alike: FSDP shards the 16-bit model as loaded when mixed precision is off."""
+    return distributed.pure_16bit(r.spec) and r.spec.master_dtype == r.precision
 
 
 def _build_full(r: Run):
@@ -495,7 +496,15 @@ def training_arguments(r: Run):
     if spec.gradient_checkpointing:  # non-reentrant checkpointing works with frozen bases (LoRA) too
         kwargs.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
     kwargs.update(distributed.training_args_overrides(spec))
-    return TrainingArguments(**kwargs)
+    args = TrainingArguments(**kwargs)
+    if pure_16bit(r) and args.mixed_precision != "no":
+        # bf16/fp16 are off, so TrainingArguments took ACCELERATE_MIXED_PRECISION from the environment (an
+        # accelerate launch with another config): the Accelerator would autocast, and under FSDP upcast every
+        # trainable parameter to fp32 (accelerate fsdp2_prepare_model). Pure 16-bit means no mixed precision.
+        r.notes.append(f"pure {r.precision}: ignored ACCELERATE_MIXED_PRECISION={args.mixed_precision} from the "
+                       "environment (no mixed precision)")
+        args.mixed_precision = "no"
+    return args
 
 
 def _build_trainer(r: Run):
