@@ -12,15 +12,14 @@ import functools
 import json
 import math
 import re
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from estimator.catalog import ModelEntry, config_key, validate_config
 from estimator.errors import EstimatorError
+from estimator.request import TARGET_PRESETS, TargetPreset
 
-TargetPreset = Literal["attention-qv", "attention", "all-linear", "all-linear+experts"]
-PRESETS: tuple[str, ...] = ("attention-qv", "attention", "all-linear", "all-linear+experts")
 #: The preset that also adapts the routed experts: all-linear's modules plus peft's ``target_parameters`` on
 #: every fused 3D expert weight (transformers 5 ``experts.gate_up_proj`` / ``experts.down_proj``; peft's
 #: ``ParamWrapper``, one rank-r LoRA per expert: ``lora_A`` (r x experts, in), ``lora_B`` (out, r x experts)).
@@ -249,16 +248,16 @@ def resolve_targets(model, targets: str | list[str]) -> list[str]:
     if not linears:
         raise EstimatorError("targets: this model has no Linear layers peft could adapt", field="targets")
     if isinstance(targets, str):
-        if targets in PRESETS:
+        if targets in TARGET_PRESETS:
             return _preset(model, linears, targets)
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     if not isinstance(targets, (list, tuple)) or not targets:
-        raise EstimatorError(f"targets: give a preset ({', '.join(PRESETS)}) or module names", field="targets")
+        raise EstimatorError(f"targets: give a preset ({', '.join(TARGET_PRESETS)}) or module names", field="targets")
     unknown = [t for t in targets if not any(name == t or name.endswith("." + t) for name in linears)]
     if unknown:
         raise EstimatorError(
             f"targets: {', '.join(map(repr, unknown))} match no Linear layer of this model; its Linear layers are "
-            f"{', '.join(linear_names(model))} (or use a preset: {', '.join(PRESETS)})", field="targets")
+            f"{', '.join(linear_names(model))} (or use a preset: {', '.join(TARGET_PRESETS)})", field="targets")
     return sorted(dict.fromkeys(targets))
 
 

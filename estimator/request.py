@@ -6,7 +6,7 @@ whose messages name the field; ``ftcore.errors.format_validation_error`` makes t
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -16,6 +16,8 @@ Optimizer = Literal["adamw", "adamw-8bit", "paged-adamw-8bit", "sgd", "adafactor
 Attention = Literal["sdpa", "eager"]
 Sharding = Literal["none", "ddp", "zero1", "zero2", "zero3", "fsdp"]
 TargetPreset = Literal["attention-qv", "attention", "all-linear", "all-linear+experts"]
+#: The presets in the order pages and help texts list them.
+TARGET_PRESETS: tuple[str, ...] = get_args(TargetPreset)
 QLoraRegime = Literal["paper", "peft-upcast"]
 
 MAX_SEQ_LEN = 1_048_576  # 1M tokens: longer than any catalog model's context; beyond it a trace is absurd
@@ -32,7 +34,7 @@ class EstimateRequest(BaseModel):
     rank: int = Field(16, ge=1, le=1024, description="LoRA rank r (ignored for full)")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha; default 2 x rank")
     targets: Union[TargetPreset, list[str]] = Field(
-        "attention-qv", description="preset (attention-qv, attention, all-linear) or module names"
+        "attention-qv", description=f"preset ({', '.join(TARGET_PRESETS)}) or module names"
     )
     dora: bool = Field(False, description="DoRA: adds a magnitude vector per adapted Linear")
     rslora: bool = Field(False, description="rank-stabilized LoRA scaling (alpha / sqrt(r))")
@@ -75,7 +77,7 @@ class EstimateRequest(BaseModel):
     @model_validator(mode="after")
     def _check(self):
         if isinstance(self.targets, list) and not self.targets:
-            raise ValueError("targets: give a preset (attention-qv, attention, all-linear) or at least one module name")
+            raise ValueError(f"targets: give a preset ({', '.join(TARGET_PRESETS)}) or at least one module name")
         if self.master_dtype != "fp32":
             if self.method != "full":
                 raise ValueError(f"master_dtype: pure {self.master_dtype} applies to full fine-tuning (LoRA and QLoRA "

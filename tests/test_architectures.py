@@ -74,13 +74,14 @@ def _config_file(tmp_path, name: str) -> tuple[str, object]:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_method_traces_and_every_preset_resolves(tmp_path, arch):
-    from estimator.params import PRESETS, build_meta_model, resolve_targets
+    from estimator.params import build_meta_model, resolve_targets
+    from estimator.request import TARGET_PRESETS
     from estimator.slicing import layer_kinds, slice_config, slice_layer_count
 
     path, cfg = _config_file(tmp_path, arch)
     kinds = layer_kinds(cfg)
     model = build_meta_model(slice_config(cfg, slice_layer_count(kinds)))
-    for preset in PRESETS:
+    for preset in TARGET_PRESETS:
         assert resolve_targets(model, preset), preset
     for method, targets in (("full", "attention-qv"), ("lora", "attention-qv"), ("qlora", "all-linear")):
         est = estimate(EstimateRequest(model=path, method=method, targets=targets, batch_size=1, seq_len=32))

@@ -255,7 +255,8 @@ def test_presets_resolve_the_same_before_and_after_the_expert_swap():
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, OlmoeConfig
 
-    from estimator.params import PRESETS, resolve_targets
+    from estimator.params import resolve_targets
+    from estimator.request import TARGET_PRESETS
     from runner.train.experts import quantize_fused_experts
 
     cfg = OlmoeConfig(vocab_size=256, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
@@ -263,9 +264,9 @@ def test_presets_resolve_the_same_before_and_after_the_expert_swap():
                       max_position_embeddings=512, eos_token_id=1, pad_token_id=0)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    before = {p: resolve_targets(model, p) for p in PRESETS}
+    before = {p: resolve_targets(model, p) for p in TARGET_PRESETS}
     assert quantize_fused_experts(model, torch.bfloat16)[0] == 2
-    assert {p: resolve_targets(model, p) for p in PRESETS} == before
+    assert {p: resolve_targets(model, p) for p in TARGET_PRESETS} == before
     assert before["all-linear"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
 
 

@@ -13,7 +13,6 @@ import torch
 from estimator.catalog import resolve_model
 from estimator.errors import EstimatorError
 from estimator.params import (
-    PRESETS,
     adapter_config,
     build_meta_model,
     count_adapter,
@@ -23,6 +22,7 @@ from estimator.params import (
     resolve_targets,
     safetensors_file_bytes,
 )
+from estimator.request import TARGET_PRESETS
 
 # Llama-2-7B: 32 layers, hidden 4096, MLP 11008, vocab 32000, 32 KV heads (its published config.json).
 L2_LAYERS, L2_HIDDEN, L2_MLP, L2_VOCAB = 32, 4096, 11008, 32000
@@ -102,7 +102,7 @@ def test_gpt2_presets_handle_conv1d_and_shared_c_proj():
 @pytest.mark.parametrize("model_id", ["llama-2-7b", "qwen2.5-0.5b", "mixtral-8x7b", "gemma-2-2b", "tinyllama-1.1b"])
 def test_presets_resolve_on_catalog_models(model_id):
     model = build_meta_model(resolve_model(model_id))
-    qv, attention, all_linear, with_experts = (resolve_targets(model, p) for p in PRESETS)
+    qv, attention, all_linear, with_experts = (resolve_targets(model, p) for p in TARGET_PRESETS)
     assert with_experts == all_linear  # the module targets; the experts go in target_parameters
     assert qv == ["q_proj", "v_proj"]
     assert set(qv) <= set(attention) <= set(all_linear)

@@ -15,7 +15,7 @@ st.caption("Exact parameter counts and per-GPU memory from the real architecture
 
 from pydantic import ValidationError  # noqa: E402
 
-from estimator.request import EstimateRequest  # noqa: E402
+from estimator.request import TARGET_PRESETS, EstimateRequest  # noqa: E402
 from ftcore.errors import UserError  # noqa: E402
 from ui import estimates, figures, uploads  # noqa: E402
 from ui.errors import attempt, message_of, show  # noqa: E402
@@ -74,9 +74,9 @@ with inputs:
                                 disabled=not is_adapter)
         alpha = c2.number_input("alpha (0 = 2 x r)", min_value=0.0, value=0.0, step=1.0, key="alpha", bind=QP,
                                 disabled=not is_adapter)
-        targets = st.selectbox("Target modules", ["attention-qv", "attention", "all-linear"], key="targets",
-                               bind=QP, disabled=not is_adapter,
-                               help="attention-qv: q and v projections (the LoRA paper); all-linear: every Linear")
+        targets = st.selectbox("Target modules", TARGET_PRESETS, key="targets", bind=QP, disabled=not is_adapter,
+                               help="attention-qv: q and v projections (the LoRA paper); all-linear: every Linear; "
+                                    "all-linear+experts: also the routed experts of an MoE (LoRA only)")
         c1, c2 = st.columns(2)
         dora = c1.toggle("DoRA", key="dora", bind=QP, disabled=not is_adapter)
         rslora = c2.toggle("rsLoRA", key="rslora", bind=QP, disabled=not is_adapter)

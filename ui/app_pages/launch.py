@@ -10,6 +10,7 @@ import pandas as pd
 import streamlit as st
 from pydantic import ValidationError
 
+from estimator.request import TARGET_PRESETS
 from ftcore.errors import UserError
 from runner.errors import RunnerError
 from runner.models import Download, check_model_available, hub_cache_dir, hub_offline
@@ -20,7 +21,6 @@ from ui.format import fmt_bytes, fmt_hours, fmt_usd
 from ui.nav import page_file
 
 SESSION = "session"  # widget values survive page switches
-TARGET_PRESETS = ["attention-qv", "attention", "all-linear"]
 STRATEGIES = ["ddp", "fsdp", "zero2", "zero3"]
 DS_SOURCES = ["Shipped sample", "Upload", "Local path"]
 
