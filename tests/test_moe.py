@@ -217,13 +217,11 @@ def test_mixtral_qlora_weights_are_nf4_experts():
     assert 21 < gib < 25, gib  # 46.7e9 x ~0.53 B (NF4 + double-quant constants) + 16-bit embeddings/head
 
 
-def test_runner_qlora_builder_quantizes_the_experts_and_trains(tmp_path):
-    """The recipe's QLoRA builder on a tiny Mixtral folder (runner.train.tinymodel): experts Params4bit, the run note
-    says so, a real forward/backward step has a finite loss and gradients only on the adapters, and the
-    estimate's weight bytes equal every byte the built model stores."""
+def _tiny_mixtral_qlora(tmp_path):
+    """The recipe's QLoRA builder on a tiny Mixtral folder (bf16): (folder, the recipe's Run, the built model)."""
     pytest.importorskip("bitsandbytes")
-    from runner.train import recipe
     from runner.spec import DatasetSpec, RunSpec
+    from runner.train import recipe
     from runner.train.tinymodel import build_tiny_model
 
     folder = build_tiny_model(tmp_path / "mixtral", arch="mixtral")
@@ -232,7 +230,14 @@ def test_runner_qlora_builder_quantizes_the_experts_and_trains(tmp_path):
     r.model_dir, r.tokenizer, r.precision, r.max_steps = folder, recipe.load_tokenizer(folder), "bf16", 10
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = recipe._build_qlora(r)
+        return folder, r, recipe._build_qlora(r)
+
+
+def test_runner_qlora_builder_quantizes_the_experts_and_trains(tmp_path):
+    """The recipe's QLoRA builder on a tiny Mixtral folder (runner.train.tinymodel): experts Params4bit, the run note
+    says so, a real forward/backward step has a finite loss and gradients only on the adapters, and the
+    estimate's weight bytes equal every byte the built model stores."""
+    folder, r, model = _tiny_mixtral_qlora(tmp_path)
     experts = {type(p).__name__ for n, p in model.named_parameters() if ".experts." in n}
     assert experts == {"Params4bit"}
     assert any("fused experts" in n and "NF4" in n for n in r.notes)
@@ -401,18 +406,7 @@ def test_runner_qlora_paper_regime_runs_outside_autocast(tmp_path):
     (LM head) and to Mixtral's router (``MixtralTopKRouter``, a plain 16-bit weight): without autocast (generation,
     the eval loss, a CPU run) the recipe's cast hooks keep them working. Before, the router failed with
     "expected m1 and m2 to have the same dtype" (found by ``benchmarks/gpu_check.py --smoke --cases moe-qlora``)."""
-    pytest.importorskip("bitsandbytes")
-    from runner.spec import DatasetSpec, RunSpec
-    from runner.train import recipe
-    from runner.train.tinymodel import build_tiny_model
-
-    folder = build_tiny_model(tmp_path / "mixtral", arch="mixtral")
-    spec = RunSpec(model=str(folder), dataset=DatasetSpec(path="unused.jsonl"), method="qlora", precision="bf16")
-    r = recipe.Run(spec=spec, run_dir=tmp_path)
-    r.model_dir, r.tokenizer, r.precision, r.max_steps = folder, recipe.load_tokenizer(folder), "bf16", 10
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = recipe._build_qlora(r)
+    folder, r, model = _tiny_mixtral_qlora(tmp_path)
     assert any("Router" in type(m).__name__ and m.weight.dtype == torch.bfloat16 for m in model.modules())
     ids = torch.randint(0, 100, (2, 16))
     loss = model(input_ids=ids, labels=ids).loss  # no autocast
