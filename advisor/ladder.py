@@ -28,6 +28,13 @@ RENT_GPU_COUNTS: tuple[int, ...] = (2, 4, 8)
 # Sharding used when the ladder adds GPUs: ZeRO-3 shards weights, gradients and optimizer states (seed, "For Full
 # Fine-Tuning": '"stage": 3,  # ZeRO-3: Shard everything').
 SHARDED = "zero3"
+# Sharding of the pure bf16 rung on several GPUs: FSDP shards a bf16 model as loaded when mixed precision is off
+# (accelerate's fsdp2_prepare_model upcasts trainable parameters to fp32 only with mixed precision on), so weights,
+# gradients and AdamW states are all bf16 and split N ways (fms-acceleration's FSDP full fine-tuning rows are pure
+# bf16; tests/test_fsdp_pure16.py trains so). DeepSpeed ZeRO cannot: it keeps an fp32 master copy as optimizer state.
+PURE_SHARDED = "fsdp"
+# Strategies that run pure 16-bit on several GPUs (runner.spec.RunSpec refuses the others).
+PURE_16BIT_STRATEGIES: tuple[str, ...] = ("ddp", "fsdp")
 # Optimizer when no rule sets one: AdamW, the HF Trainer default the seed's examples use (Hands-On Practice Guide).
 DEFAULT_OPTIMIZER = "adamw"
 # Run spec strategy for each estimator sharding name (runner.spec.DistributionSpec knows ddp | fsdp | zero2 | zero3;
@@ -135,9 +142,10 @@ def run_spec(ctx: Context, method: str, s: dict[str, Any], gpu, num_gpus: int):
 
 def _master_dtype(method: str, s: dict[str, Any], gpu, dist) -> str:
     """bf16 for a lean full rung (pure bf16) where it can run: a card with bf16 (pure fp16 has no loss scaling)
-    and one process or DDP (FSDP and ZeRO keep their own fp32 master weights); else fp32 master weights."""
+    and one process, DDP or FSDP (``PURE_16BIT_STRATEGIES``; DeepSpeed ZeRO keeps an fp32 master copy as
+    optimizer state); else fp32 master weights."""
     pure = s.get("pure_16bit") and method == "full" and gpu.bf16_support
-    if pure and (dist.world_size == 1 or dist.strategy == "ddp"):
+    if pure and (dist.world_size == 1 or dist.strategy in PURE_16BIT_STRATEGIES):
         return "bf16"
     return "fp32"
 
@@ -237,7 +245,12 @@ def method_rungs(ctx: Context, m: str, one: list[tuple[Any, int]], many: list[tu
     out = [(f"l_{m}", m, base, one)]
     if m == "full":  # pure bf16 + checkpointing, then + 8-bit AdamW: what torchtune / TRL users train in
         pure = dict(ckpt, pure_16bit=True)
-        out += [("l_pure_bf16", m, pure, one), ("l_pure_bf16_8bit", m, dict(pure, optimizer="adamw-8bit"), one)]
+        several = any(count > 1 for _, count in one)
+        # several GPUs: pure bf16 sharded with FSDP; the 8-bit AdamW rung stays unsharded (DDP), since
+        # bitsandbytes' 8-bit optimizers do not run under FSDP (bitsandbytes issues #89 and #1633, both open)
+        sharded = dict(pure, sharding=PURE_SHARDED) if several else pure
+        eight_bit = dict(pure, optimizer="adamw-8bit", sharding="ddp" if several else pure["sharding"])
+        out += [("l_pure_bf16", m, sharded, one), ("l_pure_bf16_8bit", m, eight_bit, one)]
     out.append(("l_checkpointing", m, ckpt, one))
     if base["micro_batch_size"] > 1:
         out.append(("l_micro_batch", m, small, one))

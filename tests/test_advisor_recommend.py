@@ -147,6 +147,37 @@ def test_accuracy_over_98_pct_on_one_a100_gets_pure_bf16_full_fine_tuning():
     _fits_given_gpus(rec, answers)
 
 
+
+def test_full_on_two_gpus_that_fits_only_in_pure_bf16_under_fsdp():
+    # Issue 10: Llama-2-13B, full fine-tuning wanted (>98% accuracy), 2x A100-80GB. fp32 master weights do not fit
+    # even sharded (16 B per parameter before activations), pure bf16 replicated by DDP does not fit either
+    # (8 B per parameter = ~97 GiB on each card), pure bf16 sharded by FSDP does (~4 B per parameter per card).
+    from runner.estimate_request import estimate_request
+    from runner.spec import RunSpec
+
+    answers = Answers(model="llama-2-13b", gpu="a100-80gb", num_gpus=2, accuracy_pct=99, budget_usd=50_000,
+                      examples=20_000, tokens_per_example=1024, complexity="reasoning", domain="different")
+    rec = recommend(answers)
+    assert rec.method == "full" and rec.sharding == "fsdp" and rec.num_gpus == 2
+    assert rec.run_spec["master_dtype"] == "bf16" and rec.run_spec["distribution"]["strategy"] == "fsdp"
+    physics = [(r.rule, r.effect) for r in rec.reasons if r.kind == "physics" and r.rule.startswith("l_")]
+    assert physics[0][0] == "l_full" and physics[0][1] != "chosen" and ("l_pure_bf16", "chosen") in physics
+    _fits_given_gpus(rec, answers)
+    # The RunSpec validates as the runner reads it, and maps to exactly the estimate shown.
+    spec = RunSpec.model_validate(rec.to_run_spec("train.jsonl").model_dump(mode="json"))
+    assert (spec.method, spec.master_dtype, spec.precision) == ("full", "bf16", "bf16")
+    assert spec.distribution.strategy == "fsdp" and spec.distribution.world_size == 2
+    req = estimate_request(spec, gpu="a100-80gb", examples=answers.examples,
+                           tokens_per_example=answers.tokens_per_example)
+    assert req.model_dump() == rec.estimate_request().model_dump()
+    assert estimate(req).memory.peak_bytes == rec.estimate["memory"]["peak_bytes"]
+    # Only FSDP makes pure bf16 fit here: the same spec replicated by DDP, or with fp32 master weights, does not.
+    ddp = spec.model_copy(update={"distribution": spec.distribution.model_copy(update={"strategy": "ddp"})})
+    assert not estimate(estimate_request(ddp, gpu="a100-80gb")).fits
+    mixed = spec.model_copy(update={"master_dtype": "fp32"})
+    assert not estimate(estimate_request(mixed, gpu="a100-80gb")).fits
+
+
 def test_edge_deployment_is_qlora_r4_to_8():
     # Seed, Quick Selection Matrix: "| Edge device deployment | QLoRA | r=4-8, quantized |".
     answers = Answers(model="llama-2-7b", gpu="rtx-4090", deployment="edge", budget_usd=500)

@@ -119,3 +119,19 @@ def test_gradient_accumulation_reaches_the_figure():
     four = estimate(M.estimate_request(_spec(gradient_accumulation_steps=4), gpu="a100-80gb"))
     assert four.request.grad_accum_steps == 4
     assert four.memory.peak_bytes > one.memory.peak_bytes
+
+
+def test_pure_bf16_under_fsdp_maps_to_the_estimators_pure_fsdp_regime():
+    """Issue 10: a pure bf16 full fine-tune sharded with FSDP reaches the estimator as master_dtype bf16 + sharding
+    fsdp (the regime tests/test_fsdp_memory.py checks against a real FSDP2 step): its gradient and AdamW shards
+    are half the fp32-master run's."""
+    from estimator import estimate
+
+    kw = dict(method="full", precision="bf16", distribution=dict(nproc_per_node=4, strategy="fsdp"))
+    pure = M.estimate_request(_spec(master_dtype="bf16", **kw), gpu="a100-80gb")
+    assert (pure.master_dtype, pure.sharding, pure.num_gpus, pure.dtype) == ("bf16", "fsdp", 4, "bf16")
+    mixed = M.estimate_request(_spec(master_dtype="fp32", **kw), gpu="a100-80gb")
+    p, m = estimate(pure).memory, estimate(mixed).memory
+    # fp32 master: 4 B weights, 4 B gradients, 8 B AdamW per parameter; pure bf16: 2 + 2 + 4 (torch AdamW's
+    # moments are zeros_like(p)) -> half each
+    assert 2 * p.gradients_bytes == m.gradients_bytes and 2 * p.optimizer_bytes == m.optimizer_bytes

@@ -129,6 +129,23 @@ def test_accelerate_launch_env_reaches_the_trainer(tmp_path, tiny_model_dir, mas
     assert got == {"env_mp": expected, "fsdp": "true", "trainer_mp": expected}
 
 
+@pytest.mark.parametrize("master,expected", [("bf16", "no"), ("fp32", "bf16")])
+def test_recipe_training_arguments_ignore_a_mixed_precision_env_for_pure_16bit(tmp_path, monkeypatch, master,
+                                                                              expected):
+    """An accelerate launch with some other config exports ACCELERATE_MIXED_PRECISION=bf16; TrainingArguments takes
+    it when bf16/fp16 are off. The recipe's pure 16-bit arguments keep mixed precision off anyway (one process here:
+    the FSDP overrides need a process group, the real run above covers them)."""
+    from runner.train.recipe import Run, training_arguments
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    spec = RunSpec(model="x", method="full", precision="bf16", master_dtype=master,
+                   dataset=DatasetSpec(path="d.jsonl"), device="cpu")
+    run = Run(spec=spec, run_dir=tmp_path, precision="bf16", device="cpu", max_steps=1)
+    args = training_arguments(run)
+    assert args.mixed_precision == expected and args.bf16 == (master == "fp32")
+    assert any("ACCELERATE_MIXED_PRECISION" in n for n in run.notes) == (master == "bf16")
+
+
 # ------------------------------------------------------------------------------------------------ a real run
 
 #: Installed as ``sitecustomize`` in the ranks (torchrun sets RANK) when the test asks. (1) accelerate's
