@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from estimator.catalog import ModelEntry, config_key, validate_config
 from estimator.errors import EstimatorError
-from estimator.request import TARGET_PRESETS, TargetPreset
+from estimator.request import TARGET_PRESETS
 
 #: The preset that also adapts the routed experts: all-linear's modules plus peft's ``target_parameters`` on
 #: every fused 3D expert weight (transformers 5 ``experts.gate_up_proj`` / ``experts.down_proj``; peft's

@@ -92,8 +92,8 @@ def _killed(signum: int, run_id: str) -> tuple[str, str, str]:
     resume = f"then resume it: ftadvisor runs resume {run_id}" if run_id else "then resume it"
     if signum == signal.SIGKILL:
         return ("killed",
-                f"killed by signal 9 (SIGKILL): the host may have run out of RAM (the kernel's out-of-memory "
-                f"killer sends SIGKILL) or another process killed it",
+                "killed by signal 9 (SIGKILL): the host may have run out of RAM (the kernel's out-of-memory "
+                "killer sends SIGKILL) or another process killed it",
                 "check `dmesg | grep -i 'out of memory'`; if RAM ran out, lower micro_batch_size or seq_len, "
                 f"enable gradient checkpointing or use QLoRA; {resume}")
     return ("killed", f"killed by signal {signum} ({name}) sent by another process or the host",

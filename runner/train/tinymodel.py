@@ -7,7 +7,6 @@ with a ChatML chat template so ``messages`` datasets work.
 
 from __future__ import annotations
 
-import itertools
 import random
 from pathlib import Path
 

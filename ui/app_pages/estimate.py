@@ -18,7 +18,7 @@ from pydantic import ValidationError  # noqa: E402
 from estimator.request import TARGET_PRESETS, EstimateRequest  # noqa: E402
 from ftcore.errors import UserError  # noqa: E402
 from ui import estimates, figures, uploads  # noqa: E402
-from ui.errors import attempt, message_of, show  # noqa: E402
+from ui.errors import attempt, message_of  # noqa: E402
 from ui.format import fmt_bytes, fmt_flops, fmt_hours, fmt_params, fmt_usd  # noqa: E402
 from ui.lazy import pandas as pd  # noqa: E402  (pandas loads at the first table, not when the page starts)
 from ui.report import estimate_cli, estimate_csv, estimate_markdown, estimate_rows  # noqa: E402
