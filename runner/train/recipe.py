@@ -264,8 +264,10 @@ def _build_full(r: Run):
     """Full fine-tuning: every weight trains. master_dtype fp32: fp32 master weights, the Trainer's autocast
     gives the mixed precision. master_dtype bf16/fp16 (pure 16-bit, as torchtune and LLaMA-Factory's pure_bf16):
     the model is loaded in that dtype and ``training_arguments`` turns autocast off, so weights, gradients and
-    torch AdamW's moments (``zeros_like(p)``) are all 16-bit and no fp32 master copy exists.
-    ``estimator/memory.py`` counts both (``tests/test_memory_exact.py``)."""
+    torch AdamW's moments (``zeros_like(p)``) are all 16-bit and no fp32 master copy exists. Under FSDP the same:
+    with mixed precision off (the accelerate config says "no", :func:`training_arguments` makes sure) accelerate
+    shards the 16-bit model as loaded (``tests/test_fsdp_pure16.py`` trains so on two ranks).
+    ``estimator/memory.py`` counts both (``tests/test_memory_exact.py``, ``tests/test_fsdp_memory.py``)."""
     import torch
 
     if r.spec.master_dtype != "fp32" and not pure_16bit(r):
