@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import functools
 
-from pydantic import BaseModel
-
 from estimator.compute import compute_info, formula_flops_per_token
 from estimator.errors import EstimatorError, TraceError
 from estimator.inventory import adapter_file_bytes, build_inventory, param_breakdown
@@ -21,7 +19,7 @@ from estimator.notes import card_notes, load_note, method_note, step_notes
 from estimator.params import EXPERTS_PRESET, check_experts_knobs
 from estimator.precision import base_dtype, eval_value_bytes, pure16, weights_16bit
 from estimator.request import EstimateRequest
-from estimator.result import Estimate, GPUInfo, MemoryBreakdown, ModelInfo, StorageInfo
+from estimator.result import Activations, Estimate, GPUInfo, MemoryBreakdown, ModelInfo, StorageInfo
 from estimator.slicing import layer_kinds
 
 
@@ -54,20 +52,6 @@ def trace_settings(req: EstimateRequest, batch_size: int | None = None, seq_len:
                          base_dtype=base_dtype(req),
                          batch_size=batch_size or req.batch_size, seq_len=seq_len or req.seq_len,
                          grad_checkpointing=req.grad_checkpointing, attention=req.attention)
-
-
-class Activations(BaseModel):
-    """Activation bytes of one step (held at the end of forward, peaks above the step start) and its FLOPs."""
-
-    held: int
-    forward_peak_rel: int
-    backward_peak_rel: int
-    flops: float
-    source: str
-    seconds: float | None = None
-    note: str | None = None
-    slice_layers: int = 2
-    attention: str = "sdpa"
 
 
 def _activations(config, req: EstimateRequest, num_layers: int, batch_size: int | None = None,

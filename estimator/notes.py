@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from estimator.memory import ALLOCATOR_RESERVED_SHORTFALL, FIT_HEADROOM_FRACTION, GIB, Inventory, StepMemory
 from estimator.precision import base_dtype, pure16, weights_16bit
 from estimator.request import EstimateRequest
-
-if TYPE_CHECKING:
-    from estimator.engine import Activations
+from estimator.result import Activations
 
 
 def method_note(req: EstimateRequest) -> str:

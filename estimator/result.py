@@ -109,3 +109,17 @@ class Estimate(BaseModel):
         """The CLI's ``--json`` object: this model's fields, nested as they are here (``.memory.peak_bytes``,
         ``.model.total_params``, ``.compute.cost_usd``, ``.request.sharding``), per-GPU bytes."""
         return self.model_dump(mode="json")
+
+
+class Activations(BaseModel):
+    """Activation bytes of one step (held at the end of forward, peaks above the step start) and its FLOPs."""
+
+    held: int
+    forward_peak_rel: int
+    backward_peak_rel: int
+    flops: float
+    source: str
+    seconds: float | None = None
+    note: str | None = None
+    slice_layers: int = 2
+    attention: str = "sdpa"
