@@ -59,7 +59,7 @@ def build_inventory(entry, req: EstimateRequest) -> tuple[Inventory, Any, list[s
     # QLoRA: fused experts are stored as one NF4 Linear per expert and matrix (runner/train/experts.py NF4Experts)
     nf4_experts = set()
     if req.method == "qlora":
-        from estimator.experts import fused_experts, unsupported_reason
+        from estimator.experts import unsupported_reason
 
         nf4_experts = {id(m) for _, m in fused_experts(model) if unsupported_reason(m) is None}
     lora_experts: set[int] = set()
