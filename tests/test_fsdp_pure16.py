@@ -11,8 +11,8 @@ FSDP switch sits under MULTI_GPU/XPU/NPU...), so on CPU the runner refuses strat
 (``runner.launch.distributed.check_strategy``) instead of silently training DDP. FSDP2 itself runs on CPU with gloo
 (``tests/test_fsdp_memory.py``), so the test installs a ``sitecustomize`` in the ranks that lifts exactly that gate:
 ``AcceleratorState`` takes the Trainer's FSDP plugin on MULTI_CPU as it does on MULTI_GPU, and the runner's CPU
-refusal is skipped. Everything else is the real path: spec.json -> ``python -m torch.distributed.run`` (the
-runner's launch command) -> worker -> recipe -> ``TrainingArguments(fsdp=...)`` -> Trainer -> accelerate's
+refusal is skipped. Everything else is the real path: the job manager -> spec.json and the engine configs ->
+the runner's launch command (``python -m torch.distributed.run`` or ``accelerate launch``) -> worker -> recipe -> ``TrainingArguments(fsdp=...)`` -> Trainer -> accelerate's
 ``fsdp2_prepare_model`` -> ``fully_shard`` -> AdamW steps -> the FSDP state-dict save.
 """
 
@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from ftcore.paths import REPO_ROOT
-from jobs_helpers import sum_rows, write_jsonl
+from jobs_helpers import job_manager, sum_rows, write_jsonl
 from runner.launch import distributed as D
 from runner.spec import DatasetSpec, DistributionSpec, RunSpec
 
@@ -224,29 +224,32 @@ if os.environ.get("FTADVISOR_TEST_FSDP_ON_CPU") and "RANK" in os.environ:
 STEPS = 2
 
 
-def _run_fsdp_on_cpu(tmp_path: Path, model_dir: Path, launcher: str, master: str) -> Path:
-    """spec.json -> the runner's own launch command (torchrun or accelerate launch) -> two ranks, with the hook."""
+def _run_fsdp_on_cpu(tmp_path: Path, monkeypatch, model_dir: Path, launcher: str, master: str) -> Path:
+    """spec -> the job manager (engine configs, the runner's launch command: torchrun or accelerate launch) -> two
+    ranks with the hook; returns the run folder of the completed run."""
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(FSDP_ON_CPU_HOOK, encoding="utf-8")
+    for name in [k for k in os.environ if k.startswith("ACCELERATE_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p))
+    monkeypatch.setenv("FTADVISOR_TEST_FSDP_ON_CPU", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("FTADVISOR_WORKER_CMD", raising=False)
     data = write_jsonl(tmp_path / "train.jsonl", sum_rows(16))
     spec = RunSpec(name="fsdp-pure-bf16", model=str(model_dir), method="full", precision="bf16",
                    master_dtype=master, dataset=DatasetSpec(path=str(data), eval_fraction=0.0), max_steps=STEPS,
                    save_steps=STEPS, micro_batch_size=2, seq_len=32, device="cpu", learning_rate=1e-3,
                    distribution=DistributionSpec(nproc_per_node=2, strategy="fsdp", launcher=launcher))
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    spec.save(run_dir / "spec.json")
-    D.write_engine_configs(spec, run_dir)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-    env.update(PYTHONPATH=os.pathsep.join([str(hook), str(REPO_ROOT)]), FTADVISOR_TEST_FSDP_ON_CPU="1",
-               OMP_NUM_THREADS="1")
-    with open(run_dir / "log.txt", "w") as log:
-        proc = subprocess.run(D.launch_command(spec, run_dir), cwd=REPO_ROOT, env=env, stdout=log,
-                              stderr=subprocess.STDOUT, timeout=600)
-    text = (run_dir / "log.txt").read_text()
-    rank1 = run_dir / "log.rank1.txt"
-    assert proc.returncode == 0, text[-4000:] + (rank1.read_text()[-3000:] if rank1.is_file() else "")
+    with job_manager(tmp_path / "runs") as manager:
+        rec = manager.launch(spec)
+        done = manager.wait(rec.id, timeout_s=500)
+        run_dir = Path(done.output_dir)
+        rank1 = run_dir / "log.rank1.txt"
+        assert done.status == "completed", (done.reason, manager.log_tail(rec.id, 80),
+                                            rank1.read_text()[-3000:] if rank1.is_file() else "")
+    acc = yaml.safe_load((run_dir / D.ACCELERATE_CONFIG).read_text())
+    assert acc["distributed_type"] == "FSDP" and acc["mixed_precision"] == ("no" if master != "fp32" else "bf16")
     return run_dir
 
 
@@ -257,14 +260,14 @@ def _rows(run_dir: Path) -> dict[int, list[dict]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
-def test_two_rank_fsdp_run_trains_in_pure_bf16(tmp_path, tiny_model_dir, launcher):
+def test_two_rank_fsdp_run_trains_in_pure_bf16(tmp_path, monkeypatch, tiny_model_dir, launcher):
     """A real two-rank FSDP2 run of the worker: every step, on both ranks, the local parameter shards, their
     gradients and AdamW's exp_avg / exp_avg_sq are bf16 (no fp32 master copy), the model is an FSDP2 module
     whose DTensor shards hold half of the elements, and the saved model (read by safetensors' own reader) is
     bf16 with the trained values."""
     from safetensors import safe_open
 
-    run_dir = _run_fsdp_on_cpu(tmp_path, tiny_model_dir, launcher, "bf16")
+    run_dir = _run_fsdp_on_cpu(tmp_path, monkeypatch, tiny_model_dir, launcher, "bf16")
     rows = _rows(run_dir)
     for rank, steps in rows.items():
         assert [s["step"] for s in steps] == list(range(1, STEPS + 1)), (rank, steps)
@@ -293,10 +296,10 @@ def test_two_rank_fsdp_run_trains_in_pure_bf16(tmp_path, tiny_model_dir, launche
 
 
 @pytest.mark.slow
-def test_two_rank_fsdp_run_with_fp32_master_upcasts(tmp_path, tiny_model_dir):
+def test_two_rank_fsdp_run_with_fp32_master_upcasts(tmp_path, monkeypatch, tiny_model_dir):
     """The contrast, same hook and path: master_dtype fp32 (mixed precision bf16) -> accelerate upcasts the
     trainable shards to fp32, so gradients and AdamW states are fp32. Shows the pure run's bf16 is the spec's doing."""
-    run_dir = _run_fsdp_on_cpu(tmp_path, tiny_model_dir, "torchrun", "fp32")
+    run_dir = _run_fsdp_on_cpu(tmp_path, monkeypatch, tiny_model_dir, "torchrun", "fp32")
     for steps in _rows(run_dir).values():
         for s in steps:
             assert s["fsdp_module"] and s["weights"] == ["torch.float32"] and s["grads"] == ["torch.float32"], s
