@@ -243,14 +243,15 @@ def method_rungs(ctx: Context, m: str, one: list[tuple[Any, int]], many: list[tu
     small = dict(ckpt, micro_batch_size=1,  # same effective batch: micro x accumulation is kept
                  gradient_accumulation_steps=ckpt["gradient_accumulation_steps"] * ckpt["micro_batch_size"])
     out = [(f"l_{m}", m, base, one)]
-    if m == "full":  # pure bf16 + checkpointing, then + 8-bit AdamW: what torchtune / TRL users train in
+    bf16_cards = [(gpu, count) for gpu, count in one if gpu.bf16_support]  # pure fp16 has no loss scaling
+    if m == "full" and bf16_cards:  # pure bf16 + checkpointing, then + 8-bit AdamW: what torchtune / TRL users train in
         pure = dict(ckpt, pure_16bit=True)
-        several = any(count > 1 for _, count in one)
+        several = any(count > 1 for _, count in bf16_cards)
         # several GPUs: pure bf16 sharded with FSDP; the 8-bit AdamW rung stays unsharded (DDP), since
         # bitsandbytes' 8-bit optimizers do not run under FSDP (bitsandbytes issues #89 and #1633, both open)
         sharded = dict(pure, sharding=PURE_SHARDED) if several else pure
         eight_bit = dict(pure, optimizer="adamw-8bit", sharding="ddp" if several else pure["sharding"])
-        out += [("l_pure_bf16", m, sharded, one), ("l_pure_bf16_8bit", m, eight_bit, one)]
+        out += [("l_pure_bf16", m, sharded, bf16_cards), ("l_pure_bf16_8bit", m, eight_bit, bf16_cards)]
     out.append(("l_checkpointing", m, ckpt, one))
     if base["micro_batch_size"] > 1:
         out.append(("l_micro_batch", m, small, one))

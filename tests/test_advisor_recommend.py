@@ -148,6 +148,23 @@ def test_accuracy_over_98_pct_on_one_a100_gets_pure_bf16_full_fine_tuning():
 
 
 
+def test_no_pure_bf16_on_a_card_without_bf16():
+    # The V100 has no bf16 (NVIDIA datasheet, data/gpus.csv) and pure fp16 has no loss scaling, so the lean full
+    # rungs cannot run there. Before, they were still tried, fell back to fp32 master weights (the same figure as
+    # the plain checkpointing rung, 148.5 GiB) and the verdicts said "pure bf16" for a run that would not be.
+    answers = Answers(model="mistral-7b", gpu="v100-32gb", num_gpus=1, accuracy_pct=99, budget_usd=10_000,
+                      examples=20_000, tokens_per_example=1024, complexity="reasoning", domain="different")
+    rec = recommend(answers)
+    rungs = [r.rule for r in rec.reasons if r.kind == "physics"]
+    assert "l_full" in rungs and "l_pure_bf16" not in rungs and "l_pure_bf16_8bit" not in rungs
+    assert not any("pure bf16" in (r.answer or "") for r in rec.reasons)
+    assert rec.run_spec.get("master_dtype", "fp32") == "fp32"
+    # and on an A100 (bf16) the same answers do try them, and name the regime in the verdict
+    rec = recommend(answers.model_copy(update={"gpu": "a100-80gb"}))
+    pure = [r for r in rec.reasons if r.rule == "l_pure_bf16"]
+    assert pure and "pure bf16" in pure[0].answer
+
+
 def test_full_on_two_gpus_that_fits_only_in_pure_bf16_under_fsdp():
     # Issue 10: Llama-2-13B, full fine-tuning wanted (>98% accuracy), 2x A100-80GB. fp32 master weights do not fit
     # even sharded (16 B per parameter before activations), pure bf16 replicated by DDP does not fit either
