@@ -124,6 +124,12 @@ def test_stop_and_save_then_resume_then_refuse(tmp_path, tiny_model_dir, dataset
     assert new_steps == [step + 1, step + 2, step + 3]
     report = json.loads((run_dir / "report.json").read_text())
     assert report["resumed_from"].endswith(f"checkpoint-{step}") and report["steps"] == step + 3
+    # the worker's own resume files are run-folder models too: the resumed run read them back through those
+    from runner.jobs.runfiles import Evaluation, Fingerprint, read_model
+
+    kept = read_model(run_dir / "baseline.json", Evaluation)
+    assert kept.eval_loss == report["eval_loss_before"]  # 'before' is the first session's, not re-evaluated
+    assert read_model(run_dir / "fingerprint.json", Fingerprint).model == spec.model
 
     # a changed dataset makes resume refuse, with the reason
     with open(dataset, "a", encoding="utf-8") as fh:

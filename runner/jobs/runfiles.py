@@ -218,6 +218,44 @@ class Report(RunFile):
     adalora_rank_pattern: dict[str, int] | None = None
 
 
+# ------------------------------------------------------------------------------ the worker's own files (resume)
+
+
+class Fingerprint(RunFile):
+    """``fingerprint.json``: what a resumed run must share with the run that saved its checkpoints
+    (``runner.train.recipe.fingerprint``; a change refuses the resume)."""
+
+    model: str
+    model_config_sha256: str
+    method: Literal["full", "lora", "qlora"]
+    peft_variant: str | None = None
+    dataset_sha256: str
+    dataset_path: str
+    created: float = Field(description="Unix seconds")
+
+
+class EvalSample(RunFile):
+    """One held-out prompt of an evaluation: its reference, what the model generated, and whether it matched."""
+
+    prompt: str
+    reference: str
+    generated: str
+    match: bool
+
+
+class Evaluation(RunFile):
+    """``baseline.json``: the evaluation before training (``runner.train.recipe._evaluate``), kept so that a resumed
+    run reports the same 'before' figures without evaluating a half-trained model."""
+
+    eval_loss: float | None = None
+    exact_match: float | None = None
+    answer_match: float | None = None
+    exact_match_rows: int = 0
+    samples: list[EvalSample] = Field(default_factory=list)
+    general_loss: float | None = Field(None, description="loss on the shipped general text (forgetting)")
+    general_tokens: int | None = None
+
+
 # ----------------------------------------------------------------------------------------------- read/write
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -256,6 +294,11 @@ def read_heartbeat(run_dir: Path) -> Heartbeat | None:
 def read_result(run_dir: Path, newer_than: float | None = None) -> Result | None:
     """``result.json`` of a run folder, or None when missing or older than ``newer_than`` (Unix seconds)."""
     return _read(Path(run_dir) / RESULT_FILE, Result, newer_than)
+
+
+def read_model(path: Path, model: type[_M]) -> _M | None:
+    """A run-folder file read through its model, or None when it does not exist (RunnerError when off contract)."""
+    return _read(Path(path), model)
 
 
 def read_report(run_dir: Path) -> Report | None:

@@ -12,7 +12,6 @@ are tagged with the phase they happened in (load, step, eval). Only rank 0 write
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re
@@ -27,7 +26,8 @@ from runner.train.callbacks import (AdaLoraCallback, MetricsCallback, Progress, 
                               write_json)
 from runner.errors import RunnerError
 from runner.models import generate_batch, load_tokenizer, log_progress, resolve_model_dir
-from runner.jobs.runfiles import METRICS_FILE, REPORT_FILE, DatasetSummary, Report, Sample, write_model
+from runner.jobs.runfiles import (METRICS_FILE, REPORT_FILE, DatasetSummary, Evaluation, Fingerprint, Report,
+                                  Sample, read_model, write_model)
 from runner.spec import RunSpec
 
 #: Eval rows used for exact match (greedy generation is the slow part of the report on CPU).
@@ -187,14 +187,13 @@ def _max_steps(spec: RunSpec, train_examples: int) -> int:
 # ---------------------------------------------------------------------------------- fingerprint and resume
 
 
-def fingerprint(r: Run) -> dict:
+def fingerprint(r: Run) -> Fingerprint:
     cfg = (r.model_dir / "config.json").read_bytes()
     import hashlib
 
-    return {"model": r.spec.model, "model_config_sha256": hashlib.sha256(cfg).hexdigest(),
-            "method": r.spec.method, "peft_variant": r.spec.peft.variant if r.spec.method != "full" else None,
-            "dataset_sha256": r.dataset_report.sha256, "dataset_path": r.spec.dataset.path,
-            "created": time.time()}
+    return Fingerprint(model=r.spec.model, model_config_sha256=hashlib.sha256(cfg).hexdigest(),
+                       method=r.spec.method, peft_variant=r.spec.peft.variant if r.spec.method != "full" else None,
+                       dataset_sha256=r.dataset_report.sha256, dataset_path=r.spec.dataset.path, created=time.time())
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -206,15 +205,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def _check_fingerprint(r: Run) -> None:
     path = r.run_dir / "fingerprint.json"
     now = fingerprint(r)
-    if r.resume and path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        changed = [key for key in ("model", "model_config_sha256", "method", "peft_variant", "dataset_sha256")
-                   if old.get(key) != now.get(key)]
+    old = read_model(path, Fingerprint) if r.resume else None
+    if old is not None:
+        labels = {"model": "base model", "model_config_sha256": "base model config", "method": "method",
+                  "peft_variant": "adapter variant", "dataset_sha256": "dataset contents (sha256)"}
+        changed = [key for key in labels if getattr(old, key) != getattr(now, key)]
         if changed:
-            labels = {"model": "base model", "model_config_sha256": "base model config", "method": "method",
-                      "peft_variant": "adapter variant", "dataset_sha256": "dataset contents (sha256)"}
             raise RunnerError(
-                "resume refused: " + ", ".join(f"{labels[k]} changed ({old.get(k)!r} -> {now.get(k)!r})"
+                "resume refused: " + ", ".join(f"{labels[k]} changed ({getattr(old, k)!r} -> {getattr(now, k)!r})"
                                                for k in changed),
                 field=changed[0], kind="resume_refused",
                 fix="resume with the same model, method and dataset, or start a new run")
@@ -224,7 +222,7 @@ def _check_fingerprint(r: Run) -> None:
             r.notes.append("resume asked but no checkpoint was saved yet; started from step 0")
         return
     if r.is_main:
-        write_json(path, now)
+        write_model(path, now)
 
 
 # ------------------------------------------------------------------------------------------ model builders
@@ -548,12 +546,13 @@ def _train(r: Run) -> None:
 
     baseline = r.run_dir / "baseline.json"
     r.progress.update(phase="eval_before")
-    if r.resume and baseline.is_file():
-        r.before = json.loads(baseline.read_text(encoding="utf-8"))
+    kept = read_model(baseline, Evaluation) if r.resume else None
+    if kept is not None:
+        r.before = kept.model_dump()
     else:
         r.before = _evaluate(r)
         if r.is_main:
-            write_json(baseline, r.before)
+            write_model(baseline, Evaluation.model_validate(r.before))
     r.progress.update(phase="train")
     distributed.prepare_for_training(r.trainer)  # DDP wrap even though evaluate() ran first
     start = time.perf_counter()
