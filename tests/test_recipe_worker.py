@@ -78,8 +78,10 @@ def test_dataset_error_exit_3_before_model_load(tmp_path, tiny_model_dir):
     code, res = _run(tmp_path / "run", _spec(tiny_model_dir, bad))
     assert code == exitcodes.DATASET == 3
     assert res["kind"] == "dataset" and "row 2" in res["reason"]
-    check = json.loads((tmp_path / "run" / "dataset_check.json").read_text())
-    assert check["ok"] is False
+    from runner.jobs.runfiles import DatasetSummary, read_model
+
+    check = read_model(tmp_path / "run" / "dataset_check.json", DatasetSummary)  # a run-folder model
+    assert check.ok is False and any("row 2" in e for e in check.errors)
     assert "Loading weights" not in (tmp_path / "run" / "log.txt").read_text()  # no model was loaded
 
 

@@ -28,6 +28,7 @@ HEARTBEAT_FILE = "heartbeat.json"
 METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
 REPORT_FILE = "report.json"
+DATASET_CHECK_FILE = "dataset_check.json"
 
 
 class RunFile(BaseModel):

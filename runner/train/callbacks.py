@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -20,13 +19,6 @@ from runner.jobs import runfiles
 
 #: Seconds between heartbeat rewrites (contract: "rewritten every 5 s").
 HEARTBEAT_INTERVAL_S = 5.0
-
-
-def write_json(path: Path, obj: dict) -> None:
-    """Write JSON atomically (temp file + rename), so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def memory_bytes() -> int:

@@ -22,12 +22,11 @@ from pathlib import Path
 
 from runner.train import data as rdata
 from runner.launch import distributed
-from runner.train.callbacks import (AdaLoraCallback, MetricsCallback, Progress, StopOnRequest, peak_memory,
-                              write_json)
+from runner.train.callbacks import AdaLoraCallback, MetricsCallback, Progress, StopOnRequest, peak_memory
 from runner.errors import RunnerError
 from runner.models import generate_batch, load_tokenizer, log_progress, resolve_model_dir
-from runner.jobs.runfiles import (METRICS_FILE, REPORT_FILE, DatasetSummary, Evaluation, Fingerprint, Report,
-                                  Sample, read_model, write_model)
+from runner.jobs.runfiles import (DATASET_CHECK_FILE, METRICS_FILE, REPORT_FILE, DatasetSummary, Evaluation,
+                                  Fingerprint, Report, Sample, read_model, write_model)
 from runner.spec import RunSpec
 
 #: Eval rows used for exact match (greedy generation is the slow part of the report on CPU).
@@ -104,7 +103,7 @@ def _setup(r: Run) -> None:
     r.tokenizer = load_tokenizer(r.model_dir, spec.trust_remote_code)
     r.dataset_report = rdata.check_dataset(spec.dataset, r.tokenizer, spec.seq_len)
     if r.is_main:
-        write_json(r.run_dir / "dataset_check.json", r.dataset_report.summary())
+        write_model(r.run_dir / DATASET_CHECK_FILE, dataset_summary(r, errors=True))
     rdata.raise_if_errors(r.dataset_report)
     _check_fingerprint(r)
     r.device = _device(spec)
@@ -701,6 +700,15 @@ def trainable_params(model) -> tuple[int, int]:
     return trainable, total
 
 
+def dataset_summary(r: Run, errors: bool) -> DatasetSummary:
+    """The dataset check as a run-folder model: ``dataset_check.json`` (with its errors, written before any model
+    is loaded) and report.json's ``dataset`` (a completed run had none)."""
+    summary = r.dataset_report.summary()
+    return DatasetSummary.model_validate(summary | {"token_length": summary["token_length"] or None,
+                                                    "errors": summary["errors"] if errors else [],
+                                                    "path": r.spec.dataset.path})
+
+
 def report(r: Run, out: Path) -> Report:
     """report.json (``runner.jobs.runfiles.Report``). ``r.before`` / ``r.after`` are this module's evaluation dicts."""
     trainable, total = trainable_params(r.model)
@@ -708,9 +716,7 @@ def report(r: Run, out: Path) -> Report:
     state = r.trainer.state
     losses = [h["loss"] for h in state.log_history if "loss" in h]
     adapter = r.spec.method != "full"
-    summary = r.dataset_report.summary()
-    dataset = DatasetSummary.model_validate(summary | {"token_length": summary["token_length"] or None,
-                                                        "errors": [], "path": r.spec.dataset.path})
+    dataset = dataset_summary(r, errors=False)
     forgetting = _forgetting(r)
     intruders = _intruders(r, out)  # may add a note, so before the notes are taken
     return Report(
