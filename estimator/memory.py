@@ -23,10 +23,25 @@ The regime counted (``runner/train/recipe.py`` + HF Trainer defaults, read from 
   (the runner's default, the QLoRA paper's ``qlora.py``): every other weight (embeddings, LM head) in the
   compute dtype, the norms (modules named ``*norm*``) in fp32; ``peft-upcast``: peft's
   ``prepare_model_for_kbit_training`` upcasts every non-quantized weight to fp32. LoRA weights fp32 in both.
-* **ZeRO-1/2/3 (DeepSpeed)**: DeepSpeed keeps the module in bf16/fp16 (2 B per weight) with fp32 master
-  weights, fp32 gradient partitions and the optimizer moments in the optimizer (DeepSpeed's own count:
-  "18 = 2 grads16 + 4 grads32 + 4 params32 + 8 optimizer states", ``stage_1_and_2.py``); activations are
-  traced with 16-bit weights and no autocast.
+* **ZeRO-1/2/3 (DeepSpeed)**, read from DeepSpeed 0.19.8 (``deepspeed/runtime/zero/stage_1_and_2.py``,
+  ``stage3.py``, ``config.py``) with the runner's ``ds_config.json`` (``runner/launch/distributed.py``: stage,
+  ``overlap_comm`` and ``contiguous_gradients`` on, every bucket size left at DeepSpeed's default) and the
+  Trainer's own torch AdamW handed to ``deepspeed.initialize``: the module is cast to bf16/fp16 (2 B per weight;
+  the 16-bit gradients too, ``grad_accum_dtype`` defaults to the model dtype). The optimizer steps fp32 *master*
+  copies of the trainable values, one flat tensor per Trainer param group (ZeRO-1/2) or per sub-group of at most
+  ``sub_group_size`` values (ZeRO-3); each GPU holds 1/N of them (4 B) and the optimizer's states of its
+  partition (AdamW: m and v, 8 B). The fp32 *gradient* of a partition exists only while its group is stepped
+  (``single_grad_partition`` / ``_prepare_fp32_grad_for_sub_group``, dropped by ``_release_sub_group``), so it
+  and AdamW's sqrt temporary are bounded by the largest group stepped at once (``zero_step_values``), not kept
+  for the whole partition. ZeRO-1/2 keep 16-bit gradients of the partition (2 B) and allocate two reduce buckets
+  of ``reduce_bucket_size`` values for the backward (``setup_buckets``, double-buffered with ``overlap_comm``;
+  freed by the epilogue); ZeRO-3 keeps a 16-bit gradient partition buffer (``grad_partitions_flat_buffer``) and
+  one reduce bucket from init on, keeps parameters of at most ``stage3_param_persistence_threshold`` values
+  whole on every GPU, and gathers layers as FSDP does (``GATHERED_LAYERS``). DeepSpeed's own estimators
+  (``estimate_zero2/3_model_states_mem_needs``: ``2P + 18P/N`` and ``4 x largest module + 18P/N``, "18 = 2
+  grads16 + 4 grads32 + 4 params32 + 8 optimizer states") count the fp32 gradient for the whole partition and
+  no AdamW temporary (``tests/test_zero_memory.py`` compares both). Activations are traced with 16-bit weights
+  and no autocast.
 * **FSDP full-shard** (Trainer/accelerate, FSDP2 ``fully_shard`` as the runner launches it; FSDP1 alike): each
   GPU holds 1/N of every parameter in the dtype it has when wrapped, its gradient shard in the same dtype and
   the optimizer states of that shard only (``fsdp_shard_bytes``, ``tests/test_fsdp_memory.py`` on a real
@@ -64,6 +79,7 @@ The regime counted (``runner/train/recipe.py`` + HF Trainer defaults, read from 
 from __future__ import annotations
 
 import math
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -120,6 +136,24 @@ ADAFACTOR_TEMP_COPIES_16BIT = 4
 # FSDP keeps the current layer and prefetches the next one (BackwardPrefetch.BACKWARD_PRE, the default);
 # DeepSpeed ZeRO-3 prefetches likewise: two layers unsharded at a time.
 GATHERED_LAYERS = 2
+
+# --- DeepSpeed ZeRO (DeepSpeed 0.19.8, ``deepspeed/runtime/zero/config.py`` defaults; the runner's ds_config.json
+# sets none of these, ``runner/launch/distributed.py`` ``deepspeed_config``)
+ZERO_SHARDINGS = ("zero1", "zero2", "zero3")
+DS_REDUCE_BUCKET_SIZE = 500_000_000  # reduce_bucket_size, values
+DS_SUB_GROUP_SIZE = 1_000_000_000  # sub_group_size, values per ZeRO-3 optimizer sub-group
+DS_PARAM_PERSISTENCE_THRESHOLD = 100_000  # stage3_param_persistence_threshold: smaller parameters stay whole
+# ZeRO-1/2 with contiguous_gradients: ``setup_buckets`` allocates one bucket of reduce_bucket_size values per
+# gradient dtype, plus a second one with overlap_comm ("double buffers"), at every backward; the epilogue
+# (``_release_ipg_buffers``) frees them. ZeRO-3 allocates one per dtype at init and keeps it (``stage3.py``).
+DS_ZERO12_REDUCE_BUCKETS = 2
+DS_ZERO3_REDUCE_BUCKETS = 1
+# bytes of DeepSpeed's 16-bit gradients (bf16/fp16: grad_accum_dtype defaults to the model dtype, engine.py
+# ``get_data_types``) and of its fp32 master weights / fp32 gradient of the group being stepped
+DS_GRAD16_BYTES = 2
+DS_FP32_BYTES = 4
+# transformers Trainer.get_decay_parameter_names: these names go to the no-weight-decay param group
+TRAINER_NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
 
 Sharding = Literal["none", "ddp", "zero1", "zero2", "zero3", "fsdp"]
 
@@ -228,7 +262,12 @@ def optimizer_state_bytes(inv: Inventory, optimizer: str, sharding: Sharding = "
     """Optimizer state bytes for the trainable tensors (before sharding); see the module docstring."""
     total = 0
     trainable = inv.trainable()
-    pure16 = method == "full" and master_dtype in SIXTEEN and sharding not in ("zero1", "zero2", "zero3")
+    deepspeed = sharding in ZERO_SHARDINGS and method != "qlora"
+    if deepspeed:
+        # DeepSpeed hands the optimizer one flat 1-D fp32 master tensor per group (so Adafactor cannot factor it)
+        trainable = [TensorInfo(name=f"group{i}", shape=(sum(t.numel for t in g),), trainable=True)
+                     for i, g in enumerate(trainer_param_groups(inv)) if g]
+    pure16 = method == "full" and master_dtype in SIXTEEN and sharding not in ZERO_SHARDINGS
     if optimizer == "adamw":
         # torch AdamW: exp_avg / exp_avg_sq = zeros_like(p), so in the parameter's dtype
         total = (2 * 2 if pure16 else 2 * 4) * sum(t.numel for t in trainable)
@@ -253,9 +292,10 @@ def optimizer_state_bytes(inv: Inventory, optimizer: str, sharding: Sharding = "
             total += ADAFACTOR_RMS_BYTES
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}")
-    if sharding in ("zero1", "zero2", "zero3") and method != "qlora":
-        # DeepSpeed: fp32 master weights (4 B) and fp32 gradient partition (4 B) live with the optimizer
-        total += 8 * inv.trainable_params
+    if deepspeed:
+        # DeepSpeed's fp32 master weights (single_partition_of_fp32_groups / fp32_partitioned_groups_flat) live
+        # with the optimizer; its fp32 gradient exists only at the step (``zero_step_temp_bytes``)
+        total += DS_FP32_BYTES * inv.trainable_params
     return total
 
 
@@ -269,6 +309,72 @@ def optimizer_temp_bytes(inv: Inventory, optimizer: str, master_dtype: str = "fp
         biggest = max((t.numel for t in inv.trainable()), default=0)
         return (ADAFACTOR_TEMP_COPIES_16BIT if pure16 else ADAFACTOR_TEMP_COPIES) * 4 * biggest
     return 0  # bitsandbytes 8-bit kernels and SGD (momentum 0) update in place
+
+
+def trainer_param_groups(inv: Inventory) -> list[list[TensorInfo]]:
+    """The Trainer's two optimizer param groups, in model order: weight decay, then no weight decay
+    (``Trainer.create_optimizer`` with ``get_decay_parameter_names``; DeepSpeed flattens and partitions each group
+    on its own). Names are matched as the Trainer matches them; a LayerNorm module named without "norm" (GPT-2's
+    ``ln_1``) stays in the decay group here, a few thousand values off."""
+    decay: list[TensorInfo] = []
+    no_decay: list[TensorInfo] = []
+    for t in inv.trainable():
+        name = t.name.lower()
+        (no_decay if any(re.search(p, name) for p in TRAINER_NO_DECAY_PATTERNS) else decay).append(t)
+    return [decay, no_decay]
+
+
+def zero3_sub_groups(group: list[TensorInfo], num_gpus: int) -> list[int]:
+    """Values per GPU of each ZeRO-3 optimizer sub-group of one param group: DeepSpeed's
+    ``_create_fp16_sub_groups`` adds parameters' partitions (``ceil(numel / N)`` each, ``partition_numel``) to a
+    sub-group until it reaches ``sub_group_size`` (so a sub-group may pass it by one parameter)."""
+    parts = [-(-t.numel // max(1, num_gpus)) for t in group]
+    if sum(parts) <= DS_SUB_GROUP_SIZE:
+        return [sum(parts)] if parts else []
+    sizes: list[int] = []
+    current = 0
+    for i, part in enumerate(parts):
+        current += part
+        if current >= DS_SUB_GROUP_SIZE or i == len(parts) - 1:
+            sizes.append(current)
+            current = 0
+    return sizes
+
+
+def zero_step_values(inv: Inventory, sharding: Sharding, num_gpus: int) -> int:
+    """Values per GPU of the largest group DeepSpeed's optimizer steps at once: ZeRO-1/2 step each Trainer param
+    group's flat partition in turn (``stage_1_and_2.py`` ``step``: ``for i, group in enumerate(self.bit16_groups)``,
+    the partition padded to a multiple of N); ZeRO-3 steps each sub-group in turn (``stage3.py`` ``step``)."""
+    groups = trainer_param_groups(inv)
+    if sharding == "zero3":
+        return max((v for g in groups for v in zero3_sub_groups(g, num_gpus)), default=0)
+    return max((-(-sum(t.numel for t in g) // max(1, num_gpus)) for g in groups), default=0)
+
+
+def zero_step_temp_bytes(optimizer: str, step_values: int) -> int:
+    """Temporaries of one DeepSpeed step on ``step_values`` values (the largest group stepped at once): the fp32
+    gradient of the group (``flat_grad_partition.to(fp32)`` / ``_prepare_fp32_grad_for_sub_group``, 4 B, dropped
+    before the next group) plus what the optimizer itself allocates on the fp32 master tensor (AdamW's sqrt
+    temporary; Adafactor's two full-size temporaries; 8-bit and SGD none, see ``optimizer_temp_bytes``)."""
+    if optimizer == "adamw":
+        per = ADAMW_STEP_TEMP_BYTES_PER_PARAM
+    elif optimizer == "adafactor":
+        per = ADAFACTOR_TEMP_COPIES * 4
+    else:
+        per = 0
+    return (DS_FP32_BYTES + per) * step_values
+
+
+def zero3_weight_bytes(inv: Inventory, num_gpus: int) -> int:
+    """One GPU's 16-bit parameters under ZeRO-3, buffers included: each parameter's partition
+    (``ceil(numel / N)`` values, ``ds_tensor``), and parameters of at most ``DS_PARAM_PERSISTENCE_THRESHOLD`` values
+    also whole (``mark_persistent_parameters``: gathered once, never released; norms and biases)."""
+    total = inv.buffer_bytes
+    for t in inv.tensors:
+        total += DS_GRAD16_BYTES * -(-t.numel // max(1, num_gpus))
+        if t.numel <= DS_PARAM_PERSISTENCE_THRESHOLD:
+            total += DS_GRAD16_BYTES * t.numel  # the whole copy, on top of its partition
+    return total
 
 
 def largest_layer_bytes(inv: Inventory, bytes_per_value: int = 2) -> int:
@@ -383,33 +489,67 @@ def step_memory(inv: Inventory, *, method: str, optimizer: str, sharding: Shardi
     w, g, s, temp = w_all, g_all, s_all, temp_all
     if sharding == "ddp":
         overhead += g_all  # DDP gradient buckets: one more copy of the gradients
-    elif sharding == "zero1":
-        s, temp = s_all // n, temp_all // n
-    elif sharding == "zero2":
-        g, s, temp = g_all // n, s_all // n, temp_all // n
-    elif sharding in ("zero3", "fsdp"):
+    deepspeed = sharding in ZERO_SHARDINGS and method != "qlora"
+    # ZeRO-1/2: reduce buckets alive through backward only; ZeRO-3: the gradient partition buffer is resident
+    bucket_bytes = 0
+    grads_resident = False
+    if sharding == "fsdp" or (sharding == "zero3" and not deepspeed):
         # parameters are sharded, buffers (rotary inv_freq) stay whole on every GPU
         w = fsdp_shard_bytes(w_all - inv.buffer_bytes, n) + inv.buffer_bytes
         g, s, temp = (fsdp_shard_bytes(x, n) for x in (g_all, s_all, temp_all))
+    elif sharding == "zero1" and not deepspeed:
+        s, temp = s_all // n, temp_all // n
+    elif sharding == "zero2" and not deepspeed:
+        g, s, temp = g_all // n, s_all // n, temp_all // n
+    elif sharding in ZERO_SHARDINGS:
+        # DeepSpeed (module docstring): the states and the 16-bit gradients of the partition; the fp32 gradient and
+        # the optimizer's temporaries of the largest group stepped at once
+        g, s = fsdp_shard_bytes(g_all, n), fsdp_shard_bytes(s_all, n)
+        temp = zero_step_temp_bytes(optimizer, zero_step_values(inv, sharding, n))
+        if sharding == "zero3":
+            w = zero3_weight_bytes(inv, n)
+            overhead += DS_ZERO3_REDUCE_BUCKETS * DS_REDUCE_BUCKET_SIZE * DS_GRAD16_BYTES
+            grads_resident = True  # grad_partitions_flat_buffer: torch.zeros at init, kept
+        else:
+            bucket_bytes = DS_ZERO12_REDUCE_BUCKETS * DS_REDUCE_BUCKET_SIZE * DS_GRAD16_BYTES
     fwd_extra = bwd_extra = 0
     if sharding in ("zero3", "fsdp"):
         fwd_extra, bwd_extra = fsdp_unsharded(inv, compute_bytes, tail=sharding == "fsdp")
         gathered = fwd_extra
-    if offload and sharding in ("zero1", "zero2", "zero3", "fsdp"):
+    if offload and sharding in ZERO_SHARDINGS and deepspeed:
+        # offload_optimizer: master weights, states, the fp32 gradient partition (pinned CPU buffers,
+        # ``initialize_optimizer_states``) and the step (DeepSpeedCPUAdam, in place) are on the CPU; ZeRO-3's
+        # offload_param moves the 16-bit partitions there too, and its gradient partition buffer is pinned CPU memory
+        offloaded += s + DS_FP32_BYTES * (g // DS_GRAD16_BYTES)
+        s, temp, g = 0, 0, 0
+        grads_resident = False
+        if sharding == "zero3":
+            offloaded += w
+            w = 0
+    elif offload and sharding in ("zero1", "zero2", "zero3", "fsdp"):
         offloaded += s + temp
         s, temp = 0, 0
         if sharding in ("zero3", "fsdp"):
             offloaded += w
             w = 0
-    resident = w + s + overhead
+    resident = w + s + overhead + (g if grads_resident else 0)
     # the traced backward peak holds every gradient of a single GPU; with sharded gradients only 1/N stays
-    grads_in_peak = g_all - g if sharding in ("zero2", "zero3", "fsdp") else 0
-    carried = g if grad_accum_steps > 1 else 0
+    # (ZeRO-3's 1/N is already resident)
+    if grads_resident:
+        grads_in_peak = g_all
+    elif sharding in ("zero2", "zero3", "fsdp"):
+        grads_in_peak = g_all - g
+    else:
+        grads_in_peak = 0
+    # between micro-steps: ZeRO-1 keeps every 16-bit gradient (it partitions them only at the step)
+    accumulated = g_all if sharding == "zero1" and deepspeed and not offload else g
+    carried = accumulated if grad_accum_steps > 1 and not grads_resident else 0
+    bwd_extra += bucket_bytes
     phases = {
         "forward/loss end": resident + carried + fwd_extra + forward_peak_rel,
         "backward": resident + carried + bwd_extra + max(backward_peak_rel - grads_in_peak, 0),
         # ZeRO-3 / FSDP: every unit is resharded after its backward, nothing is gathered at the step
-        "optimizer step": resident + g + temp,
+        "optimizer step": resident + (0 if grads_resident else g) + temp,
     }
     phase = max(phases, key=lambda k: phases[k])
     return StepMemory(weights_bytes=w, gradients_bytes=g, optimizer_bytes=s, activations_bytes=activations_bytes,

@@ -171,8 +171,11 @@ def test_zero_strategies_shrink_per_gpu_memory_as_deepspeed_says():
     z3 = estimate(EstimateRequest(sharding="zero3", **base))
     ddp = estimate(EstimateRequest(sharding="ddp", **base))
     p = z2.model.total_params
-    static_z2 = z2.memory.weights_bytes + z2.memory.gradients_bytes + z2.memory.optimizer_bytes
-    assert abs(static_z2 - (2 * p + 18 * p / 8)) < 64 * 1024  # buffers and rounding only
+    # DeepSpeed's 18 counts the fp32 gradient partition, which exists only at the step: half of the step
+    # temporaries (the other half is AdamW's sqrt, which DeepSpeed's estimator leaves out)
+    static_z2 = (z2.memory.weights_bytes + z2.memory.gradients_bytes + z2.memory.optimizer_bytes
+                 + z2.memory.optimizer_temp_bytes // 2)
+    assert abs(static_z2 - (2 * p + 18 * p / 8)) < 64 * 1024  # buffers, rounding, the no-decay group only
     assert z3.memory.weights_bytes < z2.memory.weights_bytes / 7
     assert z3.memory.peak_bytes < z2.memory.peak_bytes < ddp.memory.peak_bytes
 
