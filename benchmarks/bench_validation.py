@@ -6,7 +6,10 @@ estimates every row in its regime (``estimator.validation``) and prints a Markdo
 kind is held to (``tests/test_validation.py``), and estimated vs measured training tokens/s where the row has them.
 The README's validation table is this script's output.
 
-    .venv/bin/python benchmarks/bench_validation.py [--file CSV]
+    .venv/bin/python benchmarks/bench_validation.py [--file CSV] [--loss-by-version]
+
+``--loss-by-version`` traces each row's loss as its own transformers computed it (the fms-acceleration rows ran
+4.48.1, whose loss copies the shifted logits in fp32: ``estimator.trace.legacy_causal_lm_loss``).
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ def _stats(values: list[float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--file", default=None, help="validation CSV (default data/validation/...)")
+    parser.add_argument("--loss-by-version", action="store_true",
+                        help="trace each row with the causal-LM loss of its transformers version")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     from estimator.validation import BANDS, compare_all
 
-    out = compare_all(Path(args.file) if args.file else None)
+    out = compare_all(Path(args.file) if args.file else None, loss_by_version=args.loss_by_version)
     print("| row | kind | measured | measured GiB | ours GiB | ours / measured | band | tokens/s ours / measured |")
     print("|---|---|---|---:|---:|---:|---|---|")
     for c in out:

@@ -41,8 +41,10 @@ def _check_request(req: EstimateRequest, config, gpu) -> None:
         pass  # supported: adapters are what the optimizer sees; frozen NF4 weights are sharded by ZeRO-3
 
 
-def trace_settings(req: EstimateRequest, batch_size: int | None = None, seq_len: int | None = None):
-    """The ``TraceSettings`` of ``req`` (the trace's cache key); ``batch_size``/``seq_len`` override the request's."""
+def trace_settings(req: EstimateRequest, batch_size: int | None = None, seq_len: int | None = None,
+                   loss_impl: str = "current"):
+    """The ``TraceSettings`` of ``req`` (the trace's cache key); ``batch_size``/``seq_len`` override the request's;
+    ``loss_impl`` is the causal-LM loss traced (``TraceSettings.loss_impl``)."""
     from estimator.trace import TraceSettings
 
     targets = req.targets if isinstance(req.targets, str) else tuple(req.targets)
@@ -51,21 +53,25 @@ def trace_settings(req: EstimateRequest, batch_size: int | None = None, seq_len:
                          dtype=req.dtype, weights_16bit=weights_16bit(req) or pure16(req),
                          base_dtype=base_dtype(req),
                          batch_size=batch_size or req.batch_size, seq_len=seq_len or req.seq_len,
-                         grad_checkpointing=req.grad_checkpointing, attention=req.attention)
+                         grad_checkpointing=req.grad_checkpointing, attention=req.attention, loss_impl=loss_impl)
 
 
 def _activations(config, req: EstimateRequest, num_layers: int, batch_size: int | None = None,
-                 seq_len: int | None = None) -> Activations:
+                 seq_len: int | None = None, loss_impl: str = "current") -> Activations:
     """Traced activations (or the formula, with the reason) for this request's knobs."""
     from estimator.trace import extrapolate, trace_slice
 
-    settings = trace_settings(req, batch_size, seq_len)
+    settings = trace_settings(req, batch_size, seq_len, loss_impl)
     note = None
+    if loss_impl == "shifted-copy":
+        note = ("loss traced as transformers < 4.49 computes it: an fp32 copy of the shifted logits alive through "
+                "the cross-entropy")
     if settings.attention == "sdpa" and getattr(config, "attn_logit_softcapping", None):
         # transformers refuses sdpa with attention-logit softcapping (Gemma-2): the run has to use eager
         settings = settings.model_copy(update={"attention": "eager"})
-        note = (f"{config.model_type} caps attention logits (attn_logit_softcapping), which sdpa does not "
-                "support: traced with eager attention, as the run must use")
+        note = "; ".join(filter(None, [note, (
+            f"{config.model_type} caps attention logits (attn_logit_softcapping), which sdpa does not "
+            "support: traced with eager attention, as the run must use")]))
     try:
         trace = trace_slice(config, settings)
         ex = extrapolate(trace, num_layers, layer_kinds(config))  # layer kinds: attention type, dense/MoE
@@ -84,16 +90,24 @@ def _activations(config, req: EstimateRequest, num_layers: int, batch_size: int 
                                  f"for this architecture ({str(exc)[:200]}){moe}", attention=settings.attention)
 
 
-def estimate(req: EstimateRequest) -> Estimate:
-    """The estimate for ``req`` (cached: the same request returns the same object in microseconds)."""
+def estimate(req: EstimateRequest, *, loss_impl: str = "current") -> Estimate:
+    """The estimate for ``req`` (cached: the same request returns the same object in microseconds).
+
+    ``loss_impl="shifted-copy"`` traces the loss as transformers < 4.49 ran it (``estimator.validation`` uses it
+    for published runs of those versions); the runner's transformers is the installed one: "current"."""
     if not isinstance(req, EstimateRequest):
         raise EstimatorError("request: pass an EstimateRequest", field="request")
-    return _estimate_cached(req.model_dump_json())
+    if loss_impl not in ("current", "shifted-copy"):
+        raise EstimatorError(f"loss_impl: must be 'current' or 'shifted-copy' (got {loss_impl!r})",
+                             field="loss_impl")
+    if loss_impl == "current":
+        return _estimate_cached(req.model_dump_json())
+    return _estimate_cached(req.model_dump_json(), loss_impl)
 
 
 @functools.lru_cache(maxsize=512)
-def _estimate_cached(req_json: str) -> Estimate:
-    return _estimate(EstimateRequest.model_validate_json(req_json))
+def _estimate_cached(req_json: str, loss_impl: str = "current") -> Estimate:
+    return _estimate(EstimateRequest.model_validate_json(req_json), loss_impl)
 
 
 @functools.lru_cache(maxsize=64)
@@ -113,14 +127,14 @@ def _facts_key(req: EstimateRequest) -> str:
     return EstimateRequest(**{k: v for k, v in req.model_dump().items() if k in keep}).model_dump_json()
 
 
-def _estimate(req: EstimateRequest) -> Estimate:
+def _estimate(req: EstimateRequest, loss_impl: str = "current") -> Estimate:
     from estimator.catalog import get_gpu
 
     gpu = get_gpu(req.gpu)
     entry, inv, breakdown, targets = _model_facts(_facts_key(req))
     config = entry.hf_config()
     _check_request(req, config, gpu)
-    acts = _activations(config, req, inv.num_layers)
+    acts = _activations(config, req, inv.num_layers, loss_impl=loss_impl)
     mem = step_memory(inv, method=req.method, optimizer=req.optimizer, sharding=req.sharding,
                       num_gpus=req.num_gpus, offload=req.offload, activations_bytes=acts.held,
                       forward_peak_rel=acts.forward_peak_rel, backward_peak_rel=acts.backward_peak_rel,

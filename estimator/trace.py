@@ -329,6 +329,10 @@ class TraceSettings(BaseModel):
     seq_len: int = 512
     grad_checkpointing: bool = False
     attention: Literal["sdpa", "eager"] = "sdpa"
+    loss_impl: Literal["current", "shifted-copy"] = Field("current", description=(
+        "the causal-LM loss of the step: current = the installed transformers' ForCausalLMLoss (labels padded, "
+        "no copy of the logits); shifted-copy = transformers <= 4.48's (an fp32 copy of the shifted logits "
+        "made contiguous, alive through the cross-entropy: ``legacy_causal_lm_loss``)"))
 
 
 def _lora_config(model, settings: TraceSettings, total_steps: int = 100):
@@ -411,6 +415,60 @@ def _norms_to_fp32(model) -> None:
             module.to(torch.float32)
 
 
+#: transformers' first release whose ForCausalLMLoss pads the labels instead of copying the shifted logits
+#: (huggingface/transformers PR #35646, merged 2025-01-13; 4.48.0-4.48.3 still copy, 4.49.0 pads)
+LOSS_PADS_LABELS_FROM = (4, 49)
+
+
+def legacy_causal_lm_loss(logits, labels, vocab_size: int, num_items_in_batch=None, ignore_index: int = -100,
+                          **kwargs):
+    """The causal-LM loss as transformers 4.46-4.48 computed it (``loss/loss_utils.py ForCausalLMLoss``).
+
+    ``logits`` (batch, seq, vocab) is upcast to fp32, then its first ``seq - 1`` positions are copied into a
+    contiguous fp32 tensor (the shifted logits) that lives, next to the fp32 upcast, until the cross-entropy
+    returns; labels lose their first position. Mean over the non-ignored tokens, or sum / ``num_items_in_batch``
+    when the Trainer passes it. transformers >= 4.49 pads the labels by one ``ignore_index`` instead and runs
+    the cross-entropy on the upcast logits themselves: the same value, one fp32 logits tensor fewer.
+    """
+    import torch.nn.functional as F
+
+    upcast = logits.float()
+    shifted = upcast[..., :-1, :].contiguous().view(-1, vocab_size)  # the copy the newer loss does without
+    targets = labels[..., 1:].contiguous().view(-1).to(shifted.device)
+    if num_items_in_batch is None:
+        return F.cross_entropy(shifted, targets, ignore_index=ignore_index, reduction="mean")
+    total = F.cross_entropy(shifted, targets, ignore_index=ignore_index, reduction="sum")
+    if hasattr(num_items_in_batch, "to"):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+@contextlib.contextmanager
+def loss_for_trace(model, loss_impl: str):
+    """``model``'s causal-LM loss replaced for the step by ``loss_impl`` ("current": left as it is).
+
+    transformers' ``*ForCausalLM.forward`` calls ``self.loss_function``; a peft model forwards to its base model,
+    whose ``loss_function`` setter (``PreTrainedModel``) is used and undone on exit."""
+    if loss_impl == "current":
+        yield
+        return
+    if loss_impl != "shifted-copy":
+        raise TraceError(f"loss_impl must be 'current' or 'shifted-copy' (got {loss_impl!r})")
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(lm, "loss_function"):
+        raise TraceError(f"{type(lm).__name__} has no loss_function to replace with the shifted-copy loss")
+    had = "_loss_function" in vars(lm)
+    before = vars(lm).get("_loss_function")
+    lm.loss_function = legacy_causal_lm_loss
+    try:
+        yield
+    finally:
+        if had:
+            lm._loss_function = before
+        else:
+            del lm._loss_function
+
+
 def run_traced_step(model, settings: TraceSettings, *, fake: bool = True) -> SliceTrace:
     """Run forward + loss + backward of ``model`` once and return the segments.
 
@@ -422,7 +480,7 @@ def run_traced_step(model, settings: TraceSettings, *, fake: bool = True) -> Sli
 
     start_t = time.perf_counter()
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
-    with patched_for_trace(fake), mode:
+    with patched_for_trace(fake), mode, loss_for_trace(model, settings.loss_impl):
         if fake:
             _to_empty_cpu(model)
         model.train()
@@ -556,7 +614,10 @@ def extrapolate(trace: SliceTrace, num_layers: int, layer_types: list[str] | Non
 
 
 def _key(config_dict: dict, settings: TraceSettings) -> str:
-    blob = json.dumps({"config": config_dict, "settings": settings.model_dump(mode="json"),
+    dumped = settings.model_dump(mode="json")
+    if dumped["loss_impl"] == "current":
+        del dumped["loss_impl"]  # the default loss keeps the keys traces had before the field existed
+    blob = json.dumps({"config": config_dict, "settings": dumped,
                        "version": TRACE_VERSION}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
