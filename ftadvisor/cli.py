@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from ftcore.errors import UserError, format_validation_error
@@ -70,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         if exc.fix:
             print(f"fix: {exc.fix}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `ftadvisor runs --json | head`: the reader left; no traceback (Python's own advice:
+        # point stdout at devnull so the interpreter's final flush does not raise again)
+        if args.own_process:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a program killed by it
     except Exception as exc:  # pydantic errors are bad input too
         from pydantic import ValidationError
 

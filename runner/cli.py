@@ -307,9 +307,87 @@ def _model_ready(ref: str, out=None) -> None:
         print(f"model: {resolved.describe()}", file=out, flush=True)
 
 
+#: How close (fraction) a CUDA device's total memory must be to a catalog card's nvidia-smi total to be that card.
+DEVICE_MATCH_TOLERANCE = 0.03
+
+
+def _cuda_device() -> tuple[str, int] | None:
+    """(name, total bytes) of CUDA device 0, or None without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return props.name, int(props.total_memory)
+
+
+def _model_words(name: str) -> set[str]:
+    """The words of a GPU name that say which chip it is (``A100``, ``H200``, ``4090``, ``L40S``), not its size or
+    form factor (``80GB``, ``SXM4``, ``HBM3``, ``PCIe``)."""
+    words = name.upper().replace("-", " ").split()
+    return {w for w in words if any(c.isdigit() for c in w) and not w.endswith("GB")
+            and not w.startswith(("SXM", "HBM", "PCIE"))}
+
+
+def _catalog_card(name: str, total: int):
+    """The catalog GPU this device is: its nvidia-smi total within DEVICE_MATCH_TOLERANCE of the device's total
+    memory and its chip (``_model_words``) in the device's name; None unless exactly one card matches."""
+    from estimator.catalog import list_gpus
+
+    chip = _model_words(name)
+    near = [g for g in list_gpus() if abs(g.usable_bytes - total) <= DEVICE_MATCH_TOLERANCE * total]
+    named = [g for g in near if chip & _model_words(g.name)]
+    return named[0] if len(named) == 1 else None
+
+
+def _fit_check(spec, args, out) -> None:
+    """Before anything is queued: the estimate of ``spec`` on the card it will run on (``--gpu``, else the CUDA
+    device here when it is a catalog card). Refuses (exit 2) what the estimate says does not fit, unless
+    ``--no-fit-check``; prints the peak and margin otherwise. A CPU machine without ``--gpu``: nothing to check."""
+    from estimator import estimate
+    from estimator.errors import EstimatorError
+    from runner.errors import RunnerError
+    from runner.estimate_request import estimate_request
+
+    if args.no_fit_check:
+        return
+    gpu = args.gpu
+    if gpu is None:
+        device = _cuda_device()
+        if device is None:  # a CPU run: no card to size it for
+            return
+        card = _catalog_card(*device)
+        if card is None:
+            print(f"fit check: skipped ({device[0]} is not a catalog card; --gpu ID checks against one)", file=out,
+                  flush=True)
+            return
+        gpu = card.id
+    try:
+        est = estimate(estimate_request(spec, gpu=gpu))
+    except EstimatorError as exc:
+        if exc.field == "gpu":  # an unknown --gpu: its message names the known ones
+            raise
+        print(f"fit check: skipped (the estimator cannot size this run: {exc})", file=out, flush=True)
+        return
+    mem = est.memory
+    line = (f"{mem.peak_bytes / 2**30:.2f} GiB on the card at the peak ({mem.peak_phase}; "
+            f"{mem.allocated_peak_bytes / 2**30:.2f} GiB allocated) per GPU on {est.gpu.count} x {est.gpu.name}, "
+            f"which has {mem.usable_bytes / 2**30:.2f} GiB")
+    if not est.fits:
+        why = ("" if mem.margin_bytes < 0 else "but loading does not" if not est.load_fits
+               else "but evaluation does not" if not est.eval_fits else "")  # the step itself fits
+        raise RunnerError(f"run: the estimate says it does not fit: {line}" + (f" ({why})" if why else ""),
+                          field="gpu", kind="bad_spec",
+                          fix="lower --batch-size or --seq-len, turn on --grad-checkpointing, use --method "
+                              "qlora, or add GPUs with --strategy fsdp; --no-fit-check launches it anyway")
+    print(f"fit check: fits: {line}, margin {mem.margin_bytes / 2**30:.2f} GiB", file=out, flush=True)
+
+
 def cmd_run(args) -> int:
     spec = spec_from_args(args)
-    _model_ready(spec.model, sys.stderr if args.json else sys.stdout)
+    out = sys.stderr if args.json else sys.stdout
+    _model_ready(spec.model, out)
+    _fit_check(spec, args, out)
     manager = _manager()
     rec = manager.launch(spec)
     if args.detach:
@@ -629,6 +707,9 @@ def register(subparsers) -> None:
     run.add_argument("--method", choices=("full", "lora", "qlora"), help="fine-tuning method")
     run.add_argument("--dataset", help="training data: JSONL, CSV or Parquet")
     _add_spec_flags(run)
+    run.add_argument("--gpu", help="catalog GPU the run is sized for: refuse before launching when the estimate "
+                                   "does not fit (default: the CUDA device here, when it is a catalog card)")
+    run.add_argument("--no-fit-check", action="store_true", help="launch even when the estimate does not fit")
     run.add_argument("--detach", action="store_true", help="return at once; the run goes on in the background")
     run.add_argument("--json", action="store_true", help="print the run object as JSON")
     run.set_defaults(func=cmd_run)

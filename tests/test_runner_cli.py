@@ -256,3 +256,44 @@ def test_every_user_error_type_prints_message_and_fix(error, monkeypatch, capsys
     monkeypatch.setattr(cli, "build_parser", lambda: parser)
     assert cli.main([]) == 2
     assert capsys.readouterr().err == "error: rank: must be between 1 and 1024 (got 0)\nfix: pass --rank 16\n"
+
+
+# ------------------------------------------------------------------------------ the fit check before a launch
+
+
+def test_run_refuses_what_the_estimate_says_does_not_fit(env, capsys):
+    # SmolLM2-135M LoRA at 64 x 8192 tokens: the logits alone are 64 x 8192 x 49152 x 4 B = 96 GiB, far above a
+    # T4's 15 GiB (nvidia-smi total, data/gpus.csv): refused before anything is queued, naming the way out
+    assert main(["run", "--demo", "--gpu", "t4", "--batch-size", "64", "--seq-len", "8192"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "NVIDIA T4 16GB" in err and "--no-fit-check" in err
+    assert main(["runs", "list", "--json"]) == 0 and json.loads(capsys.readouterr().out) == []
+    # --no-fit-check launches it anyway (the stand-in worker runs it)
+    assert main(["run", "--demo", "--gpu", "t4", "--batch-size", "64", "--seq-len", "8192", "--no-fit-check",
+                 "--detach"]) == 0
+
+
+def test_run_names_its_fit_on_the_card_here(env, capsys, monkeypatch):
+    # a CUDA device as torch reports an A100 80GB (name; total memory ~1% below nvidia-smi's 81920 MiB) is the
+    # catalog's a100-80gb, and the demo's default run fits it
+    from runner import cli
+
+    monkeypatch.setattr(cli, "_cuda_device", lambda: ("NVIDIA A100-SXM4-80GB", int(0.99 * 81920 * 2**20)))
+    assert main(["run", "--demo", "--max-steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "fit check: fits:" in out and "NVIDIA A100 SXM4 80GB" in out and "margin" in out
+
+
+@pytest.mark.parametrize("name, card", [
+    ("NVIDIA A100-SXM4-80GB", "a100-80gb"), ("NVIDIA A100-SXM4-40GB", "a100-40gb"),
+    ("NVIDIA H100 80GB HBM3", "h100-80gb"), ("NVIDIA GeForce RTX 4090", "rtx-4090"),
+    ("NVIDIA GeForce RTX 3090", "rtx-3090"), ("Tesla T4", "t4"), ("NVIDIA RTX PRO 6000 Blackwell", None)])
+def test_a_cuda_device_is_matched_to_its_catalog_card(name, card):
+    # device names as torch.cuda.get_device_properties reports them; same memory (A100 vs H100 80GB, RTX 3090 vs
+    # 4090) is told apart by the chip, same chip (A100 40 vs 80GB) by the memory; an unknown card is no card
+    from estimator.catalog import get_gpu
+    from runner.cli import _catalog_card
+
+    total = int(0.99 * get_gpu(card).usable_bytes) if card else 96 * 2**30
+    found = _catalog_card(name, total)
+    assert (found.id if found else None) == card
