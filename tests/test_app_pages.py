@@ -257,6 +257,17 @@ def test_estimate_page_shows_allocated_reserved_headroom_and_the_regime_knob():
     assert _peak_bytes(pure) < _peak_bytes(mixed)
 
 
+def test_estimate_says_which_phase_does_not_fit():
+    """Mixtral-8x7B QLoRA on an A100-80GB: the step fits (26.4 GiB on the card) but loading does not (94.4 GiB: the
+    runner quantizes the fused experts after loading them in 16 bits). Before, the page reported the step's peak
+    as if it exceeded 80 GiB and suggested QLoRA to a QLoRA run."""
+    at = _estimate_page(model="mixtral-8x7b", method="qlora", gpu="a100-80gb", gc="true")
+    assert not at.exception
+    [error] = _errors(at)
+    assert "while loading" in error and "Try QLoRA" not in error
+    assert any("Loading:" in c.value for c in at.caption)
+
+
 def test_estimate_link_sets_the_knobs_and_every_tab_renders():
     for tab in ["Parameters", "Time and cost", "Which GPUs fit", "Ranks", "Storage", "Download"]:
         at = _estimate_page(model="qwen2.5-0.5b", method="qlora", gpu="rtx-4090", batch="2", tab=tab)

@@ -179,19 +179,37 @@ with results:
         st.caption(f"Eval phase: {fmt_bytes(ev.device_peak_bytes)} on the card ({ev.phase}, KV cache "
                    f"{fmt_bytes(ev.kv_cache_bytes)}){'' if est.eval_fits else ' - does not fit'}. Host RAM per "
                    f"process: {fmt_bytes(est.host_memory.peak_bytes)}.")
+    if mem.load_peak_bytes:
+        st.caption(f"Loading: {fmt_bytes(mem.load_device_peak_bytes)} on the card at its peak (the runner "
+                   f"quantizes the fused MoE experts after loading, so they are held in 16 bits first)"
+                   f"{'' if est.load_fits else ' - does not fit'}.")
+    usable = fmt_bytes(est.gpu.usable_bytes)
     if est.fits:
-        st.success(f"Fits: peak {fmt_bytes(mem.peak_bytes)} of {fmt_bytes(est.gpu.usable_bytes)} usable per GPU, "
+        st.success(f"Fits: peak {fmt_bytes(mem.peak_bytes)} of {usable} usable per GPU, "
                    f"margin {fmt_bytes(mem.margin_bytes)} after {fmt_bytes(mem.headroom_bytes)} headroom "
                    f"(peak during {mem.peak_phase}).", icon=":material/check_circle:")
-    else:
+    elif mem.margin_bytes < 0:  # the training step itself
         hint = ""
         more, _ = attempt(estimates.smallest_gpu_count, req.model_copy(update={"sharding": "zero3"}))
         if more:
             hint = f" With ZeRO-3 it needs {more} x {est.gpu.name}."
+        tips = [t for t, useful in (("QLoRA", req.method != "qlora"),
+                                    ("gradient checkpointing", not req.grad_checkpointing),
+                                    ("a smaller micro-batch", req.batch_size > 1), ("more GPUs with sharding", True))
+                if useful]
         st.error(f"Does not fit: peak {fmt_bytes(mem.peak_bytes)} + {fmt_bytes(mem.headroom_bytes)} headroom > "
-                 f"{fmt_bytes(est.gpu.usable_bytes)} usable per GPU "
-                 f"(peak during {mem.peak_phase}).{hint} Try QLoRA, gradient checkpointing, a smaller "
-                 "micro-batch or more GPUs with sharding.", icon=":material/block:")
+                 f"{usable} usable per GPU (peak during {mem.peak_phase}).{hint} Try {', '.join(tips[:-1])}"
+                 f"{' or ' if len(tips) > 1 else ''}{tips[-1]}.", icon=":material/block:")
+    elif not est.load_fits:
+        st.error(f"Does not fit while loading: {fmt_bytes(mem.load_device_peak_bytes)} on the card > {usable} "
+                 f"usable (training itself needs {fmt_bytes(mem.peak_bytes)}). The experts are quantized after "
+                 "they are loaded in 16 bits; try LoRA on more GPUs with sharding, or a card with more memory.",
+                 icon=":material/block:")
+    else:
+        ev = est.eval_memory
+        st.error(f"Does not fit during evaluation: {fmt_bytes(ev.device_peak_bytes) if ev else '?'} on the card > "
+                 f"{usable} usable (training itself needs {fmt_bytes(mem.peak_bytes)}). Lower the eval batch or the "
+                 "generated length.", icon=":material/block:")
 
     tab_names = ["Memory", "Parameters", "Time and cost", "Which GPUs fit", "Ranks", "Storage", "Download"]
     tabs = st.tabs(tab_names, key="tab", on_change="rerun", bind=QP)

@@ -306,6 +306,11 @@ with side:
                    f"on {est.gpu.count} x {est.gpu.name} (peak during {est.memory.peak_phase})")
             if fits:
                 st.success("Fits: " + msg, icon=":material/check_circle:")
+            elif est.memory.margin_bytes >= 0:  # the step fits; loading or evaluation does not
+                phase, peak = (("loading", est.memory.load_device_peak_bytes) if not est.load_fits else
+                               ("evaluation", est.eval_memory.device_peak_bytes if est.eval_memory else 0))
+                st.error(f"Will not fit during {phase}: {fmt_bytes(peak)} on the card (the step itself: {msg}).",
+                         icon=":material/block:")
             else:
                 st.error("Will not fit: " + msg + ". Lower the micro-batch or sequence length, turn on gradient "
                          "checkpointing, switch to QLoRA, or add GPUs with zero3/fsdp.", icon=":material/block:")
