@@ -6,10 +6,11 @@ estimates every row in its regime (``estimator.validation``) and prints a Markdo
 kind is held to (``tests/test_validation.py``), and estimated vs measured training tokens/s where the row has them.
 The README's validation table is this script's output.
 
-    .venv/bin/python benchmarks/bench_validation.py [--file CSV] [--loss-by-version]
+    .venv/bin/python benchmarks/bench_validation.py [--file CSV] [--installed-loss]
 
-``--loss-by-version`` traces each row's loss as its own transformers computed it (the fms-acceleration rows ran
-4.48.1, whose loss copies the shifted logits in fp32: ``estimator.trace.legacy_causal_lm_loss``).
+Each row's loss is traced as its own transformers computed it (``estimator.validation.loss_impl_for``: the
+fms-acceleration rows ran 4.39, whose forward upcasts the logits to fp32 and whose loss copies the shifted ones);
+``--installed-loss`` traces the installed transformers' loss for every row instead.
 """
 
 from __future__ import annotations
@@ -34,13 +35,13 @@ def _stats(values: list[float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--file", default=None, help="validation CSV (default data/validation/...)")
-    parser.add_argument("--loss-by-version", action="store_true",
-                        help="trace each row with the causal-LM loss of its transformers version")
+    parser.add_argument("--installed-loss", action="store_true",
+                        help="trace every row with the installed transformers' loss, not its own version's")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     from estimator.validation import BANDS, compare_all
 
-    out = compare_all(Path(args.file) if args.file else None, loss_by_version=args.loss_by_version)
+    out = compare_all(Path(args.file) if args.file else None, loss_by_version=not args.installed_loss)
     print("| row | kind | measured | measured GiB | ours GiB | ours / measured | band | tokens/s ours / measured |")
     print("|---|---|---|---:|---:|---:|---|---|")
     for c in out:

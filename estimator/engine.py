@@ -63,9 +63,10 @@ def _activations(config, req: EstimateRequest, num_layers: int, batch_size: int 
 
     settings = trace_settings(req, batch_size, seq_len, loss_impl)
     note = None
-    if loss_impl == "shifted-copy":
+    if loss_impl != "current":
         note = ("loss traced as transformers < 4.49 computes it: an fp32 copy of the shifted logits alive through "
-                "the cross-entropy")
+                "the cross-entropy" + (", the logits upcast to fp32 in the forward (<= 4.45)"
+                                       if loss_impl == "upcast-in-forward" else ""))
     if settings.attention == "sdpa" and getattr(config, "attn_logit_softcapping", None):
         # transformers refuses sdpa with attention-logit softcapping (Gemma-2): the run has to use eager
         settings = settings.model_copy(update={"attention": "eager"})
@@ -93,13 +94,14 @@ def _activations(config, req: EstimateRequest, num_layers: int, batch_size: int 
 def estimate(req: EstimateRequest, *, loss_impl: str = "current") -> Estimate:
     """The estimate for ``req`` (cached: the same request returns the same object in microseconds).
 
-    ``loss_impl="shifted-copy"`` traces the loss as transformers < 4.49 ran it (``estimator.validation`` uses it
-    for published runs of those versions); the runner's transformers is the installed one: "current"."""
+    ``loss_impl`` "shifted-copy" / "upcast-in-forward" trace the loss as transformers 4.46-4.48 / <= 4.45 ran it
+    (``estimator.validation`` uses them for published runs of those versions); the runner's transformers is the
+    installed one: "current"."""
     if not isinstance(req, EstimateRequest):
         raise EstimatorError("request: pass an EstimateRequest", field="request")
-    if loss_impl not in ("current", "shifted-copy"):
-        raise EstimatorError(f"loss_impl: must be 'current' or 'shifted-copy' (got {loss_impl!r})",
-                             field="loss_impl")
+    if loss_impl not in ("current", "shifted-copy", "upcast-in-forward"):
+        raise EstimatorError(f"loss_impl: must be 'current', 'shifted-copy' or 'upcast-in-forward' (got "
+                             f"{loss_impl!r})", field="loss_impl")
     if loss_impl == "current":
         return _estimate_cached(req.model_dump_json())
     return _estimate_cached(req.model_dump_json(), loss_impl)

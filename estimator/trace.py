@@ -329,10 +329,12 @@ class TraceSettings(BaseModel):
     seq_len: int = 512
     grad_checkpointing: bool = False
     attention: Literal["sdpa", "eager"] = "sdpa"
-    loss_impl: Literal["current", "shifted-copy"] = Field("current", description=(
+    loss_impl: Literal["current", "shifted-copy", "upcast-in-forward"] = Field("current", description=(
         "the causal-LM loss of the step: current = the installed transformers' ForCausalLMLoss (labels padded, "
-        "no copy of the logits); shifted-copy = transformers <= 4.48's (an fp32 copy of the shifted logits "
-        "made contiguous, alive through the cross-entropy: ``legacy_causal_lm_loss``)"))
+        "no copy of the logits); shifted-copy = transformers 4.46-4.48's (an fp32 copy of the shifted logits "
+        "made contiguous, alive through the cross-entropy: ``legacy_causal_lm_loss``); upcast-in-forward = "
+        "transformers <= 4.45's: the same loss, and the model's forward upcasts the LM head's output to fp32 "
+        "(the 16-bit logits die at once, the fp32 ones are the output's)"))
 
 
 def _lora_config(model, settings: TraceSettings, total_steps: int = 100):
@@ -418,6 +420,16 @@ def _norms_to_fp32(model) -> None:
 #: transformers' first release whose ForCausalLMLoss pads the labels instead of copying the shifted logits
 #: (huggingface/transformers PR #35646, merged 2025-01-13; 4.48.0-4.48.3 still copy, 4.49.0 pads)
 LOSS_PADS_LABELS_FROM = (4, 49)
+#: transformers' first release whose ``*ForCausalLM.forward`` keeps the logits in the model's dtype (4.45.2's
+#: Mistral/Llama forward ends ``self.lm_head(...).float()``, 4.46.0's does not; the loss upcasts instead)
+LOGITS_KEEP_DTYPE_FROM = (4, 46)
+
+
+def loss_impl_for_version(version: tuple[int, int] | None) -> str:
+    """The ``TraceSettings.loss_impl`` of a transformers (major, minor); None: the installed one ("current")."""
+    if version is None or version >= LOSS_PADS_LABELS_FROM:
+        return "current"
+    return "shifted-copy" if version >= LOGITS_KEEP_DTYPE_FROM else "upcast-in-forward"
 
 
 def legacy_causal_lm_loss(logits, labels, vocab_size: int, num_items_in_batch=None, ignore_index: int = -100,
@@ -448,21 +460,29 @@ def loss_for_trace(model, loss_impl: str):
     """``model``'s causal-LM loss replaced for the step by ``loss_impl`` ("current": left as it is).
 
     transformers' ``*ForCausalLM.forward`` calls ``self.loss_function``; a peft model forwards to its base model,
-    whose ``loss_function`` setter (``PreTrainedModel``) is used and undone on exit."""
+    whose ``loss_function`` setter (``PreTrainedModel``) is used and undone on exit. "upcast-in-forward" also
+    turns the LM head's output to fp32 (a forward hook, removed on exit), as transformers <= 4.45's forward did:
+    the loss's own ``.float()`` then copies nothing."""
     if loss_impl == "current":
         yield
         return
-    if loss_impl != "shifted-copy":
-        raise TraceError(f"loss_impl must be 'current' or 'shifted-copy' (got {loss_impl!r})")
+    if loss_impl not in ("shifted-copy", "upcast-in-forward"):
+        raise TraceError(f"loss_impl must be 'current', 'shifted-copy' or 'upcast-in-forward' (got {loss_impl!r})")
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not hasattr(lm, "loss_function"):
-        raise TraceError(f"{type(lm).__name__} has no loss_function to replace with the shifted-copy loss")
+        raise TraceError(f"{type(lm).__name__} has no loss_function to replace with the {loss_impl} loss")
+    head = lm.get_output_embeddings() if loss_impl == "upcast-in-forward" else None
+    if loss_impl == "upcast-in-forward" and head is None:
+        raise TraceError(f"{type(lm).__name__} has no output embeddings (LM head) to upcast")
     had = "_loss_function" in vars(lm)
     before = vars(lm).get("_loss_function")
     lm.loss_function = legacy_causal_lm_loss
+    hook = head.register_forward_hook(lambda module, args, output: output.float()) if head is not None else None
     try:
         yield
     finally:
+        if hook is not None:
+            hook.remove()
         if had:
             lm._loss_function = before
         else:

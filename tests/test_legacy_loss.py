@@ -1,10 +1,11 @@
-"""The causal-LM loss of transformers <= 4.48 (``TraceSettings.loss_impl="shifted-copy"``) against real CPU steps.
+"""The causal-LM losses of transformers <= 4.48 (``TraceSettings.loss_impl``) against real CPU steps.
 
 transformers 4.46-4.48 ``loss/loss_utils.py ForCausalLMLoss`` upcast the logits to fp32 and then copied the first
-``seq - 1`` positions into a contiguous fp32 tensor before the cross-entropy; 4.49.0 (PR #35646) pads the labels
-instead. The published fms-acceleration rows ran 4.48.1, so ``estimator.validation`` traces their step with the
-old loss. Expected numbers here come from independent sources: transformers' own ``ForCausalLMLoss`` (the value),
-and PyTorch's MemTracker over a real CPU step with the old loss installed (the bytes).
+``seq - 1`` positions into a contiguous fp32 tensor before the cross-entropy ("shifted-copy"); <= 4.45 did the same
+with the upcast in the model's forward (``self.lm_head(...).float()``: "upcast-in-forward"); 4.49.0 (PR #35646)
+pads the labels instead. ``estimator.validation`` traces each published row with the loss of its transformers.
+Expected numbers here come from independent sources: transformers' own ``ForCausalLMLoss`` (the value), and
+PyTorch's MemTracker over a real CPU step with the old loss installed (the bytes).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def test_legacy_loss_has_the_value_and_gradient_of_transformers_loss(num_items):
     torch.testing.assert_close(ours_in.grad, theirs_in.grad)
 
 
-def _real_peaks(cfg, loss_impl: str) -> tuple[int, int]:
+def _real_peaks(cfg, loss_impl: str, autocast: bool = False) -> tuple[int, int]:
     """(forward + loss, whole step) peak bytes above the weights of one real fp32 CPU step of ``cfg`` with
     ``loss_impl`` installed, from PyTorch's MemTracker (real tensors). The input ids and labels are two tensors
     made inside the tracker, as the trace makes them; the trace's peaks are above the step start, so they are
@@ -73,7 +74,8 @@ def _real_peaks(cfg, loss_impl: str) -> tuple[int, int]:
         with tracker, loss_for_trace(model, loss_impl):
             ids = torch.randint(0, VOCAB, (BATCH, SEQ))
             labels = ids.clone()
-            loss = model(input_ids=ids, labels=labels).loss
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = model(input_ids=ids, labels=labels).loss
             if backward:
                 loss.backward()
         del loss, ids, labels
@@ -81,16 +83,18 @@ def _real_peaks(cfg, loss_impl: str) -> tuple[int, int]:
     return peaks[0], peaks[1]
 
 
-def test_shifted_copy_trace_matches_a_real_step_with_the_old_loss():
-    """The trace with loss_impl="shifted-copy" has the forward and whole-step peaks of a real CPU step running the
-    old loss, byte for byte (and the current loss those of a step with the current one). The old loss's forward
-    peak is above the current one's by the fp32 copy of the shifted logits, batch x (seq - 1) x vocab x 4 B, less
-    the label tensors the two handle differently (int64, a few batch x seq x 8 B)."""
+@pytest.mark.parametrize("impl", ["shifted-copy", "upcast-in-forward"])
+def test_old_loss_traces_match_a_real_step_with_the_old_loss(impl):
+    """fp32: the trace with an old loss has the forward and whole-step peaks of a real CPU step running it, byte for
+    byte (and the current loss those of a step with the current one). The old loss's forward peak is above the
+    current one's by the fp32 copy of the shifted logits, batch x (seq - 1) x vocab x 4 B, less the label tensors
+    the two handle differently (int64, a few batch x seq x 8 B). (In fp32 the LM head's output already is fp32, so
+    upcast-in-forward changes nothing more.)"""
     cfg = _config()
     kw = dict(method="full", dtype="fp32", batch_size=BATCH, seq_len=SEQ, attention="sdpa")
-    legacy = extrapolate(trace_slice(cfg, TraceSettings(loss_impl="shifted-copy", **kw)), 3, None)
+    legacy = extrapolate(trace_slice(cfg, TraceSettings(loss_impl=impl, **kw)), 3, None)
     current = extrapolate(trace_slice(cfg, TraceSettings(**kw)), 3, None)
-    legacy_fwd, legacy_step = _real_peaks(cfg, "shifted-copy")
+    legacy_fwd, legacy_step = _real_peaks(cfg, impl)
     current_fwd, current_step = _real_peaks(cfg, "current")
     assert (legacy_fwd, legacy_step) == (legacy.forward_peak_rel_bytes,
                                          max(legacy.forward_peak_rel_bytes, legacy.backward_peak_rel_bytes))
@@ -98,6 +102,21 @@ def test_shifted_copy_trace_matches_a_real_step_with_the_old_loss():
                                            max(current.forward_peak_rel_bytes, current.backward_peak_rel_bytes))
     copy = BATCH * (SEQ - 1) * VOCAB * 4
     assert copy - 4 * BATCH * SEQ * 8 <= legacy_fwd - current_fwd <= copy, (legacy_fwd, current_fwd, copy)
+
+
+def test_old_losses_under_bf16_autocast_change_the_peak_as_a_real_step():
+    """bf16 autocast over fp32 weights (HF Trainer bf16=True): what each old loss adds to the forward peak is what
+    it adds in a real CPU step, to the byte. (Under autocast MemTracker's forward peaks are a constant 96 KiB above
+    the trace's whatever the loss, so the differences are compared.) 4.46-4.48 keep the bf16 logits next to the
+    fp32 ones; <= 4.45 free them as the forward upcasts: the two differ by batch x seq x vocab x 2 B exactly."""
+    cfg = _config()
+    kw = dict(method="full", dtype="bf16", batch_size=BATCH, seq_len=SEQ, attention="sdpa")
+    traced = {impl: extrapolate(trace_slice(cfg, TraceSettings(loss_impl=impl, **kw)), 3, None).forward_peak_rel_bytes
+              for impl in ("current", "shifted-copy", "upcast-in-forward")}
+    real = {impl: _real_peaks(cfg, impl, autocast=True)[0] for impl in traced}
+    for impl in ("shifted-copy", "upcast-in-forward"):
+        assert traced[impl] - traced["current"] == real[impl] - real["current"] > 0, (impl, traced, real)
+    assert real["shifted-copy"] - real["upcast-in-forward"] == BATCH * SEQ * VOCAB * 2
 
 
 def test_lora_bf16_activations_with_the_old_loss_match_a_real_step(tmp_path):
@@ -149,10 +168,15 @@ def test_loss_is_restored_after_the_step():
 
 
 def test_validation_rows_use_the_loss_of_their_transformers():
-    """fms-acceleration ran transformers 4.48.1 (old loss), peft's method comparison 5.13.1, LitGPT none."""
+    """fms-acceleration's table (@04702cc, May 2024) ran transformers < 4.40 (its pin), peft's method comparison
+    5.13.1, LitGPT none; the version boundaries are those of the 4.45.2 / 4.46.0 / 4.48.3 / 4.49.0 sources."""
+    from estimator.trace import loss_impl_for_version
+
+    assert [loss_impl_for_version(v) for v in [(4, 39), (4, 45), (4, 46), (4, 48), (4, 49), (5, 24), None]] == [
+        "upcast-in-forward", "upcast-in-forward", "shifted-copy", "shifted-copy", "current", "current", "current"]
     from estimator.validation import loss_impl_for, rows
 
     impl = {r["id"]: loss_impl_for(r) for r in rows()}
-    assert impl["fms-qlora-bs4"] == impl["fms-lora-bs4"] == impl["fms-full-bs4"] == "shifted-copy"
+    assert impl["fms-qlora-bs4"] == impl["fms-lora-bs4"] == impl["fms-full-bs4"] == "upcast-in-forward"
     assert impl["peft-mc-lora-r32"] == "current"
     assert impl["litgpt-lora-7b-bs1"] == "current"

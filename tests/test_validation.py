@@ -64,15 +64,15 @@ def test_every_published_row_is_within_its_band():
     assert len(hf) >= 6 and all(abs(r - 1) <= 0.10 for r in hf), hf
 
 
-def test_loss_of_the_rows_transformers_moves_qlora_toward_and_lora_away():
-    """Issue 10's hypothesis, measured: the fms-acceleration runs used transformers 4.48.1, whose loss keeps an
-    fp32 copy of the shifted logits (2 GiB at 4 x 4096 tokens x 32000). Traced with it (``loss_by_version``), the
-    QLoRA row rises from 0.913 to 0.947 of its max_memory_allocated, the LoRA row from 0.978 to 1.024, past its
-    measurement: the copy is real (the 4.48.1 source), so what else differs is elsewhere and the default keeps the
-    installed transformers' loss."""
+def test_each_row_is_traced_with_the_loss_of_its_transformers():
+    """The fms-acceleration table ran transformers 4.39 (its pin at @04702cc), whose Mistral forward upcasts the
+    logits to fp32 and whose loss copies the shifted ones: 2 B per logit more than transformers 5 at the loss
+    (1 GiB at 4 x 4096 tokens x 32000). The LoRA row's peak is there (forward + loss: ours 0.978 -> 0.984 of the
+    measured max_memory_allocated); the QLoRA row's stays in backward, where the old loss adds nothing (0.913 both
+    ways: its gap is elsewhere)."""
     table = {r["id"]: r for r in rows()}
-    moved = {i: (compare(table[i]).ratio, compare(table[i], loss_by_version=True).ratio)
+    moved = {i: (compare(table[i], loss_by_version=False).ratio, compare(table[i]).ratio)
              for i in ("fms-qlora-bs4", "fms-lora-bs4")}
     (q0, q1), (l0, l1) = moved["fms-qlora-bs4"], moved["fms-lora-bs4"]
-    assert q0 < q1 < 1 and abs(q1 - 1) < abs(q0 - 1), moved
-    assert l0 < 1 < l1, moved
+    assert q0 == q1, moved
+    assert l0 < l1 < 1, moved
