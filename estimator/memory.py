@@ -37,11 +37,12 @@ The regime counted (``runner/train/recipe.py`` + HF Trainer defaults, read from 
   of ``reduce_bucket_size`` values for the backward (``setup_buckets``, double-buffered with ``overlap_comm``;
   freed by the epilogue); ZeRO-3 keeps a 16-bit gradient partition buffer (``grad_partitions_flat_buffer``) and
   one reduce bucket from init on, keeps parameters of at most ``stage3_param_persistence_threshold`` values
-  whole on every GPU, and gathers layers as FSDP does (``GATHERED_LAYERS``). DeepSpeed's own estimators
-  (``estimate_zero2/3_model_states_mem_needs``: ``2P + 18P/N`` and ``4 x largest module + 18P/N``, "18 = 2
-  grads16 + 4 grads32 + 4 params32 + 8 optimizer states") count the fp32 gradient for the whole partition and
-  no AdamW temporary (``tests/test_zero_memory.py`` compares both). Activations are traced with 16-bit weights
-  and no autocast.
+  whole on every GPU, and keeps gathered what it reuses within ``stage3_max_reuse_distance`` values
+  (``zero3_gathered_values``); nothing is gathered at the step (``_partition_all_parameters``). DeepSpeed's own
+  estimators (``estimate_zero2/3_model_states_mem_needs``: ``2P + 18P/N`` and ``4 x largest module + 18P/N``,
+  "18 = 2 grads16 + 4 grads32 + 4 params32 + 8 optimizer states") count the fp32 gradient for the whole partition
+  and no AdamW temporary, and ZeRO-3's 18 leaves out one of its two 16-bit partitions (``tests/test_zero_memory.py``
+  compares both). Activations are traced with 16-bit weights and no autocast.
 * **FSDP full-shard** (Trainer/accelerate, FSDP2 ``fully_shard`` as the runner launches it; FSDP1 alike): each
   GPU holds 1/N of every parameter in the dtype it has when wrapped, its gradient shard in the same dtype and
   the optimizer states of that shard only (``fsdp_shard_bytes``, ``tests/test_fsdp_memory.py`` on a real
@@ -133,8 +134,8 @@ ADAFACTOR_RMS_BYTES = 4
 # ... and with 16-bit parameters (pure 16-bit) it first makes fp32 copies: ``grad = grad.float()`` and
 # ``p_data_fp32 = p.float()`` (transformers optimization.py Adafactor.step): two more.
 ADAFACTOR_TEMP_COPIES_16BIT = 4
-# FSDP keeps the current layer and prefetches the next one (BackwardPrefetch.BACKWARD_PRE, the default);
-# DeepSpeed ZeRO-3 prefetches likewise: two layers unsharded at a time.
+# FSDP keeps the current layer and prefetches the next one (BackwardPrefetch.BACKWARD_PRE, the default): two layers
+# unsharded at a time (DeepSpeed ZeRO-3 follows its own reuse-distance rule, ``zero3_gathered_values``).
 GATHERED_LAYERS = 2
 
 # --- DeepSpeed ZeRO (DeepSpeed 0.19.8, ``deepspeed/runtime/zero/config.py`` defaults; the runner's ds_config.json
@@ -143,6 +144,8 @@ ZERO_SHARDINGS = ("zero1", "zero2", "zero3")
 DS_REDUCE_BUCKET_SIZE = 500_000_000  # reduce_bucket_size, values
 DS_SUB_GROUP_SIZE = 1_000_000_000  # sub_group_size, values per ZeRO-3 optimizer sub-group
 DS_PARAM_PERSISTENCE_THRESHOLD = 100_000  # stage3_param_persistence_threshold: smaller parameters stay whole
+DS_PREFETCH_BUCKET_SIZE = 50_000_000  # stage3_prefetch_bucket_size: values gathered ahead of the current module
+DS_MAX_REUSE_DISTANCE = 1_000_000_000  # stage3_max_reuse_distance: values; a module reused sooner stays gathered
 # ZeRO-1/2 with contiguous_gradients: ``setup_buckets`` allocates one bucket of reduce_bucket_size values per
 # gradient dtype, plus a second one with overlap_comm ("double buffers"), at every backward; the epilogue
 # (``_release_ipg_buffers``) frees them. ZeRO-3 allocates one per dtype at init and keeps it (``stage3.py``).
@@ -196,7 +199,7 @@ class StepMemory(BaseModel):
     optimizer_bytes: int = Field(description="optimizer states resident on the GPU")
     activations_bytes: int = Field(description="held at the end of forward + loss")
     overhead_bytes: int = Field(description="allocated beyond the tensors of the model: cuBLAS workspaces (+ DDP "
-                                            "gradient buckets)")
+                                            "gradient buckets, ZeRO-3's reduce bucket)")
     optimizer_temp_bytes: int = Field(description="temporaries of the optimizer step")
     gathered_bytes: int = Field(0, description="ZeRO-3/FSDP: unsharded layers (and FSDP's tail unit) gathered "
                                                "at a time in forward and backward (``fsdp_unsharded``)")
@@ -377,6 +380,38 @@ def zero3_weight_bytes(inv: Inventory, num_gpus: int) -> int:
     return total
 
 
+def zero3_gathered_values(inv: Inventory) -> int:
+    """Values ZeRO-3 holds gathered (whole, in the compute dtype) at the end of forward and into backward.
+
+    DeepSpeed's ``PartitionedParameterCoordinator.__params_to_release`` keeps a module's parameters gathered after
+    its forward when they are used again within ``stage3_max_reuse_distance`` values of traversed modules; a module's
+    next use is its own backward, twice the parameters after it away (the rest of forward, then backward back down
+    to it). So the trailing units (final norm, LM head, the last decoder layers) with ``2 x values after them <=
+    DS_MAX_REUSE_DISTANCE`` stay gathered from the loss into backward (all of a model of up to 5e8 values: why ZeRO-3
+    can hold more than ZeRO-2 on small models, DeepSpeed issues #3734, #5305), on top of the layer being computed
+    and the ``stage3_prefetch_bucket_size`` values fetched ahead. Units: the input embedding, each decoder layer,
+    then everything else; parameters under the persistence threshold are whole anyway (``zero3_weight_bytes``)."""
+    def values(tensors: list[TensorInfo]) -> int:
+        return sum(t.numel for t in tensors if t.numel > DS_PARAM_PERSISTENCE_THRESHOLD)
+
+    embed = [t for t in inv.tensors if t.layer is None and _is_input_embedding(t.name)]
+    rest = [t for t in inv.tensors if t.layer is None and not _is_input_embedding(t.name)]
+    layers: dict[int, list[TensorInfo]] = {}
+    for t in inv.tensors:
+        if t.layer is not None:
+            layers.setdefault(t.layer, []).append(t)
+    units = [values(embed)] + [values(layers[i]) for i in sorted(layers)] + [values(rest)]
+    total = sum(units)
+    kept = 0
+    after = 0
+    for unit in reversed(units):
+        if 2 * after > DS_MAX_REUSE_DISTANCE:
+            break
+        kept += unit
+        after += unit
+    return min(total, kept + max(units) + DS_PREFETCH_BUCKET_SIZE)
+
+
 def largest_layer_bytes(inv: Inventory, bytes_per_value: int = 2) -> int:
     """Bytes of the largest decoder layer gathered unsharded: ``bytes_per_value`` (the compute dtype) per value,
     NF4 storage for QLoRA's quantized weights (gathered as stored, ``bnb_4bit_quant_storage``)."""
@@ -515,6 +550,12 @@ def step_memory(inv: Inventory, *, method: str, optimizer: str, sharding: Shardi
     fwd_extra = bwd_extra = 0
     if sharding in ("zero3", "fsdp"):
         fwd_extra, bwd_extra = fsdp_unsharded(inv, compute_bytes, tail=sharding == "fsdp")
+        if sharding == "zero3" and deepspeed:
+            # DeepSpeed's reuse-distance rule instead of FSDP's two layers; backward adds the same unsharded
+            # gradients of one layer before they are copied into the reduce bucket
+            reduce_scatter = bwd_extra - fwd_extra
+            fwd_extra = compute_bytes * zero3_gathered_values(inv)
+            bwd_extra = fwd_extra + reduce_scatter
         gathered = fwd_extra
     if offload and sharding in ZERO_SHARDINGS and deepspeed:
         # offload_optimizer: master weights, states, the fp32 gradient partition (pinned CPU buffers,

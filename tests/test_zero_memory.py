@@ -128,3 +128,18 @@ def test_zero3_keeps_gradient_partition_through_forward():
     assert mem.phase_peaks["forward/loss end"] >= mem.weights_bytes + mem.optimizer_bytes + mem.gradients_bytes
     z2 = _states(_inventory("smollm2-135m", "zero2", 2), "zero2", 2)
     assert z2.phase_peaks["forward/loss end"] == z2.weights_bytes + z2.optimizer_bytes
+
+
+def test_zero3_keeps_what_it_reuses_within_max_reuse_distance_gathered():
+    """``stage3_max_reuse_distance`` = 1e9 values: after its forward a module stays gathered when its backward
+    comes within 1e9 traversed values, i.e. 2 x (values after it) <= 1e9. Llama-2-13B (hand count from its
+    config: LM head 32000 x 5120, a decoder layer 4 x 5120^2 + 3 x 5120 x 13824 without its two 5120-value norms,
+    which are persistent): the LM head and the last two layers stay (after them: 0, 163.8M, 481.0M values; the
+    third-last has 798.2M after it), plus the layer being computed and the 5e7-value prefetch bucket. A model
+    of under 5e8 values stays gathered whole (Qwen2.5-0.5B: 494M)."""
+    from estimator.memory import zero3_gathered_values
+
+    head, layer = 32000 * 5120, 4 * 5120**2 + 3 * 5120 * 13824
+    assert zero3_gathered_values(_inventory("llama-2-13b", "zero3", 2)) == head + 2 * layer + layer + 50_000_000
+    inv = _inventory("qwen2.5-0.5b", "zero3", 8)
+    assert zero3_gathered_values(inv) == sum(t.numel for t in inv.tensors if t.numel > DS_PARAM_PERSISTENCE_THRESHOLD)
