@@ -143,3 +143,41 @@ def test_zero3_keeps_what_it_reuses_within_max_reuse_distance_gathered():
     assert zero3_gathered_values(_inventory("llama-2-13b", "zero3", 2)) == head + 2 * layer + layer + 50_000_000
     inv = _inventory("qwen2.5-0.5b", "zero3", 8)
     assert zero3_gathered_values(inv) == sum(t.numel for t in inv.tensors if t.numel > DS_PARAM_PERSISTENCE_THRESHOLD)
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(tmp_path_factory):
+    """A 4-layer tiny Llama config.json, as tests/test_estimate.py builds it."""
+    import json
+
+    from runner.train.tinymodel import tiny_config
+
+    path = tmp_path_factory.mktemp("tiny-cfg") / "config.json"
+    path.write_text(json.dumps(tiny_config("llama", vocab_size=512, hidden_size=64, layers=4).to_dict()))
+    return str(path)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_deepspeed_optimizer_states_are_those_of_its_flat_fp32_groups(optimizer, tiny_cfg):
+    """DeepSpeed hands the optimizer one flat 1-D fp32 master tensor per Trainer param group, so the states are
+    those the real optimizer keeps for such tensors (Adafactor cannot factor a 1-D tensor: a full fp32 second
+    moment), plus the 4 B master copy. Measured here by stepping the real optimizers on those flat tensors."""
+    torch = pytest.importorskip("torch")
+    from transformers.optimization import Adafactor
+
+    from estimator.memory import optimizer_state_bytes
+
+    inv = _inventory(tiny_cfg, "zero2", 2)
+    assert all(trainer_param_groups(inv))  # both groups hold tensors: weights, and norms
+    flats = [torch.zeros(sum(t.numel for t in g), requires_grad=True) for g in trainer_param_groups(inv) if g]
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(flats, foreach=True)
+    else:
+        opt = Adafactor(flats, lr=1e-3, scale_parameter=False, relative_step=False, warmup_init=False)
+    for f in flats:
+        f.grad = torch.ones_like(f)
+    opt.step()
+    measured = sum(v.numel() * v.element_size() for st in opt.state.values() for k, v in st.items()
+                   if torch.is_tensor(v) and k != "step")
+    master = DS_FP32_BYTES * inv.trainable_params
+    assert optimizer_state_bytes(inv, optimizer, "zero2", "full") == measured + master
