@@ -142,6 +142,8 @@ GATHERED_LAYERS = 2
 # sets none of these, ``runner/launch/distributed.py`` ``deepspeed_config``)
 ZERO_SHARDINGS = ("zero1", "zero2", "zero3")
 DS_REDUCE_BUCKET_SIZE = 500_000_000  # reduce_bucket_size, values
+# (allgather_bucket_size allocates nothing: with NCCL's all_gather_into_tensor the updated 16-bit partitions are
+# gathered in place into the flat 16-bit groups, runtime/utils.py ``all_gather_dp_groups``)
 DS_SUB_GROUP_SIZE = 1_000_000_000  # sub_group_size, values per ZeRO-3 optimizer sub-group
 DS_PARAM_PERSISTENCE_THRESHOLD = 100_000  # stage3_param_persistence_threshold: smaller parameters stay whole
 DS_PREFETCH_BUCKET_SIZE = 50_000_000  # stage3_prefetch_bucket_size: values gathered ahead of the current module
