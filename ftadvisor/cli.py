@@ -13,7 +13,8 @@ import sys
 from ftcore.errors import UserError, format_validation_error
 
 # Modules that expose ``register(subparsers)``; each adds its commands with ``set_defaults(func=...)``.
-COMMAND_MODULES = ("estimator.cli", "advisor.cli", "runner.cli", "runner.export_cli", "runner.data_cli")
+COMMAND_MODULES = ("estimator.cli", "advisor.cli", "runner.cli", "runner.adapters_cli", "runner.export_cli",
+                   "runner.data_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ dependency), under ``if TYPE_CHECKING:``. The rules, bottom to top (README "Arch
   core (``errors``, ``exitcodes``, ``spec``, ``models``) < ``launch`` and ``estimate_request`` (what a spec turns
   into: processes, a portable bundle, an estimate request) < ``tools`` (after-run analysis of model files) <
   ``jobs`` (the run folder, registry, supervisor, manager, sweep) < ``train`` (recipe and worker) < the command
-  modules (``cli``, ``data_cli``, ``export_cli``). So the sub-packages form no cycle.
+  modules (``cli``, ``adapters_cli``, ``data_cli``, ``export_cli``). So the sub-packages form no cycle.
 - ``advisor`` imports ``ftcore``, ``estimator`` and, of ``runner``, only the spec level: the spec it recommends,
   the one spec -> estimate-request mapping, the runner's errors.
 - ``ui`` (the Streamlit app) may import every package but ``ftadvisor``; nothing imports ``ui`` but ``ui`` itself,
@@ -56,7 +56,7 @@ RUNNER_RANK = {
     "runner.tools": 2,
     "runner.jobs": 3,
     "runner.train": 4,
-    "runner.cli": 5, "runner.data_cli": 5, "runner.export_cli": 5,
+    "runner.cli": 5, "runner.adapters_cli": 5, "runner.data_cli": 5, "runner.export_cli": 5,
 }
 
 
