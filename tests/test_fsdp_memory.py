@@ -14,8 +14,10 @@ parameters of a group to share one dtype).
 
 from __future__ import annotations
 
+import contextlib
 import json
-import socket
+import sys
+import types
 import warnings
 
 import pytest
@@ -25,6 +27,7 @@ dist = pytest.importorskip("torch.distributed")
 
 from estimator import estimate  # noqa: E402
 from estimator.request import EstimateRequest  # noqa: E402
+from jobs_helpers import free_port  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is needed for a two-process FSDP step")
@@ -41,10 +44,17 @@ def _config():
                        tie_word_embeddings=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@contextlib.contextmanager
+def _plain_main():
+    """An empty ``__main__`` while the ranks start. ``mp.spawn`` re-runs the parent's ``__main__`` in each child;
+    after an AppTest in the same session that is Streamlit's temporary page script, which fails outside AppTest
+    (``NameError: __args``, seen in a full run). The ranks need nothing from it: ``_rank`` is imported by name."""
+    saved = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = saved
 
 
 REGIMES = ("pure-bf16", "fp32-master", "lora")
@@ -116,9 +126,9 @@ def real(tmp_path_factory) -> dict[str, list[dict]]:
     import torch.multiprocessing as mp
 
     out = str(tmp_path_factory.mktemp("fsdp") / "rank")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _plain_main():
         warnings.simplefilter("ignore")
-        mp.spawn(_rank, args=(_free_port(), out), nprocs=WORLD, join=True)
+        mp.spawn(_rank, args=(free_port(), out), nprocs=WORLD, join=True)
     return {g: [json.loads(open(f"{out}.{g}.{r}").read()) for r in range(WORLD)] for g in REGIMES}
 
 
