@@ -217,20 +217,26 @@ def test_mixtral_qlora_weights_are_nf4_experts():
     assert 21 < gib < 25, gib  # 46.7e9 x ~0.53 B (NF4 + double-quant constants) + 16-bit embeddings/head
 
 
+def _recipe_model(tmp_path, folder, spec, builder: str):
+    """The recipe's own builder (``_build_qlora`` / ``_build_lora``) on ``spec``: (the recipe's Run, the model)."""
+    from runner.train import recipe
+
+    r = recipe.Run(spec=spec, run_dir=tmp_path)
+    r.model_dir, r.tokenizer, r.precision, r.max_steps = folder, recipe.load_tokenizer(folder), spec.precision, 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return r, getattr(recipe, builder)(r)
+
+
 def _tiny_mixtral_qlora(tmp_path):
     """The recipe's QLoRA builder on a tiny Mixtral folder (bf16): (folder, the recipe's Run, the built model)."""
     pytest.importorskip("bitsandbytes")
     from runner.spec import DatasetSpec, RunSpec
-    from runner.train import recipe
     from runner.train.tinymodel import build_tiny_model
 
     folder = build_tiny_model(tmp_path / "mixtral", arch="mixtral")
     spec = RunSpec(model=str(folder), dataset=DatasetSpec(path="unused.jsonl"), method="qlora", precision="bf16")
-    r = recipe.Run(spec=spec, run_dir=tmp_path)
-    r.model_dir, r.tokenizer, r.precision, r.max_steps = folder, recipe.load_tokenizer(folder), "bf16", 10
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return folder, r, recipe._build_qlora(r)
+    return (folder, *_recipe_model(tmp_path, folder, spec, "_build_qlora"))
 
 
 def test_runner_qlora_builder_quantizes_the_experts_and_trains(tmp_path):
@@ -284,7 +290,6 @@ def test_qlora_load_peak_matches_the_runners_real_load(tmp_path, regime, monkeyp
     ``fits`` checks it: Mixtral-8x7B's bf16 experts (about 86 GiB) do not load on an A100-80GB."""
     pytest.importorskip("bitsandbytes")
     import estimator.experts as experts
-    from runner.train import recipe
     from runner.spec import DatasetSpec, RunSpec
     from runner.train.tinymodel import build_tiny_model
 
@@ -306,11 +311,7 @@ def test_qlora_load_peak_matches_the_runners_real_load(tmp_path, regime, monkeyp
     monkeypatch.setattr(experts, "replace_fused_experts", replace)
     spec = RunSpec(model=str(folder), dataset=DatasetSpec(path="unused.jsonl"), method="qlora", precision="bf16",
                    qlora_regime=regime)
-    r = recipe.Run(spec=spec, run_dir=tmp_path)
-    r.model_dir, r.tokenizer, r.precision, r.max_steps = folder, recipe.load_tokenizer(folder), "bf16", 10
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = recipe._build_qlora(r)
+    r, model = _recipe_model(tmp_path, folder, spec, "_build_qlora")
     assert len(peaks) == 2 and peaks[0] == max(peaks)  # two MoE layers; the first swap is the peak
     real_peak = max(peaks)
     monkeypatch.undo()  # the estimate's trace swaps experts on its own meta model
@@ -380,11 +381,7 @@ def test_experts_preset_refusals_and_runner(tmp_path):
     peft = PeftSettings(target_modules="all-linear+experts", dropout=0.0, r=4, alpha=8.0)
     spec = RunSpec(model=str(folder), dataset=DatasetSpec(path="unused.jsonl"), method="lora", precision="fp32",
                    peft=peft)
-    r = recipe.Run(spec=spec, run_dir=tmp_path)
-    r.model_dir, r.tokenizer, r.precision, r.max_steps = folder, recipe.load_tokenizer(folder), "fp32", 10
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = recipe._build_lora(r)
+    r, model = _recipe_model(tmp_path, folder, spec, "_build_lora")
     ids = torch.randint(0, 100, (2, 16))
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
