@@ -160,6 +160,15 @@ def _without_bitsandbytes() -> None:
     sys.modules.setdefault("bitsandbytes", None)
 
 
+def _quiet_bitsandbytes_cpu_kernels() -> None:
+    """bitsandbytes warns at import on a CPU with AVX512-BF16 that its faster CPU 4-bit kernel needs the ``kernels``
+    package ("Failed to load CPU gemm_4bit_forward from kernels-community"). An estimate runs no 4-bit kernel (the
+    trace's NF4 layers are stand-ins on fake tensors), so in an estimate's own process that line is noise."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def _estimate(args) -> int:
     """A stored answer when the same request was estimated before (``estimator.result_cache``: no torch or
     transformers import), else the estimator's, stored for next time."""
@@ -170,6 +179,8 @@ def _estimate(args) -> int:
     if data is None:
         if req.method != "qlora" and getattr(args, "own_process", False):
             _without_bitsandbytes()
+        elif getattr(args, "own_process", False):
+            _quiet_bitsandbytes_cpu_kernels()
         from estimator.engine import estimate
 
         data = estimate(req).to_json()
