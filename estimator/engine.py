@@ -16,9 +16,9 @@ from estimator.inventory import adapter_file_bytes, build_inventory, param_break
 from estimator.memory import (card_memory, cublas_workspace_bytes, eval_memory, formula_activations, host_memory,
                               moe_qlora_load_peak_bytes, step_memory)
 from estimator.notes import card_notes, load_note, method_note, step_notes
-from estimator.params import EXPERTS_PRESET, check_experts_knobs
+from estimator.params import check_experts_knobs
 from estimator.precision import base_dtype, eval_value_bytes, pure16, weights_16bit
-from estimator.request import EstimateRequest
+from estimator.request import EXPERTS_PRESET, EstimateRequest
 from estimator.result import Activations, Estimate, GPUInfo, MemoryBreakdown, ModelInfo, StorageInfo
 from estimator.slicing import layer_kinds
 

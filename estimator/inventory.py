@@ -12,7 +12,7 @@ from typing import Any
 
 from estimator.errors import EstimatorError
 from estimator.memory import Inventory, TensorInfo
-from estimator.request import EstimateRequest
+from estimator.request import EXPERTS_PRESET, EstimateRequest
 from estimator.slicing import decoder_layers, layer_kinds, layer_map, slice_config, slice_layer_count
 
 _LAYER_RE = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
@@ -42,7 +42,7 @@ def build_inventory(entry, req: EstimateRequest) -> tuple[Inventory, Any, list[s
     from transformers.pytorch_utils import Conv1D
 
     from estimator.experts import expert_matrices, fused_experts, num_experts
-    from estimator.params import EXPERTS_PRESET, build_meta_model, resolve_targets
+    from estimator.params import build_meta_model, resolve_targets
 
     config = entry.hf_config()
     num_layers = _num_layers(config)

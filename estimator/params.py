@@ -18,12 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from estimator.catalog import ModelEntry, config_key, validate_config
 from estimator.errors import EstimatorError
-from estimator.request import TARGET_PRESETS
+from estimator.request import EXPERTS_PRESET, TARGET_PRESETS
 
-#: The preset that also adapts the routed experts: all-linear's modules plus peft's ``target_parameters`` on
-#: every fused 3D expert weight (transformers 5 ``experts.gate_up_proj`` / ``experts.down_proj``; peft's
-#: ``ParamWrapper``, one rank-r LoRA per expert: ``lora_A`` (r x experts, in), ``lora_B`` (out, r x experts)).
-EXPERTS_PRESET = "all-linear+experts"
 MAX_RANK = 1024  # same bound as EstimateRequest.rank; beyond it LoRA stops being low-rank for any catalog model
 
 # Bytes per element of the dtypes an adapter can be saved in, and their safetensors names.
@@ -430,13 +426,13 @@ def check_experts_knobs(*, method: str, dora: bool = False, adalora: bool = Fals
     field = "targets"
     if method == "qlora":
         raise EstimatorError(f"targets: {EXPERTS_PRESET} adapts the fused 16-bit experts; QLoRA stores them as "
-                             "NF4 Linears: use --method lora, or the all-linear preset", field=field)
+                             "NF4 Linears: use method lora, or the all-linear preset", field=field)
     if dora or adalora:
         raise EstimatorError(f"targets: {EXPERTS_PRESET} adapts expert weights with peft's ParamWrapper, which "
-                             "has no DoRA or AdaLoRA: drop --dora/adalora or use all-linear", field=field)
+                             "has no DoRA or AdaLoRA: turn DoRA / AdaLoRA off, or use all-linear", field=field)
     if dropout:
         raise EstimatorError(f"targets: {EXPERTS_PRESET} needs lora_dropout 0 (peft's ParamWrapper cannot apply "
-                             f"dropout; got {dropout:g}): use --dropout 0", field="dropout")
+                             f"dropout; got {dropout:g}): set dropout to 0", field="dropout")
 
 
 def _uses_conv1d(model, names: list[str]) -> bool:

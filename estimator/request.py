@@ -18,6 +18,10 @@ Sharding = Literal["none", "ddp", "zero1", "zero2", "zero3", "fsdp"]
 TargetPreset = Literal["attention-qv", "attention", "all-linear", "all-linear+experts"]
 #: The presets in the order pages and help texts list them.
 TARGET_PRESETS: tuple[str, ...] = get_args(TargetPreset)
+#: The preset that also adapts the routed experts: all-linear's modules plus peft's ``target_parameters`` on
+#: every fused 3D expert weight (transformers 5 ``experts.gate_up_proj`` / ``experts.down_proj``; peft's
+#: ``ParamWrapper``, one rank-r LoRA per expert: ``lora_A`` (r x experts, in), ``lora_B`` (out, r x experts)).
+EXPERTS_PRESET = "all-linear+experts"
 QLoraRegime = Literal["paper", "peft-upcast"]
 
 MAX_SEQ_LEN = 1_048_576  # 1M tokens: longer than any catalog model's context; beyond it a trace is absurd

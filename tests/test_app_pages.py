@@ -268,6 +268,17 @@ def test_estimate_says_which_phase_does_not_fit():
     assert any("Loading:" in c.value for c in at.caption)
 
 
+def test_estimate_routed_experts_preset_is_reachable_from_the_page():
+    """all-linear+experts needs dropout 0 (peft's ParamWrapper); the page had no dropout knob, so a user who picked
+    the preset saw an error with no way to follow its fix. With the knob at 0 it estimates."""
+    stuck = _estimate_page(model="qwen3-30b-a3b", method="lora", targets="all-linear+experts")
+    assert any("set dropout to 0" in e for e in _errors(stuck))
+    ok = _estimate_page(model="qwen3-30b-a3b", method="lora", targets="all-linear+experts", dropout="0.0")
+    assert not ok.exception and ok.number_input(key="dropout").value == 0.0
+    assert "Peak per GPU" in {m.label for m in ok.metric}  # an estimate (136.7 GiB: it does not fit one A100)
+    assert not any("dropout" in e or "QLoRA" in e for e in _errors(ok))  # QLoRA cannot adapt the experts
+
+
 def test_estimate_link_sets_the_knobs_and_every_tab_renders():
     for tab in ["Parameters", "Time and cost", "Which GPUs fit", "Ranks", "Storage", "Download"]:
         at = _estimate_page(model="qwen2.5-0.5b", method="qlora", gpu="rtx-4090", batch="2", tab=tab)

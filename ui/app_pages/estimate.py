@@ -15,7 +15,7 @@ st.caption("Exact parameter counts and per-GPU memory from the real architecture
 
 from pydantic import ValidationError  # noqa: E402
 
-from estimator.request import TARGET_PRESETS, EstimateRequest  # noqa: E402
+from estimator.request import EXPERTS_PRESET, TARGET_PRESETS, EstimateRequest  # noqa: E402
 from ftcore.errors import UserError  # noqa: E402
 from ui import estimates, figures, uploads  # noqa: E402
 from ui.errors import attempt, message_of  # noqa: E402
@@ -74,9 +74,13 @@ with inputs:
                                 disabled=not is_adapter)
         alpha = c2.number_input("alpha (0 = 2 x r)", min_value=0.0, value=0.0, step=1.0, key="alpha", bind=QP,
                                 disabled=not is_adapter)
-        targets = st.selectbox("Target modules", TARGET_PRESETS, key="targets", bind=QP, disabled=not is_adapter,
+        c1, c2 = st.columns([2, 1])
+        targets = c1.selectbox("Target modules", TARGET_PRESETS, key="targets", bind=QP, disabled=not is_adapter,
                                help="attention-qv: q and v projections (the LoRA paper); all-linear: every Linear; "
-                                    "all-linear+experts: also the routed experts of an MoE (LoRA only)")
+                                    "all-linear+experts: also the routed experts of an MoE (LoRA only, dropout 0)")
+        dropout = c2.number_input("dropout", min_value=0.0, max_value=0.95, step=0.05, key="dropout", bind=QP,
+                                  value=EstimateRequest.model_fields["dropout"].default, disabled=not is_adapter,
+                                  help="lora_dropout: its mask is an activation too")
         c1, c2 = st.columns(2)
         dora = c1.toggle("DoRA", key="dora", bind=QP, disabled=not is_adapter)
         rslora = c2.toggle("rsLoRA", key="rslora", bind=QP, disabled=not is_adapter)
@@ -132,8 +136,8 @@ with inputs:
                             key="price", bind=QP)
 
 # ---- the request ----------------------------------------------------------------------------------------------
-fields = dict(model=model_ref, method=method, rank=rank, alpha=alpha or None, targets=targets, dora=dora,
-              rslora=rslora, dtype=dtype, master_dtype=master_dtype, qlora_regime=qlora_regime,
+fields = dict(model=model_ref, method=method, rank=rank, alpha=alpha or None, targets=targets, dropout=dropout,
+              dora=dora, rslora=rslora, dtype=dtype, master_dtype=master_dtype, qlora_regime=qlora_regime,
               optimizer=optimizer, batch_size=batch, seq_len=seq_len,
               grad_checkpointing=grad_ckpt, attention=attention, gpu=gpu_id, num_gpus=num_gpus, sharding=sharding,
               offload=offload, examples=examples, tokens_per_example=tokens_per_example, epochs=epochs,
@@ -193,7 +197,7 @@ with results:
         more, _ = attempt(estimates.smallest_gpu_count, req.model_copy(update={"sharding": "zero3"}))
         if more:
             hint = f" With ZeRO-3 it needs {more} x {est.gpu.name}."
-        tips = [t for t, useful in (("QLoRA", req.method != "qlora"),
+        tips = [t for t, useful in (("QLoRA", req.method != "qlora" and req.targets != EXPERTS_PRESET),
                                     ("gradient checkpointing", not req.grad_checkpointing),
                                     ("a smaller micro-batch", req.batch_size > 1), ("more GPUs with sharding", True))
                 if useful]
