@@ -370,9 +370,9 @@ def _fit_check(spec, args, out) -> None:
         print(f"fit check: skipped (the estimator cannot size this run: {exc})", file=out, flush=True)
         return
     mem = est.memory
-    line = (f"{mem.peak_bytes / 2**30:.2f} GiB on the card at the peak ({mem.peak_phase}; "
-            f"{mem.allocated_peak_bytes / 2**30:.2f} GiB allocated) per GPU on {est.gpu.count} x {est.gpu.name}, "
-            f"which has {mem.usable_bytes / 2**30:.2f} GiB")
+    line = (f"{_bytes(mem.peak_bytes)} on the card at the peak ({mem.peak_phase}; "
+            f"{_bytes(mem.allocated_peak_bytes)} allocated) per GPU on {est.gpu.count} x {est.gpu.name}, "
+            f"which has {_bytes(mem.usable_bytes)}")
     if not est.fits:
         why = ("" if mem.margin_bytes < 0 else "but loading does not" if not est.load_fits
                else "but evaluation does not" if not est.eval_fits else "")  # the step itself fits
@@ -380,7 +380,7 @@ def _fit_check(spec, args, out) -> None:
                           field="gpu", kind="bad_spec",
                           fix="lower --batch-size or --seq-len, turn on --grad-checkpointing, use --method "
                               "qlora, or add GPUs with --strategy fsdp; --no-fit-check launches it anyway")
-    print(f"fit check: fits: {line}, margin {mem.margin_bytes / 2**30:.2f} GiB", file=out, flush=True)
+    print(f"fit check: fits: {line}, margin {_bytes(mem.margin_bytes)}", file=out, flush=True)
 
 
 def cmd_run(args) -> int:

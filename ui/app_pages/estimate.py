@@ -204,16 +204,13 @@ with results:
         st.error(f"Does not fit: peak {fmt_bytes(mem.peak_bytes)} + {fmt_bytes(mem.headroom_bytes)} headroom > "
                  f"{usable} usable per GPU (peak during {mem.peak_phase}).{hint} Try {', '.join(tips[:-1])}"
                  f"{' or ' if len(tips) > 1 else ''}{tips[-1]}.", icon=":material/block:")
-    elif not est.load_fits:
-        st.error(f"Does not fit while loading: {fmt_bytes(mem.load_device_peak_bytes)} on the card > {usable} "
-                 f"usable (training itself needs {fmt_bytes(mem.peak_bytes)}). The experts are quantized after "
-                 "they are loaded in 16 bits; try LoRA on more GPUs with sharding, or a card with more memory.",
-                 icon=":material/block:")
     else:
-        ev = est.eval_memory
-        st.error(f"Does not fit during evaluation: {fmt_bytes(ev.device_peak_bytes) if ev else '?'} on the card > "
-                 f"{usable} usable (training itself needs {fmt_bytes(mem.peak_bytes)}). Lower the eval batch or the "
-                 "generated length.", icon=":material/block:")
+        phase, peak = estimates.failing_phase(est)
+        fix = ("The experts are quantized after they are loaded in 16 bits; try LoRA on more GPUs with sharding, or "
+               "a card with more memory." if phase == "loading" else "Lower the eval batch or the generated length.")
+        when = "while loading" if phase == "loading" else "during evaluation"
+        st.error(f"Does not fit {when}: {fmt_bytes(peak)} on the card > {usable} usable (training itself "
+                 f"needs {fmt_bytes(mem.peak_bytes)}). {fix}", icon=":material/block:")
 
     tab_names = ["Memory", "Parameters", "Time and cost", "Which GPUs fit", "Ranks", "Storage", "Download"]
     tabs = st.tabs(tab_names, key="tab", on_change="rerun", bind=QP)

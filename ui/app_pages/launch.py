@@ -306,9 +306,8 @@ with side:
                    f"on {est.gpu.count} x {est.gpu.name} (peak during {est.memory.peak_phase})")
             if fits:
                 st.success("Fits: " + msg, icon=":material/check_circle:")
-            elif est.memory.margin_bytes >= 0:  # the step fits; loading or evaluation does not
-                phase, peak = (("loading", est.memory.load_device_peak_bytes) if not est.load_fits else
-                               ("evaluation", est.eval_memory.device_peak_bytes if est.eval_memory else 0))
+            elif failing := estimates.failing_phase(est):  # the step fits; loading or evaluation does not
+                phase, peak = failing
                 st.error(f"Will not fit during {phase}: {fmt_bytes(peak)} on the card (the step itself: {msg}).",
                          icon=":material/block:")
             else:
