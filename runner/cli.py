@@ -312,7 +312,12 @@ DEVICE_MATCH_TOLERANCE = 0.03
 
 
 def _cuda_device() -> tuple[str, int] | None:
-    """(name, total bytes) of CUDA device 0, or None without one."""
+    """(name, total bytes) of CUDA device 0, or None without one. A machine without NVIDIA's driver (no
+    /dev/nvidiactl, no nvidia-smi) answers None without importing torch: the run command's start stays as fast."""
+    import shutil
+
+    if not Path("/dev/nvidiactl").exists() and shutil.which("nvidia-smi") is None:
+        return None
     import torch
 
     if not torch.cuda.is_available():
