@@ -1,9 +1,9 @@
 """GPU check: measured peak memory of the runner's regimes vs the estimator's prediction.
 
 Cases (``CASES``): full fine-tuning with fp32 master weights and in pure bf16, LoRA, QLoRA in the paper's regime
-and with peft's fp32 upcast, and on an MoE (Mixtral's shape) LoRA, QLoRA (whose load peak, the fused 16-bit
-experts before their quantization, max_memory_allocated also sees) and LoRA on the routed experts too
-(``all-linear+experts``). Each case trains in a fresh process, so
+and with peft's fp32 upcast, and on an MoE (Mixtral's shape) LoRA, QLoRA (whose load, each layer's fused experts
+built in 16-bit and quantized as they load, is also measured alone: ``measure_load``) and LoRA on the routed
+experts too (``all-linear+experts``). Each case trains in a fresh process, so
 ``torch.cuda.max_memory_allocated`` and ``max_memory_reserved`` start from zero and are compared with the
 estimate's allocated and reserved peaks (error of each printed). The rows are stored with the GPU's name, the
 library versions and the date (``--store``, default ``data/validation/gpu_check/<date>-<gpu>.json``).
@@ -50,8 +50,8 @@ CASES = {
     "qlora": ("qlora", "fp32", "paper", None),
     "qlora-upcast": ("qlora", "fp32", "peft-upcast", None),
     "moe-lora": ("lora", "fp32", "paper", "mixtral-8x7b"),
-    # QLoRA on the MoE: max_memory_allocated covers the load, whose peak holds the fused 16-bit experts before
-    # the runner quantizes them (estimate.memory.load_peak_bytes), so the larger of the two is compared
+    # QLoRA on the MoE: max_memory_allocated covers the load, whose peak holds one layer's fused experts in 16-bit
+    # as they are built and quantized (estimate.memory.load_peak_bytes), so the larger of the two is compared
     "moe-qlora": ("qlora", "fp32", "paper", "mixtral-8x7b"),
     # LoRA on the routed experts too (preset all-linear+experts: peft target_parameters, lora_dropout 0)
     "moe-lora-experts": ("lora", "fp32", "paper", "mixtral-8x7b"),
@@ -232,6 +232,7 @@ def measure(method: str, model_dir: Path, data: Path, run_dir: Path, args, devic
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
+    load_measured = measure_load(spec, model_dir, run_dir) if device == "cuda" and est.memory.load_peak_bytes else None
     start = time.perf_counter()
     state = recipe.run(spec, run_dir)
     seconds = time.perf_counter() - start
@@ -245,6 +246,9 @@ def measure(method: str, model_dir: Path, data: Path, run_dir: Path, args, devic
         "activation_source": est.memory.activation_source,
         "measured_max_allocated_bytes": measured, "measured_max_reserved_bytes": reserved,
         "predicted_allocated_bytes": predicted_allocated, "predicted_load_peak_bytes": est.memory.load_peak_bytes,
+        "measured_load_peak_bytes": load_measured,
+        "load_error_pct": (100.0 * (est.memory.load_peak_bytes - load_measured) / load_measured)
+        if load_measured else None,
         "targets": targets,
         "predicted_reserved_bytes": est.memory.reserved_peak_bytes,
         "master_dtype": master_dtype, "qlora_regime": qlora_regime,
@@ -259,6 +263,27 @@ def measure(method: str, model_dir: Path, data: Path, run_dir: Path, args, devic
     return row
 
 
+def measure_load(spec, model_dir: Path, run_dir: Path) -> int:
+    """``max_memory_allocated`` of the runner's 4-bit load alone (``recipe.load_4bit``, the fused MoE experts
+    quantized as they load), to compare with ``estimate.memory.load_peak_bytes``; the model is freed after."""
+    import torch
+
+    from runner.train import recipe
+
+    r = recipe.Run(spec=spec, run_dir=run_dir)
+    r.model_dir, r.tokenizer, r.precision = model_dir, recipe.load_tokenizer(model_dir), "bf16"
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model, _ = recipe.load_4bit(r)
+    peak = torch.cuda.max_memory_allocated() - base
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return peak
+
+
 def _gib(value) -> str:
     return "n/a" if value is None else f"{value / 2**30:.3f}"
 
@@ -269,7 +294,10 @@ def format_row(row: dict) -> str:
     return (f"{row.get('case', row['method'])}: allocated predicted {_gib(row['predicted_allocated_bytes'])} GiB, "
             f"measured {_gib(row['measured_max_allocated_bytes'])} GiB, error {err}; reserved predicted "
             f"{_gib(row['predicted_reserved_bytes'])} GiB, measured {_gib(row['measured_max_reserved_bytes'])} GiB, "
-            f"error {rerr}; {row['steps']} steps in {row['seconds']} s")
+            f"error {rerr}; {row['steps']} steps in {row['seconds']} s"
+            + (f"; load predicted {_gib(row['predicted_load_peak_bytes'])} GiB, measured "
+               f"{_gib(row['measured_load_peak_bytes'])} GiB, error {row['load_error_pct']:+.1f}%"
+               if row.get("load_error_pct") is not None else ""))
 
 
 def format_table(rows: list[dict], args, device: str) -> str:

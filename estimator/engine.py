@@ -12,6 +12,7 @@ import functools
 
 from estimator.compute import compute_info, formula_flops_per_token
 from estimator.errors import EstimatorError, TraceError
+from estimator.experts import checkpoint_layout
 from estimator.inventory import adapter_file_bytes, build_inventory, param_breakdown
 from estimator.memory import (card_memory, cublas_workspace_bytes, eval_memory, formula_activations, host_memory,
                               moe_qlora_load_peak_bytes, step_memory)
@@ -149,8 +150,9 @@ def _estimate(req: EstimateRequest, loss_impl: str = "current") -> Estimate:
                      generate_batch=req.generate_batch_size, max_new_tokens=req.max_new_tokens,
                      value_bytes=eval_value_bytes(req), attention=req.attention, usable_bytes=gpu.usable_bytes,
                      multi_gpu=req.num_gpus > 1)
-    # QLoRA MoE: the runner quantizes the fused experts after the load, so loading holds them in the load dtype
-    load_alloc = (moe_qlora_load_peak_bytes(inv, 2 if base_dtype(req) != "fp32" else 4)
+    # QLoRA MoE: the runner quantizes each fused experts tensor as it loads; one layer's build is the load's peak
+    load_alloc = (moe_qlora_load_peak_bytes(inv, 2 if base_dtype(req) != "fp32" else 4,
+                                            checkpoint_layout(config.model_type))
                   if req.method == "qlora" else 0)
     load_card = (card_memory({"load": load_alloc}, usable_bytes=gpu.usable_bytes, multi_gpu=req.num_gpus > 1)
                  if load_alloc else None)

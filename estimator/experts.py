@@ -25,6 +25,9 @@ from typing import Callable
 #: Weight names of a fused experts module: the gated up projection (or the plain one) and the down one.
 FUSED_UP = ("gate_up_proj", "up_proj")
 FUSED_DOWN = "down_proj"
+#: Attribute of a fused experts module holding ``{weight name: [one 4-bit Linear per expert]}`` quantized while
+#: loading (``runner/train/experts.py quantize_experts_while_loading``); ``NF4Experts`` takes them as they are.
+PREQUANTIZED = "_nf4_prequantized"
 
 
 def fused_experts(model) -> list[tuple[str, object]]:
@@ -66,8 +69,48 @@ def expert_matrices(mod) -> list[tuple[str, int, int]]:
     return out
 
 
+def quantize_fused_tensor(mod, weight, make_linear: Callable) -> list:
+    """One ``make_linear(in_features, out_features, weight_2d)`` per expert of the fused tensor ``weight`` of
+    ``mod`` (its ``gate_up_proj``/``up_proj`` or ``down_proj``, stored (experts, out, in), or (experts, in, out)
+    when ``mod.is_transposed``)."""
+    a, b = weight.shape[1], weight.shape[2]
+    transposed = bool(getattr(mod, "is_transposed", False))
+    d_in, d_out = (a, b) if transposed else (b, a)
+    return [make_linear(d_in, d_out, weight[e].t() if transposed else weight[e]) for e in range(weight.shape[0])]
+
+
 def num_experts(mod) -> int:
     return next(getattr(mod, n) for n in FUSED_UP if _is_3d(getattr(mod, n, None))).shape[0]
+
+
+def checkpoint_layout(model_type: str) -> dict[str, tuple[tuple, bool]]:
+    """How a checkpoint of ``model_type`` stores each fused expert weight: ``{name: (sort key, per expert)}``.
+
+    transformers' loader reads the checkpoint's tensors in natural key order (``core_model_loading.dot_natural_key``)
+    and fuses per-expert ones with the model type's ``WeightConverter`` (``conversion_mapping``: Mixtral's
+    ``experts.*.w1/w3`` stacked and concatenated into ``gate_up_proj``, ``experts.*.w2`` stacked into
+    ``down_proj``; Qwen-MoE's ``experts.*.down_proj`` sorts before its ``gate_proj``/``up_proj``). The sort key is
+    that of the first source key from ``experts`` on; per expert is True when a converter fuses it while loading.
+    A weight no converter targets is stored fused under its own name."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightConverter
+
+    layout = {name: (natural_key(f"experts.{name}"), False) for name in FUSED_UP + (FUSED_DOWN,)}
+    for conv in get_checkpoint_conversion_mapping(model_type) or []:
+        if not isinstance(conv, WeightConverter):
+            continue
+        for target in conv.target_patterns:
+            name = target.rpartition(".")[2]
+            if name in layout and ".experts." in "." + target:
+                first = conv.source_patterns[0].replace("*", "0")
+                layout[name] = (natural_key(first[first.find("experts"):]), True)
+    return layout
+
+
+def natural_key(key: str) -> tuple:
+    """transformers' ``dot_natural_key`` (the order its loader reads a checkpoint in): numbers sort as numbers,
+    before names."""
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in key.split("."))
 
 
 def balanced_split(total: int, experts: int) -> list[int]:
@@ -94,16 +137,15 @@ def _nf4_experts_cls():
             self.act_fn = fused.act_fn
             self._fused_cls = type(fused)
             self.config = getattr(fused, "config", None)
-            mats = expert_matrices(fused)
-            self.weight_names = [m[0] for m in mats]
-            (up_name, up_in, up_out), (_, down_in, down_out) = mats
-            up_w, down_w = getattr(fused, up_name), getattr(fused, FUSED_DOWN)
-            transposed = bool(getattr(fused, "is_transposed", False))
-            self.up = torch.nn.ModuleList(
-                make_linear(up_in, up_out, up_w[e].t() if transposed else up_w[e]) for e in range(self.num_experts))
-            self.down = torch.nn.ModuleList(
-                make_linear(down_in, down_out, down_w[e].t() if transposed else down_w[e])
-                for e in range(self.num_experts))
+            self.weight_names = [m[0] for m in expert_matrices(fused)]
+            up_name = self.weight_names[0]
+            done = getattr(fused, PREQUANTIZED, {})  # quantized while loading: the fused tensors are meta
+
+            def linears(name):
+                return done[name] if name in done else quantize_fused_tensor(fused, getattr(fused, name), make_linear)
+
+            self.up = torch.nn.ModuleList(linears(up_name))
+            self.down = torch.nn.ModuleList(linears(FUSED_DOWN))
             self.split = split or _bincount_split
 
         def _gate(self, x):

@@ -464,31 +464,52 @@ def fsdp_unsharded(inv: Inventory, compute_bytes: int, *, tail: bool) -> tuple[i
     return layers + tail_bytes, layers + tail_bytes + reduce_scatter
 
 
-def moe_qlora_load_peak_bytes(inv: Inventory, load_value_bytes: int) -> int:
-    """GPU bytes at the peak of loading a QLoRA MoE model as the runner loads it (0 when nothing is swapped).
+def moe_qlora_load_peak_bytes(inv: Inventory, load_value_bytes: int, layout: dict | None = None) -> int:
+    """GPU bytes at the peak of loading a QLoRA MoE model as the runner loads it (0 when no expert is quantized).
 
-    bitsandbytes' 4-bit loader leaves transformers 5's fused experts in the load dtype (``estimator/experts.py``),
-    and the runner quantizes them after ``from_pretrained`` (``runner/train/experts.py``), one layer at a time:
-    the peak is at the first layer's swap, when every fused expert is still there in the load dtype
-    (``load_value_bytes``: 2 for the paper regime, loaded in the compute dtype; 4 for peft-upcast, loaded fp32)
-    beside that layer's new NF4 experts. Every other weight is as loaded: NF4 for quantized Linears, the load
-    dtype for the rest (the paper regime's fp32 norms come later, with ``prepare_qlora_paper``), no adapters yet.
+    bitsandbytes' 4-bit loader leaves transformers 5's fused experts in the load dtype (``estimator/experts.py``);
+    the runner quantizes each fused tensor the moment the loader sets it (``runner/train/experts.py
+    quantize_experts_while_loading``). transformers' loader (``core_model_loading.convert_and_load_state_dict_in_model``)
+    builds one fused tensor at a time: a per-expert checkpoint's tensors are read in the load dtype
+    (``load_value_bytes``: 2 for the paper regime, 4 for peft-upcast), stacked, and (gate + up) concatenated, so
+    2x the fused tensor at its peak (1x for a checkpoint that stores it fused); its loop still holds the last
+    tensor it set while it builds the next one. So within a layer whose experts load first F, then G (the
+    checkpoint's key order, ``experts.checkpoint_layout``), the peak is the larger of F's build and
+    F's NF4 Linears + F in the load dtype + G's build, on top of everything loaded before.
+
+    What is loaded before are the weights whose names sort before the experts module's, in their loaded form (NF4
+    for quantized Linears and earlier layers' experts, the load dtype for the rest; adapters come later, and so
+    do the paper regime's fp32 norms). The model's names stand in for the checkpoint's: where a model type renames
+    (Mixtral's ``block_sparse_moe`` -> ``mlp``) a norm may sort on the other side (``tests/test_moe.py`` measures
+    a real load against this).
     """
+    from estimator.experts import natural_key
+
     experts = [t for t in inv.tensors if t.quantized and ".experts." in t.name]
     if not experts:
         return 0
-    loaded = inv.buffer_bytes
-    for t in inv.tensors:
-        if t.adapter:
-            continue  # peft adds the adapters after the load
-        if t.quantized and ".experts." not in t.name:
-            loaded += nf4_linear_bytes(t.numel)
-        else:
-            loaded += load_value_bytes * t.numel
-    per_layer: dict[int | None, int] = {}
+    # every weight in its loaded form, in the loader's order (natural key order of the names)
+    loaded = sorted((natural_key(t.name), nf4_linear_bytes(t.numel) if t.quantized else load_value_bytes * t.numel)
+                    for t in inv.tensors if not t.adapter)  # peft adds the adapters after the load
+    stored: dict[str, dict[str, list[int]]] = {}  # experts module -> weight name -> [load-dtype bytes, NF4 bytes]
     for t in experts:
-        per_layer[t.layer] = per_layer.get(t.layer, 0) + nf4_linear_bytes(t.numel)
-    return loaded + max(per_layer.values())
+        module, _, rest = t.name.rpartition(".experts.")
+        acc = stored.setdefault(module + ".experts", {}).setdefault(rest.split(".")[0], [0, 0])
+        acc[0] += load_value_bytes * t.numel
+        acc[1] += nf4_linear_bytes(t.numel)
+    layout = layout or {}
+    peak = 0
+    for module, mats in stored.items():
+        start = natural_key(module)
+        before = inv.buffer_bytes + sum(b for k, b in loaded if k < start)
+        kind = {n: layout.get(n, (((1, n),), True)) for n in mats}  # unknown: in name order, per expert
+        built, nf4_done, previous = 0, 0, 0
+        for n in sorted(mats, key=lambda n: kind[n][0]):
+            built = max(built, nf4_done + previous + (2 if kind[n][1] else 1) * mats[n][0])
+            nf4_done += mats[n][1]
+            previous = mats[n][0]  # the loader still holds it while it builds the next one
+        peak = max(peak, before + built)
+    return peak
 
 
 def cublas_workspace_bytes(compute_capability: float | None) -> int:

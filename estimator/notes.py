@@ -151,6 +151,6 @@ def load_note(load_card) -> str:
     verdict = "fits" if load_card.fits else "does not fit: the run fails while loading, before training starts"
     return (f"loading: {load_card.allocated_peak_bytes / GIB:.2f} GiB allocated at the load peak "
             f"({load_card.device_peak_bytes / GIB:.2f} GiB on the card): bitsandbytes' 4-bit loader leaves the fused "
-            "experts in the load dtype and the runner quantizes them layer by layer after the load, so every "
-            f"expert is still 16/32-bit when the first layer is swapped; {verdict} "
+            "experts in the load dtype, so the runner quantizes each layer's experts the moment they load; the peak "
+            f"is the last layer's experts being built in 16/32-bit beside the 4-bit model; {verdict} "
             f"(margin {load_card.margin_bytes / GIB:+.2f} GiB)")

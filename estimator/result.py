@@ -62,7 +62,8 @@ class MemoryBreakdown(BaseModel):
     activation_source: str = Field(description="traced | formula")
     method_note: str = ""
     load_peak_bytes: int = Field(0, description="allocated at the peak of loading, when it can exceed the step's: "
-                                                "QLoRA on fused MoE experts, quantized after the load (0 = none)")
+                                                "QLoRA on fused MoE experts, each layer's built in 16/32-bit as it "
+                                                "loads and quantizes (0 = none)")
     load_device_peak_bytes: int = Field(0, description="that load peak as the card holds it (reserved + context)")
 
 
@@ -101,8 +102,8 @@ class Estimate(BaseModel):
     trace_seconds: float | None = None
     eval_memory: EvalMemory | None = Field(None, description="the eval phase (no-grad forward, generation)")
     eval_fits: bool = Field(True, description="the eval phase fits the card too")
-    load_fits: bool = Field(True, description="loading fits the card (QLoRA MoE: 16-bit experts before their "
-                                              "quantization); fits includes it")
+    load_fits: bool = Field(True, description="loading fits the card (QLoRA MoE: a layer's experts in "
+                                              "16/32-bit as they load); fits includes it")
     host_memory: HostMemory | None = Field(None, description="host RAM of one training process")
 
     def to_json(self) -> dict:

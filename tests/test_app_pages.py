@@ -258,10 +258,10 @@ def test_estimate_page_shows_allocated_reserved_headroom_and_the_regime_knob():
 
 
 def test_estimate_says_which_phase_does_not_fit():
-    """Mixtral-8x7B QLoRA on an A100-80GB: the step fits (26.4 GiB on the card) but loading does not (94.4 GiB: the
-    runner quantizes the fused experts after loading them in 16 bits). Before, the page reported the step's peak
-    as if it exceeded 80 GiB and suggested QLoRA to a QLoRA run."""
-    at = _estimate_page(model="mixtral-8x7b", method="qlora", gpu="a100-80gb", gc="true")
+    """Phi-3.5-MoE QLoRA on an RTX 4090: the step fits (23.4 GiB on the card) but loading does not (26.1 GiB: the
+    last layer's fused experts built in bf16 beside the 4-bit model). Before, the page reported the step's peak
+    as if it exceeded the card and suggested QLoRA to a QLoRA run."""
+    at = _estimate_page(model="phi-3.5-moe", method="qlora", gpu="rtx-4090", gc="true")
     assert not at.exception
     [error] = _errors(at)
     assert "while loading" in error and "Try QLoRA" not in error

@@ -319,25 +319,18 @@ def _build_lora(r: Run):
     return get_peft_model(model, _peft_config(r, model), autocast_adapter_dtype=True)
 
 
-def _quantize_experts(r: Run, model, compute, storage) -> None:
-    """bitsandbytes' loader leaves transformers 5's fused MoE experts (3D parameters) unquantized: quantize them
-    to NF4 here, one Linear4bit per expert and matrix (``runner/train/experts.py``), as the estimator counts them."""
-    from runner.train.experts import quantize_fused_experts
-
-    swapped, skipped = quantize_fused_experts(model, compute, storage or None)
-    if swapped:
-        r.notes.append(f"QLoRA: the fused experts of {swapped} MoE layers quantized to NF4 (one 4-bit Linear per "
-                       "expert and matrix; transformers' 4-bit loader leaves them unquantized)")
-    for reason in skipped:
-        r.notes.append(f"QLoRA: experts left unquantized in {reason}")
-
-
-def _build_qlora(r: Run):
-    """QLoRA: NF4 4-bit base with double quantization, compute in bf16 (fp32 where bf16 is not used),
-    ``prepare_model_for_kbit_training``, then LoRA on top (Dettmers et al. 2023)."""
+def load_4bit(r: Run):
+    """The QLoRA base as loaded, before its regime's preparation: NF4 with double quantization, compute in bf16
+    (fp16 / fp32 where the run uses them), loaded in the compute dtype for the paper's regime, else fp32 (peft's
+    upcast), with ``bnb_4bit_quant_storage`` where FSDP/ZeRO-3 shard it. transformers 5's fused MoE experts (3D
+    parameters, which bitsandbytes' loader leaves unquantized) are quantized to NF4 as they load, one Linear4bit
+    per expert and matrix (``runner/train/experts.py``), so the 16-bit experts never all sit on the GPU, then
+    swapped for ``NF4Experts``, as the estimator counts them (``estimator.memory.moe_qlora_load_peak_bytes``).
+    Returns (model, compute dtype)."""
     import torch
-    from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
+
+    from runner.train.experts import quantize_experts_while_loading, quantize_fused_experts
 
     try:
         import bitsandbytes  # noqa: F401
@@ -347,19 +340,33 @@ def _build_qlora(r: Run):
     compute = torch.bfloat16 if r.precision == "bf16" else torch.float16 if r.precision == "fp16" else torch.float32
     quant = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                  bnb_4bit_compute_dtype=compute)
-    storage = distributed.quant_storage_dtype(r.spec)
+    storage = distributed.quant_storage_dtype(r.spec) or None
     if storage:
         quant["bnb_4bit_quant_storage"] = storage
+    dtype = {"dtype": compute} if qlora_paper_regime(r) else {}  # _load_model's default: fp32
+    with quantize_experts_while_loading(compute, storage):
+        model = _load_model(r, quantization_config=BitsAndBytesConfig(**quant), **dtype)
+    swapped, skipped = quantize_fused_experts(model, compute, storage)
+    if swapped:
+        r.notes.append(f"QLoRA: the fused experts of {swapped} MoE layers quantized to NF4 while loading (one 4-bit "
+                       "Linear per expert and matrix; transformers' 4-bit loader leaves them unquantized)")
+    for reason in skipped:
+        r.notes.append(f"QLoRA: experts left unquantized in {reason}")
+    return model, compute
+
+
+def _build_qlora(r: Run):
+    """QLoRA: the 4-bit base (:func:`load_4bit`), the regime's preparation (the paper's, or peft's
+    ``prepare_model_for_kbit_training``), then LoRA on top (Dettmers et al. 2023)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    model, compute = load_4bit(r)
     name = str(compute).removeprefix("torch.")
     if qlora_paper_regime(r):
-        model = _load_model(r, dtype=compute, quantization_config=BitsAndBytesConfig(**quant))
-        _quantize_experts(r, model, compute, storage)
         model = prepare_qlora_paper(model, use_gradient_checkpointing=r.spec.gradient_checkpointing)
         r.notes.append(f"QLoRA base: NF4 + double quantization, compute dtype {name}; the paper's regime: norms "
                        f"fp32, embeddings and LM head {name}")
     else:
-        model = _load_model(r, quantization_config=BitsAndBytesConfig(**quant))
-        _quantize_experts(r, model, compute, storage)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=r.spec.gradient_checkpointing)
         r.notes.append(f"QLoRA base: NF4 + double quantization, compute dtype {name}; non-quantized weights fp32 "
                        "(prepare_model_for_kbit_training)")
