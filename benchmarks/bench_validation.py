@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from estimator.validation import BANDS, compare_all
 
     out = compare_all(Path(args.file) if args.file else None, loss_by_version=not args.installed_loss)
-    print("| row | kind | measured | measured GiB | ours GiB | ours / measured | band | tokens/s ours / measured |")
+    print("| row | kind | measured | measured GiB | ours GiB | ours / measured | band | tokens/s per GPU ours / measured |")
     print("|---|---|---|---:|---:|---:|---|---|")
     for c in out:
         lo, hi = BANDS[c.kind]
@@ -60,9 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         if ratios:
             print(f"| {kind} | {len(ratios)} | {_stats(ratios)} |")
     print(f"| all | {len(out)} | {_stats([c.ratio for c in out])} |")
-    tps = [c.estimated_tokens_per_s / c.measured_tokens_per_s for c in out
-           if c.measured_tokens_per_s and c.kind == "hf_allocated"]
-    print(f"\ntokens/s ours / measured, one-GPU HF Trainer rows (default MFU of the GPU catalog): {_stats(tps)}")
+    print()
+    for label, kinds in (("one-GPU HF Trainer rows", ("hf_allocated",)), ("FSDP rows (2 GPUs)", ("fsdp",)),
+                         ("all rows", None)):
+        tps = [c.estimated_tokens_per_s / c.measured_tokens_per_s for c in out
+               if c.measured_tokens_per_s and (kinds is None or c.kind in kinds)]
+        print(f"tokens/s per GPU ours / measured, {label} (default MFU of the GPU catalog): {_stats(tps)}")
     return 0
 
 

@@ -51,7 +51,7 @@ BANDS: dict[str, tuple[float, float]] = {
     "fsdp": (0.90, 1.10),
     # MoE (Mixtral QLoRA, the training step): -5.7%, within the goal (its run used transformers 4.39, whose
     # 4-bit loader quantized the then unfused experts at load; ours quantizes transformers 5's fused experts
-    # after the load, a load peak this row does not measure: memory.moe_qlora_load_peak_bytes)
+    # as they load, a load peak this row does not measure: memory.moe_qlora_load_peak_bytes)
     "moe": (0.90, 1.10),
 }
 
@@ -65,8 +65,8 @@ class Comparison(BaseModel):
     measured_bytes: int
     estimated_bytes: int
     ratio: float = Field(description="estimated / measured")
-    measured_tokens_per_s: float | None = None
-    estimated_tokens_per_s: float | None = None
+    measured_tokens_per_s: float | None = Field(None, description="per GPU, as HF Trainer reports it")
+    estimated_tokens_per_s: float | None = Field(None, description="per GPU")
     regime_differs: bool = False
     note: str = ""
 
@@ -152,10 +152,12 @@ def compare(row: dict[str, str], *, loss_by_version: bool = True) -> Comparison:
     ours = {"max_allocated": mem.allocated_peak_bytes, "max_reserved": mem.reserved_peak_bytes,
             "nvidia_smi": mem.peak_bytes}[row["measured"]]
     measured = int(float(row["value_bytes"]))
+    # HF Trainer's train_tokens_per_second is per device ("the number of tokens per second per device",
+    # TrainingArguments.include_tokens_per_second); our throughput is all GPUs together
     tps = float(row["tokens_per_s"]) if row.get("tokens_per_s") else None
     return Comparison(id=row["id"], kind=kind_of(row), measured=row["measured"], measured_bytes=measured,
                       estimated_bytes=int(ours), ratio=ours / measured, measured_tokens_per_s=tps,
-                      estimated_tokens_per_s=est.compute.throughput_tokens_per_s if tps else None,
+                      estimated_tokens_per_s=est.compute.throughput_tokens_per_s / req.num_gpus if tps else None,
                       regime_differs=differs, note=row.get("note", ""))
 
 
