@@ -58,7 +58,7 @@ def _moe_notes(req: EstimateRequest, inv: Inventory) -> list[str]:
                      "are not quantized by the runner and stay 3D tensors in the load dtype, counted so here")
     elif req.method == "qlora":
         notes.append("QLoRA on MoE: transformers' 4-bit loader leaves the fused experts unquantized; the runner "
-                     "quantizes each expert matrix to NF4 after loading (runner/train/experts.py), counted that way here")
+                     "quantizes each expert matrix to NF4 as it loads (runner/train/experts.py), counted that way here")
     return notes
 
 

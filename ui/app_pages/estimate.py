@@ -185,8 +185,8 @@ with results:
                    f"process: {fmt_bytes(est.host_memory.peak_bytes)}.")
     if mem.load_peak_bytes:
         st.caption(f"Loading: {fmt_bytes(mem.load_device_peak_bytes)} on the card at its peak (the runner "
-                   f"quantizes the fused MoE experts after loading, so they are held in 16 bits first)"
-                   f"{'' if est.load_fits else ' - does not fit'}.")
+                   f"quantizes each layer's fused MoE experts as they load; the last layer's, built in 16 bits "
+                   f"beside the 4-bit model, is the peak){'' if est.load_fits else ' - does not fit'}.")
     usable = fmt_bytes(est.gpu.usable_bytes)
     if est.fits:
         st.success(f"Fits: peak {fmt_bytes(mem.peak_bytes)} of {usable} usable per GPU, "
