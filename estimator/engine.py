@@ -43,9 +43,10 @@ def _check_request(req: EstimateRequest, config, gpu) -> None:
 
 
 def trace_settings(req: EstimateRequest, batch_size: int | None = None, seq_len: int | None = None,
-                   loss_impl: str = "current"):
+                   loss_impl: str = "current", checkpoint_reentrant: bool = False, bnb_keeps_input: bool = False):
     """The ``TraceSettings`` of ``req`` (the trace's cache key); ``batch_size``/``seq_len`` override the request's;
-    ``loss_impl`` is the causal-LM loss traced (``TraceSettings.loss_impl``)."""
+    ``loss_impl``, ``checkpoint_reentrant`` and ``bnb_keeps_input`` describe an older stack than the runner's
+    (``TraceSettings``; ``estimator.validation`` sets them from a published row's stack)."""
     from estimator.trace import TraceSettings
 
     targets = req.targets if isinstance(req.targets, str) else tuple(req.targets)
@@ -54,15 +55,18 @@ def trace_settings(req: EstimateRequest, batch_size: int | None = None, seq_len:
                          dtype=req.dtype, weights_16bit=weights_16bit(req) or pure16(req),
                          base_dtype=base_dtype(req),
                          batch_size=batch_size or req.batch_size, seq_len=seq_len or req.seq_len,
-                         grad_checkpointing=req.grad_checkpointing, attention=req.attention, loss_impl=loss_impl)
+                         grad_checkpointing=req.grad_checkpointing, attention=req.attention, loss_impl=loss_impl,
+                         checkpoint_reentrant=checkpoint_reentrant and req.grad_checkpointing,
+                         bnb_keeps_input=bnb_keeps_input and req.method == "qlora")
 
 
 def _activations(config, req: EstimateRequest, num_layers: int, batch_size: int | None = None,
-                 seq_len: int | None = None, loss_impl: str = "current") -> Activations:
+                 seq_len: int | None = None, loss_impl: str = "current", checkpoint_reentrant: bool = False,
+                 bnb_keeps_input: bool = False) -> Activations:
     """Traced activations (or the formula, with the reason) for this request's knobs."""
     from estimator.trace import extrapolate, trace_slice
 
-    settings = trace_settings(req, batch_size, seq_len, loss_impl)
+    settings = trace_settings(req, batch_size, seq_len, loss_impl, checkpoint_reentrant, bnb_keeps_input)
     note = None
     if loss_impl != "current":
         note = ("loss traced as transformers < 4.49 computes it: an fp32 copy of the shifted logits alive through "
@@ -92,7 +96,8 @@ def _activations(config, req: EstimateRequest, num_layers: int, batch_size: int 
                                  f"for this architecture ({str(exc)[:200]}){moe}", attention=settings.attention)
 
 
-def estimate(req: EstimateRequest, *, loss_impl: str = "current") -> Estimate:
+def estimate(req: EstimateRequest, *, loss_impl: str = "current", checkpoint_reentrant: bool = False,
+             bnb_keeps_input: bool = False) -> Estimate:
     """The estimate for ``req`` (cached: the same request returns the same object in microseconds).
 
     ``loss_impl`` "shifted-copy" / "upcast-in-forward" trace the loss as transformers 4.46-4.48 / <= 4.45 ran it
@@ -103,14 +108,15 @@ def estimate(req: EstimateRequest, *, loss_impl: str = "current") -> Estimate:
     if loss_impl not in ("current", "shifted-copy", "upcast-in-forward"):
         raise EstimatorError(f"loss_impl: must be 'current', 'shifted-copy' or 'upcast-in-forward' (got "
                              f"{loss_impl!r})", field="loss_impl")
-    if loss_impl == "current":
+    if loss_impl == "current" and not checkpoint_reentrant and not bnb_keeps_input:
         return _estimate_cached(req.model_dump_json())
-    return _estimate_cached(req.model_dump_json(), loss_impl)
+    return _estimate_cached(req.model_dump_json(), loss_impl, checkpoint_reentrant, bnb_keeps_input)
 
 
 @functools.lru_cache(maxsize=512)
-def _estimate_cached(req_json: str, loss_impl: str = "current") -> Estimate:
-    return _estimate(EstimateRequest.model_validate_json(req_json), loss_impl)
+def _estimate_cached(req_json: str, loss_impl: str = "current", checkpoint_reentrant: bool = False,
+                     bnb_keeps_input: bool = False) -> Estimate:
+    return _estimate(EstimateRequest.model_validate_json(req_json), loss_impl, checkpoint_reentrant, bnb_keeps_input)
 
 
 @functools.lru_cache(maxsize=64)
@@ -130,14 +136,16 @@ def _facts_key(req: EstimateRequest) -> str:
     return EstimateRequest(**{k: v for k, v in req.model_dump().items() if k in keep}).model_dump_json()
 
 
-def _estimate(req: EstimateRequest, loss_impl: str = "current") -> Estimate:
+def _estimate(req: EstimateRequest, loss_impl: str = "current", checkpoint_reentrant: bool = False,
+              bnb_keeps_input: bool = False) -> Estimate:
     from estimator.catalog import get_gpu
 
     gpu = get_gpu(req.gpu)
     entry, inv, breakdown, targets = _model_facts(_facts_key(req))
     config = entry.hf_config()
     _check_request(req, config, gpu)
-    acts = _activations(config, req, inv.num_layers, loss_impl=loss_impl)
+    acts = _activations(config, req, inv.num_layers, loss_impl=loss_impl, checkpoint_reentrant=checkpoint_reentrant,
+                        bnb_keeps_input=bnb_keeps_input)
     mem = step_memory(inv, method=req.method, optimizer=req.optimizer, sharding=req.sharding,
                       num_gpus=req.num_gpus, offload=req.offload, activations_bytes=acts.held,
                       forward_peak_rel=acts.forward_peak_rel, backward_peak_rel=acts.backward_peak_rel,

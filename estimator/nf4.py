@@ -37,20 +37,26 @@ def nf4_linear_cls():
 
     class _Dequant4bitMatmul(torch.autograd.Function):
         """bitsandbytes 0.50 ``MatMul4Bit`` on CUDA for training-size inputs: dequantize, ``F.linear``; saves
-        only the packed weight and dequantizes again for the input gradient."""
+        only the packed weight and dequantizes again for the input gradient.
+
+        ``keeps_input``: bitsandbytes before 0.43.2 (PR #1270, "fix QLoRA mem bug: delete useless buffered
+        activation", 2024-07-16) also kept the input ``A`` as a plain ctx attribute (``ctx.tensors = (A, B)``),
+        which the backward never uses: not a saved tensor, so it lives as long as the autograd node does."""
 
         @staticmethod
-        def forward(ctx, x, packed, absmax8, offset, shape, dtype):
+        def forward(ctx, x, packed, absmax8, offset, shape, dtype, keeps_input=False):
             w = _dequant(absmax8, offset, shape, dtype)
             ctx.save_for_backward(packed, absmax8, offset)
             ctx.shape = shape
+            if keeps_input and any(ctx.needs_input_grad[:2]):
+                ctx.tensors = (x, packed)  # bitsandbytes < 0.43.2
             return torch.nn.functional.linear(x, w)
 
         @staticmethod
         def backward(ctx, grad):
             packed, absmax8, offset = ctx.saved_tensors
             w = _dequant(absmax8, offset, ctx.shape, grad.dtype)
-            return torch.matmul(grad, w), None, None, None, None, None
+            return torch.matmul(grad, w), None, None, None, None, None, None
 
     def _dequant(absmax8, offset, shape, dtype):
         # bitsandbytes' default gemm_4bit path: dequantize_blockwise(absmax8) -> fp32 per 64-block, + offset
@@ -79,6 +85,7 @@ def nf4_linear_cls():
             self.register_buffer("offset", torch.empty((), dtype=torch.float32, device=meta))
             self.register_buffer("nested_code", torch.empty(256, dtype=torch.float32, device=meta))
             self.bias = bias
+            self.keeps_input = False  # bitsandbytes < 0.43.2 keeps the input A (see _Dequant4bitMatmul)
 
         @property
         def W_q(self):  # noqa: N802 - peft's dequantize_module_weight calls ``dequantize()`` when this exists
@@ -97,7 +104,8 @@ def nf4_linear_cls():
             x = x.to(self.compute_dtype)
             bias = None if self.bias is None else self.bias.to(self.compute_dtype)
             out = _Dequant4bitMatmul.apply(x, self.weight, self.absmax, self.offset,
-                                           (self.out_features, self.in_features), self.compute_dtype)
+                                           (self.out_features, self.in_features), self.compute_dtype,
+                                           self.keeps_input)
             if bias is not None:
                 out = out + bias
             return out.to(inp_dtype)
@@ -113,9 +121,9 @@ def nf4_linear(linear, compute_dtype):
     return nf4_linear_cls()(linear.in_features, linear.out_features, bias, compute_dtype)
 
 
-def quantize_frozen_linears(peft_model, compute_dtype) -> None:
+def quantize_frozen_linears(peft_model, compute_dtype, keeps_input: bool = False) -> None:
     """Swap every frozen ``nn.Linear`` (not the LM head) for an NF4 stand-in computing in ``compute_dtype``,
-    wrapped as peft wraps bnb layers."""
+    wrapped as peft wraps bnb layers; ``keeps_input``: as bitsandbytes < 0.43.2 (its MatMul4Bit keeps its input)."""
     import torch
     from peft.tuners.lora import bnb as lora_bnb
 
@@ -126,7 +134,9 @@ def quantize_frozen_linears(peft_model, compute_dtype) -> None:
                 continue
             if child.weight.requires_grad:
                 continue
-            setattr(mod, child_name, nf4_linear(child, compute_dtype))
+            stand_in = nf4_linear(child, compute_dtype)
+            stand_in.keeps_input = keeps_input
+            setattr(mod, child_name, stand_in)
     for mod in peft_model.modules():
         if type(mod).__name__ == "Linear" and hasattr(mod, "lora_A") and isinstance(mod.base_layer, nf4_linear_cls()):
             mod.__class__ = lora_bnb.Linear4bit

@@ -335,6 +335,15 @@ class TraceSettings(BaseModel):
         "made contiguous, alive through the cross-entropy: ``legacy_causal_lm_loss``); upcast-in-forward = "
         "transformers <= 4.45's: the same loss, and the model's forward upcasts the LM head's output to fp32 "
         "(the 16-bit logits die at once, the fp32 ones are the output's)"))
+    checkpoint_reentrant: bool = Field(False, description=(
+        "gradient checkpointing with use_reentrant=True, transformers 4.x's default when no "
+        "gradient_checkpointing_kwargs are given (4.39 ``gradient_checkpointing_enable``; peft/TRL pass ``{}``, "
+        "torch's checkpoint then defaults to reentrant): each layer's backward recomputes its forward and runs a "
+        "nested backward, holding the recomputed graph (its output and every non-saved ctx attribute) until it "
+        "returns. False: the runner's use_reentrant=False"))
+    bnb_keeps_input: bool = Field(False, description=(
+        "QLoRA: bitsandbytes < 0.43.2, whose MatMul4Bit keeps its 16-bit input in ``ctx.tensors`` (freed only "
+        "with its autograd node; ``nf4.nf4_linear_cls``)"))
 
 
 def _lora_config(model, settings: TraceSettings, total_steps: int = 100):
@@ -374,7 +383,8 @@ def build_training_model(config, settings: TraceSettings):
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # renamed in transformers 5; same call as the runner
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": settings.checkpoint_reentrant})
     if settings.method == "full":
         return model
     from peft import get_peft_model
@@ -393,18 +403,22 @@ def build_training_model(config, settings: TraceSettings):
         peft_model.to(half)  # DeepSpeed / FSDP cast the whole module, adapters included
     if settings.method == "qlora":
         compute = torch.float16 if settings.dtype == "fp16" else torch.bfloat16  # bitsandbytes' compute dtype
-        quantize_frozen_linears(peft_model, compute)
-        _quantize_fused_experts(peft_model, compute)
+        quantize_frozen_linears(peft_model, compute, keeps_input=settings.bnb_keeps_input)
+        _quantize_fused_experts(peft_model, compute, keeps_input=settings.bnb_keeps_input)
     return peft_model
 
 
-def _quantize_fused_experts(peft_model, compute) -> None:
+def _quantize_fused_experts(peft_model, compute, keeps_input: bool = False) -> None:
     """QLoRA's routed experts as the runner stores them (``runner/train/experts.py``): ``NF4Experts`` with one NF4
     stand-in Linear per expert and matrix, its token-expert pairs split evenly over the experts."""
     from estimator.experts import balanced_split, replace_fused_experts
 
-    replace_fused_experts(peft_model, lambda d_in, d_out, _w: nf4_linear_cls()(d_in, d_out, None, compute),
-                          split=lambda ids, experts: balanced_split(ids.numel(), experts))
+    def stand_in(d_in, d_out, _w):
+        linear = nf4_linear_cls()(d_in, d_out, None, compute)
+        linear.keeps_input = keeps_input
+        return linear
+
+    replace_fused_experts(peft_model, stand_in, split=lambda ids, experts: balanced_split(ids.numel(), experts))
 
 
 def _norms_to_fp32(model) -> None:
@@ -637,6 +651,9 @@ def _key(config_dict: dict, settings: TraceSettings) -> str:
     dumped = settings.model_dump(mode="json")
     if dumped["loss_impl"] == "current":
         del dumped["loss_impl"]  # the default loss keeps the keys traces had before the field existed
+    for field in ("checkpoint_reentrant", "bnb_keeps_input"):
+        if not dumped[field]:
+            del dumped[field]  # likewise: the runner's regime keeps its keys
     blob = json.dumps({"config": config_dict, "settings": dumped,
                        "version": TRACE_VERSION}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
