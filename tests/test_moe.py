@@ -311,7 +311,7 @@ def test_qlora_load_peak_matches_the_runners_real_load(tmp_path, arch, regime, m
     ``live_bytes.LiveBytes`` (storages alive after each op; the fp16 checkpoint makes every tensor a copy in the
     load dtype, as on a GPU). Mixtral's checkpoint loads gate/up before down, Qwen3-MoE's down first. The
     estimate's ``load_peak_bytes`` is that peak within 1% (the model's names stand in for the checkpoint's: measured
-    0.25% or less but PhiMoE, 0.63%: a renamed LayerNorm), and below the peak of the same load quantizing after
+    0.25% or less, PhiMoE 0.63%, which renames block_sparse_moe), and below the peak of the same load quantizing after
     ``from_pretrained`` (every expert in the load dtype at once; measured 0.57 vs 0.93 MB on this 3-layer Mixtral in bf16)."""
     pytest.importorskip("bitsandbytes")
     from live_bytes import LiveBytes
