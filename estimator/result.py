@@ -106,6 +106,18 @@ class Estimate(BaseModel):
                                               "16/32-bit as they load); fits includes it")
     host_memory: HostMemory | None = Field(None, description="host RAM of one training process")
 
+    def failing_phase(self) -> tuple[str, int] | None:
+        """Where a run whose training step fits the card fails anyway: ("loading", bytes on the card) for QLoRA on
+        fused MoE experts whose load does not fit, ("evaluation", bytes) for an eval phase that does not; None when
+        the step itself does not fit, or everything fits."""
+        if self.memory.margin_bytes < 0:
+            return None
+        if not self.load_fits:
+            return "loading", self.memory.load_device_peak_bytes
+        if not self.eval_fits and self.eval_memory is not None:
+            return "evaluation", self.eval_memory.device_peak_bytes
+        return None
+
     def to_json(self) -> dict:
         """The CLI's ``--json`` object: this model's fields, nested as they are here (``.memory.peak_bytes``,
         ``.model.total_params``, ``.compute.cost_usd``, ``.request.sharding``), per-GPU bytes."""

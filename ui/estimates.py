@@ -134,11 +134,6 @@ def limits(req: EstimateRequest) -> tuple[int, int]:
 
 
 def failing_phase(est) -> tuple[str, int] | None:
-    """Where an estimate that does not fit fails when its training step fits: ("loading", bytes on the card) for
-    QLoRA on fused MoE experts, ("evaluation", bytes) for the eval phase; None when the step itself does not fit
-    (or everything fits)."""
-    if est.fits or est.memory.margin_bytes < 0:
-        return None
-    if not est.load_fits:
-        return "loading", est.memory.load_device_peak_bytes
-    return "evaluation", est.eval_memory.device_peak_bytes if est.eval_memory else 0
+    """Where an estimate whose training step fits fails anyway (``Estimate.failing_phase``): loading (QLoRA on
+    fused MoE experts) or evaluation; None when the step itself does not fit (or everything fits)."""
+    return est.failing_phase()

@@ -206,8 +206,9 @@ with results:
                  f"{' or ' if len(tips) > 1 else ''}{tips[-1]}.", icon=":material/block:")
     else:
         phase, peak = estimates.failing_phase(est)
-        fix = ("The experts are quantized after they are loaded in 16 bits; try LoRA on more GPUs with sharding, or "
-               "a card with more memory." if phase == "loading" else "Lower the eval batch or the generated length.")
+        fix = ("Each layer's experts are built in 16 bits before they are quantized; try a card with more memory, "
+               "or LoRA on more GPUs with sharding." if phase == "loading"
+               else "Lower the eval batch or the generated length.")
         when = "while loading" if phase == "loading" else "during evaluation"
         st.error(f"Does not fit {when}: {fmt_bytes(peak)} on the card > {usable} usable (training itself "
                  f"needs {fmt_bytes(mem.peak_bytes)}). {fix}", icon=":material/block:")
