@@ -15,7 +15,7 @@ from estimator.errors import EstimatorError, TraceError
 from estimator.experts import checkpoint_layout
 from estimator.inventory import adapter_file_bytes, build_inventory, param_breakdown
 from estimator.memory import (card_memory, cublas_workspace_bytes, eval_memory, formula_activations, host_memory,
-                              moe_qlora_load_peak_bytes, step_memory)
+                              legacy_rope_cache_bytes, moe_qlora_load_peak_bytes, step_memory)
 from estimator.notes import card_notes, load_note, method_note, step_notes
 from estimator.params import check_experts_knobs
 from estimator.precision import base_dtype, eval_value_bytes, pure16, weights_16bit
@@ -97,26 +97,29 @@ def _activations(config, req: EstimateRequest, num_layers: int, batch_size: int 
 
 
 def estimate(req: EstimateRequest, *, loss_impl: str = "current", checkpoint_reentrant: bool = False,
-             bnb_keeps_input: bool = False) -> Estimate:
+             bnb_keeps_input: bool = False, legacy_rope_cache: bool = False) -> Estimate:
     """The estimate for ``req`` (cached: the same request returns the same object in microseconds).
 
     ``loss_impl`` "shifted-copy" / "upcast-in-forward" trace the loss as transformers 4.46-4.48 / <= 4.45 ran it
     (``estimator.validation`` uses them for published runs of those versions); the runner's transformers is the
-    installed one: "current"."""
+    installed one: "current". ``legacy_rope_cache``: the model also holds transformers <= 4.40's per-layer rotary
+    caches (``memory.legacy_rope_cache_bytes``), for published runs of those versions."""
     if not isinstance(req, EstimateRequest):
         raise EstimatorError("request: pass an EstimateRequest", field="request")
     if loss_impl not in ("current", "shifted-copy", "upcast-in-forward"):
         raise EstimatorError(f"loss_impl: must be 'current', 'shifted-copy' or 'upcast-in-forward' (got "
                              f"{loss_impl!r})", field="loss_impl")
-    if loss_impl == "current" and not checkpoint_reentrant and not bnb_keeps_input:
+    if loss_impl == "current" and not checkpoint_reentrant and not bnb_keeps_input and not legacy_rope_cache:
         return _estimate_cached(req.model_dump_json())
-    return _estimate_cached(req.model_dump_json(), loss_impl, checkpoint_reentrant, bnb_keeps_input)
+    return _estimate_cached(req.model_dump_json(), loss_impl, checkpoint_reentrant, bnb_keeps_input,
+                            legacy_rope_cache)
 
 
 @functools.lru_cache(maxsize=512)
 def _estimate_cached(req_json: str, loss_impl: str = "current", checkpoint_reentrant: bool = False,
-                     bnb_keeps_input: bool = False) -> Estimate:
-    return _estimate(EstimateRequest.model_validate_json(req_json), loss_impl, checkpoint_reentrant, bnb_keeps_input)
+                     bnb_keeps_input: bool = False, legacy_rope_cache: bool = False) -> Estimate:
+    return _estimate(EstimateRequest.model_validate_json(req_json), loss_impl, checkpoint_reentrant, bnb_keeps_input,
+                     legacy_rope_cache)
 
 
 @functools.lru_cache(maxsize=64)
@@ -137,12 +140,17 @@ def _facts_key(req: EstimateRequest) -> str:
 
 
 def _estimate(req: EstimateRequest, loss_impl: str = "current", checkpoint_reentrant: bool = False,
-              bnb_keeps_input: bool = False) -> Estimate:
+              bnb_keeps_input: bool = False, legacy_rope_cache: bool = False) -> Estimate:
     from estimator.catalog import get_gpu
 
     gpu = get_gpu(req.gpu)
     entry, inv, breakdown, targets = _model_facts(_facts_key(req))
     config = entry.hf_config()
+    if legacy_rope_cache:
+        # built at load in the load dtype: 16-bit for LoRA, QLoRA (peft's upcast casts parameters, not buffers)
+        # and pure 16-bit full fine-tuning; fp32 when full fine-tuning keeps fp32 master weights
+        load_bytes = 4 if req.dtype == "fp32" or (req.method == "full" and not pure16(req)) else 2
+        inv = inv.model_copy(update={"buffer_bytes": inv.buffer_bytes + legacy_rope_cache_bytes(config, load_bytes)})
     _check_request(req, config, gpu)
     acts = _activations(config, req, inv.num_layers, loss_impl=loss_impl, checkpoint_reentrant=checkpoint_reentrant,
                         bnb_keeps_input=bnb_keeps_input)

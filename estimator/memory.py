@@ -512,6 +512,27 @@ def moe_qlora_load_peak_bytes(inv: Inventory, load_value_bytes: int, layout: dic
     return peak
 
 
+#: transformers <= 4.40 built a rotary cos/sin cache in every attention layer, (max_position_embeddings, head_dim)
+#: each, in the default dtype at construction (``torch.get_default_dtype()``, which ``from_pretrained`` sets to the
+#: load's ``torch_dtype``), registered as non-persistent buffers: Mistral / Mixtral ``cos_cached`` + ``sin_cached``
+#: (4.39.3 modeling_mistral.py l.93-116, one ``MistralRotaryEmbedding`` per ``MistralAttention``, l.232), Llama
+#: ``_cos_cached`` + ``_sin_cached`` "for BC" (4.39.3 modeling_llama.py l.104-113, l.295). Present in 4.40.2 too;
+#: gone from Llama and Mistral by 4.42.4 (inv_freq only), Mixtral kept it through 4.44.2. Transformers 5 (the
+#: runner's) has one rotary module per model with ``inv_freq`` only, already in ``Inventory.buffer_bytes``.
+LEGACY_ROPE_CACHE_MODEL_TYPES = ("llama", "mistral", "mixtral")
+
+
+def legacy_rope_cache_bytes(config, value_bytes: int) -> int:
+    """Bytes of transformers <= 4.40's per-layer rotary caches (``LEGACY_ROPE_CACHE_MODEL_TYPES``): cos and sin,
+    (max_position_embeddings, head_dim) per layer, ``value_bytes`` each (the load dtype); 0 for other models.
+    Mistral-7B in 16 bits: 32 x 2 x 32768 x 128 x 2 B = 512 MiB."""
+    if getattr(config, "model_type", None) not in LEGACY_ROPE_CACHE_MODEL_TYPES:
+        return 0
+    d = _dims(config)
+    positions = int(getattr(config, "max_position_embeddings", 0) or 0)
+    return d["layers"] * 2 * positions * d["head_dim"] * value_bytes
+
+
 def cublas_workspace_bytes(compute_capability: float | None) -> int:
     """cuBLAS workspaces PyTorch allocates for a training step (``CUBLAS_HANDLES`` handles) on this GPU."""
     per = CUBLAS_WORKSPACE_BYTES_SM90 if (compute_capability or 0) >= 9.0 else CUBLAS_WORKSPACE_BYTES_OLDER

@@ -72,15 +72,16 @@ def test_every_published_row_is_within_its_band():
 def test_each_row_is_traced_with_the_loss_of_its_transformers():
     """The fms-acceleration table ran transformers 4.39 (its pin at @04702cc), whose Mistral forward upcasts the
     logits to fp32 and whose loss copies the shifted ones: 2 B per logit more than transformers 5 at the loss
-    (1 GiB at 4 x 4096 tokens x 32000). The LoRA row's peak is there (forward + loss: ours 0.978 -> 0.984 of the
-    measured max_memory_allocated); the QLoRA row's stays in backward, where the old loss adds nothing (0.974 both
-    ways; its gap was the stack's checkpointing and bitsandbytes: the next test)."""
+    (1 GiB at 4 x 4096 tokens x 32000). The LoRA row's peak is there (forward + loss: ours 0.999 -> 1.005 of the
+    measured max_memory_allocated, above it by peft < 0.12's bf16 adapters that we count fp32, 78 MiB); the QLoRA
+    row's stays in backward, where the old loss adds nothing (0.998 both ways; its gap was the stack's
+    checkpointing and bitsandbytes: the next test)."""
     table = {r["id"]: r for r in rows()}
     moved = {i: (compare(table[i], loss_by_version=False).ratio, compare(table[i]).ratio)
              for i in ("fms-qlora-bs4", "fms-lora-bs4")}
     (q0, q1), (l0, l1) = moved["fms-qlora-bs4"], moved["fms-lora-bs4"]
     assert q0 == q1, moved
-    assert l0 < l1 < 1, moved
+    assert l0 < l1 < 1.01, moved
 
 
 def test_the_qlora_rows_hold_what_their_2024_stack_held():
@@ -89,10 +90,37 @@ def test_the_qlora_rows_hold_what_their_2024_stack_held():
     peak, the backward of the recomputed last layer, that stack holds what our runner's does not: the recomputed
     layer's output (fp32 with peft's upcast, 4 B x hidden per token: reentrant) and the fp16 copies bitsandbytes
     made of the fp32 inputs of q, k, v, gate, up (2 B x hidden each) and down (2 B x intermediate): 86,016 B per
-    token for Mistral-7B, 1.31 GiB at 4 x 4096 tokens (0.913 -> 0.974 of the measured peak)."""
+    token for Mistral-7B, 1.31 GiB at 4 x 4096 tokens (0.913 -> 0.974 of the measured peak; 0.998 with the
+    stack's rotary caches, the next test)."""
     table = {r["id"]: r for r in rows()}
     h, inter = 4096, 14336
     for rid, tokens in (("fms-qlora-bs4", 4 * 4096), ("fms-qlora-bs8", 8 * 4096)):
         runner, as_run = compare(table[rid], stack_by_version=False), compare(table[rid])
         assert as_run.estimated_bytes - runner.estimated_bytes == tokens * (4 * h + 2 * (5 * h + inter))
         assert 0.97 < as_run.ratio < 1.0, as_run
+
+
+def test_the_2024_stack_holds_a_rotary_cache_in_every_layer():
+    """transformers 4.39 built a cos and a sin cache, (max_position_embeddings, head_dim) in the load dtype, in
+    every attention layer (modeling_mistral.py ``MistralRotaryEmbedding._set_cos_sin_cache``, one per
+    ``MistralAttention``); transformers 5 keeps ``inv_freq`` only. For Mistral-7B in 16 bits: 32 x 2 x 32768 x 128
+    x 2 B = 512 MiB, held from load to the end of training. The fms-acceleration table's
+    ``torch_mem_alloc_in_bytes`` after training (refs/a100_80gb.csv @04702cc: 44,004,763,136 B for full
+    fine-tuning at batch 4) is our weights + states + cuBLAS workspaces + these 512 MiB within 0.5 MiB; with them
+    counted, the full rows' peaks (one GPU and FSDP, where buffers are not sharded) come within 1 MiB of the
+    measured max_memory_allocated."""
+    from estimator.catalog import resolve_model
+    from estimator.memory import legacy_rope_cache_bytes
+
+    assert legacy_rope_cache_bytes(resolve_model("mistral-7b").hf_config(), 2) == 32 * 2 * 32768 * 128 * 2
+    assert legacy_rope_cache_bytes(resolve_model("llama-2-70b").hf_config(), 2) == 80 * 2 * 4096 * 128 * 2
+    assert legacy_rope_cache_bytes(resolve_model("qwen2.5-7b").hf_config(), 2) == 0  # not a model type checked
+    table = {r["id"]: r for r in rows()}
+    for rid in ("fms-full-bs4", "fms-full-bs8", "fms-full-fsdp2-bs2", "fms-full-fsdp2-bs4", "fms-qlora-bs4"):
+        as_run, installed = compare(table[rid]), compare(table[rid], buffers_by_version=False)
+        assert as_run.estimated_bytes - installed.estimated_bytes == 32 * 2 * 32768 * 128 * 2, rid
+        if rid.startswith("fms-full"):
+            assert abs(as_run.estimated_bytes - as_run.measured_bytes) < 2**20, as_run
+    # the runner's stack (transformers 5) has no such cache: rows of it are unchanged
+    peft_row = table["peft-mc-lora-r32"]
+    assert compare(peft_row).estimated_bytes == compare(peft_row, buffers_by_version=False).estimated_bytes
