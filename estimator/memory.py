@@ -483,14 +483,20 @@ def moe_qlora_load_peak_bytes(inv: Inventory, load_value_bytes: int, layout: dic
     (Mixtral's ``block_sparse_moe`` -> ``mlp``) a norm may sort on the other side (``tests/test_moe.py`` measures
     a real load against this).
     """
+    import bisect
+    import itertools
+
     from estimator.experts import natural_key
 
     experts = [t for t in inv.tensors if t.quantized and ".experts." in t.name]
     if not experts:
         return 0
-    # every weight in its loaded form, in the loader's order (natural key order of the names)
+    # every weight in its loaded form, in the loader's order (natural key order of the names), and the bytes loaded
+    # before each
     loaded = sorted((natural_key(t.name), nf4_linear_bytes(t.numel) if t.quantized else load_value_bytes * t.numel)
                     for t in inv.tensors if not t.adapter)  # peft adds the adapters after the load
+    keys = [k for k, _ in loaded]
+    loaded_before = [0, *itertools.accumulate(b for _, b in loaded)]
     stored: dict[str, dict[str, list[int]]] = {}  # experts module -> weight name -> [load-dtype bytes, NF4 bytes]
     for t in experts:
         module, _, rest = t.name.rpartition(".experts.")
@@ -500,8 +506,7 @@ def moe_qlora_load_peak_bytes(inv: Inventory, load_value_bytes: int, layout: dic
     layout = layout or {}
     peak = 0
     for module, mats in stored.items():
-        start = natural_key(module)
-        before = inv.buffer_bytes + sum(b for k, b in loaded if k < start)
+        before = inv.buffer_bytes + loaded_before[bisect.bisect_left(keys, natural_key(module))]
         kind = {n: layout.get(n, (((1, n),), True)) for n in mats}  # unknown: in name order, per expert
         built, nf4_done, previous = 0, 0, 0
         for n in sorted(mats, key=lambda n: kind[n][0]):
