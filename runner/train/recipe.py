@@ -126,7 +126,25 @@ def _device(spec: RunSpec) -> str:
                           fix="set device to auto or cpu, or run on a machine with a GPU")
     if spec.device == "cpu":
         return "cpu"
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        bind_local_gpu()
+        return "cuda"
+    return "cpu"
+
+
+def bind_local_gpu() -> int | None:
+    """Make this rank's GPU (``LOCAL_RANK``, set by torchrun / accelerate launch) the current CUDA device before
+    any model is loaded, and return it (None outside a launched rank). bitsandbytes' loader places a 4-bit model
+    on ``torch.cuda.current_device()`` (transformers ``Bnb4BitHfQuantizer.update_device_map``), and the Trainer's
+    accelerate state, which would set it, comes after the load: without this every rank of a multi-GPU QLoRA
+    run loaded its model onto GPU 0."""
+    import torch
+
+    local = os.environ.get("LOCAL_RANK")
+    if local is None:
+        return None
+    torch.cuda.set_device(int(local))
+    return int(local)
 
 
 def _cpu_has_bf16() -> bool:
