@@ -189,10 +189,11 @@ def evaluate(ctx: Context, rung: str, method: str, s: dict[str, Any], gpu, num_g
         cand.verdict = (f"{name} trains in {gib(cand.peak_bytes)} per GPU but its eval phase needs "
                         f"{gib(est.eval_memory.device_peak_bytes)} ({est.eval_memory.phase}); the {gpu.name} has "
                         f"{gib(est.gpu.usable_bytes)}")
-    elif failing := est.failing_phase():  # the step fits, loading does not (QLoRA on fused MoE experts)
+    elif failing := est.failing_phase():  # the step fits, loading does not (QLoRA: MoE experts, unsharded load)
+        why = ("each GPU loads the whole 4-bit model before it is sharded" if est.memory.load_reason == "unsharded"
+               else "each layer's MoE experts are built in 16 bits before they are quantized")
         cand.verdict = (f"{name} trains in {gib(cand.peak_bytes)} per GPU but {failing[0]} needs "
-                        f"{gib(failing[1])} (each layer's MoE experts are built in 16 bits before they are "
-                        f"quantized); the {gpu.name} has {gib(est.gpu.usable_bytes)}")
+                        f"{gib(failing[1])} ({why}); the {gpu.name} has {gib(est.gpu.usable_bytes)}")
     elif not cand.fits:
         on = f" on {num_gpus} GPUs" if num_gpus > 1 else ""
         cand.verdict = (f"{name} needs {gib(cand.peak_bytes)} per GPU{on} ({est.memory.peak_phase}); "

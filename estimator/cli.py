@@ -249,7 +249,8 @@ def format_estimate(est) -> str:
     rows.append(("PEAK on the card (+ CUDA context" + (", NCCL)" if mem.nccl_bytes else ")"),
                  f"{_gib(mem.peak_bytes)} at {mem.peak_phase}"))
     if mem.load_peak_bytes:
-        rows.append(("LOAD peak on the card (experts as they quantize)", _gib(mem.load_device_peak_bytes)))
+        what = "whole 4-bit model per GPU" if mem.load_reason == "unsharded" else "experts as they quantize"
+        rows.append((f"LOAD peak on the card ({what})", _gib(mem.load_device_peak_bytes)))
     out.append(_table(rows))
     out.append("")
     verdict = "yes" if est.fits else ("NO (loading)" if not est.load_fits else "NO")

@@ -15,7 +15,8 @@ from estimator.errors import EstimatorError, TraceError
 from estimator.experts import checkpoint_layout
 from estimator.inventory import adapter_file_bytes, build_inventory, param_breakdown
 from estimator.memory import (card_memory, cublas_workspace_bytes, eval_memory, formula_activations, host_memory,
-                              legacy_rope_cache_bytes, moe_qlora_load_peak_bytes, step_memory)
+                              legacy_rope_cache_bytes, moe_qlora_load_peak_bytes, step_memory,
+                              unsharded_qlora_load_peak_bytes)
 from estimator.notes import card_notes, load_note, method_note, step_notes
 from estimator.params import check_experts_knobs
 from estimator.precision import base_dtype, eval_value_bytes, pure16, weights_16bit
@@ -167,15 +168,22 @@ def _estimate(req: EstimateRequest, loss_impl: str = "current", checkpoint_reent
                      value_bytes=eval_value_bytes(req), attention=req.attention, usable_bytes=gpu.usable_bytes,
                      multi_gpu=req.num_gpus > 1)
     # QLoRA MoE: the runner quantizes each fused experts tensor as it loads; one layer's build is the load's peak
-    load_alloc = (moe_qlora_load_peak_bytes(inv, 2 if base_dtype(req) != "fp32" else 4,
-                                            checkpoint_layout(config.model_type))
-                  if req.method == "qlora" else 0)
+    load_alloc, load_reason = 0, ""
+    if req.method == "qlora":
+        load_bytes = 2 if base_dtype(req) != "fp32" else 4
+        load_alloc = moe_qlora_load_peak_bytes(inv, load_bytes, checkpoint_layout(config.model_type))
+        load_reason = "moe" if load_alloc else ""
+        if req.sharding in ("fsdp", "zero3") and req.num_gpus > 1:
+            # every rank loads the whole 4-bit model onto its GPU before FSDP / ZeRO-3 shard it
+            whole = unsharded_qlora_load_peak_bytes(inv, load_bytes)
+            if whole > load_alloc:
+                load_alloc, load_reason = whole, "unsharded"
     load_card = (card_memory({"load": load_alloc}, usable_bytes=gpu.usable_bytes, multi_gpu=req.num_gpus > 1)
                  if load_alloc else None)
     notes = step_notes(req, inv, acts, mem, targets)
     notes += card_notes(req, card, ev)
     if load_card is not None:
-        notes.append(load_note(load_card))
+        notes.append(load_note(load_card, load_reason))
     trainable = inv.trainable_params
     # compute
     tokens_per_step = req.batch_size * req.seq_len
@@ -220,7 +228,7 @@ def _estimate(req: EstimateRequest, loss_impl: str = "current", checkpoint_reent
         allocated_peak_bytes=card.allocated_peak_bytes, reserved_peak_bytes=card.reserved_peak_bytes,
         allocator_cache_bytes=card.allocator_cache_bytes, context_bytes=card.context_bytes,
         nccl_bytes=card.nccl_bytes, usable_bytes=card.usable_bytes, headroom_bytes=card.headroom_bytes,
-        margin_bytes=card.margin_bytes, load_peak_bytes=load_alloc,
+        margin_bytes=card.margin_bytes, load_peak_bytes=load_alloc, load_reason=load_reason,
         load_device_peak_bytes=load_card.device_peak_bytes if load_card else 0)
     load_fits = load_card.fits if load_card else True
     return Estimate(request=req, model=model_info, method=req.method, memory=memory, gpu=gpu_info,

@@ -538,6 +538,29 @@ def legacy_rope_cache_bytes(config, value_bytes: int) -> int:
     return d["layers"] * 2 * positions * d["head_dim"] * value_bytes
 
 
+def unsharded_qlora_load_peak_bytes(inv: Inventory, load_value_bytes: int) -> int:
+    """GPU bytes at the peak of loading a QLoRA model whole on one GPU, as every rank of an FSDP or ZeRO-3 run
+    does: transformers' rank-0-only loading skips quantized models (``modeling_utils`` ``not is_quantized``;
+    DeepSpeed's ``zero.init`` is off for QLoRA) and bitsandbytes' loader places the model on the rank's GPU
+    (``Bnb4BitHfQuantizer.update_device_map``), so each GPU holds the whole 4-bit model before FSDP / ZeRO shard
+    it. The loader reads the weights in natural key order, each in the load dtype (``load_value_bytes``), and
+    quantizes a Linear's weight into NF4 while that copy still exists (``integrations.bitsandbytes
+    .Bnb4bitQuantize``): the peak is the largest of (everything loaded before, in its final form, + that copy + its
+    NF4) and the whole model at the end. Adapters come later. A real CPU load matches it (``tests/test_moe.py``)."""
+    import itertools
+
+    from estimator.experts import natural_key
+
+    rows = sorted((natural_key(t.name), nf4_linear_bytes(t.numel) if t.quantized else load_value_bytes * t.numel,
+                   load_value_bytes * t.numel if t.quantized else 0)
+                  for t in inv.tensors if not t.adapter)
+    before = itertools.accumulate((final for _, final, _ in rows), initial=0)
+    peak = inv.buffer_bytes
+    for (_, final, copy), loaded in zip(rows, before):
+        peak = max(peak, inv.buffer_bytes + loaded + final + copy)  # the load-dtype copy beside its NF4 (or itself)
+    return peak
+
+
 def cublas_workspace_bytes(compute_capability: float | None) -> int:
     """cuBLAS workspaces PyTorch allocates for a training step (``CUBLAS_HANDLES`` handles) on this GPU."""
     per = CUBLAS_WORKSPACE_BYTES_SM90 if (compute_capability or 0) >= 9.0 else CUBLAS_WORKSPACE_BYTES_OLDER

@@ -146,11 +146,15 @@ def card_notes(req: EstimateRequest, card, ev) -> list[str]:
     return notes
 
 
-def load_note(load_card) -> str:
-    """QLoRA on fused MoE experts: the load peak (``memory.moe_qlora_load_peak_bytes``) and whether it fits."""
+def load_note(load_card, reason: str = "moe") -> str:
+    """QLoRA's load peak (``memory.moe_qlora_load_peak_bytes`` / ``unsharded_qlora_load_peak_bytes``) and whether
+    it fits."""
     verdict = "fits" if load_card.fits else "does not fit: the run fails while loading, before training starts"
+    why = ("transformers loads a bitsandbytes model whole on every GPU (its rank-0 loading skips quantized models), "
+           "so each GPU holds the whole 4-bit model before FSDP / ZeRO-3 shard it" if reason == "unsharded" else
+           "bitsandbytes' 4-bit loader leaves the fused experts in the load dtype, so the runner quantizes each "
+           "layer's experts the moment they load; the peak is the last layer's experts being built in 16/32-bit "
+           "beside the 4-bit model")
     return (f"loading: {load_card.allocated_peak_bytes / GIB:.2f} GiB allocated at the load peak "
-            f"({load_card.device_peak_bytes / GIB:.2f} GiB on the card): bitsandbytes' 4-bit loader leaves the fused "
-            "experts in the load dtype, so the runner quantizes each layer's experts the moment they load; the peak "
-            f"is the last layer's experts being built in 16/32-bit beside the 4-bit model; {verdict} "
+            f"({load_card.device_peak_bytes / GIB:.2f} GiB on the card): {why}; {verdict} "
             f"(margin {load_card.margin_bytes / GIB:+.2f} GiB)")

@@ -61,10 +61,12 @@ class MemoryBreakdown(BaseModel):
     margin_bytes: int = Field(0, description="usable - headroom - peak; negative when it does not fit")
     activation_source: str = Field(description="traced | formula")
     method_note: str = ""
-    load_peak_bytes: int = Field(0, description="allocated at the peak of loading, when it can exceed the step's: "
-                                                "QLoRA on fused MoE experts, each layer's built in 16/32-bit as it "
-                                                "loads and quantizes (0 = none)")
+    load_peak_bytes: int = Field(0, description="allocated at the peak of loading, when it can exceed the step's "
+                                                "(QLoRA: load_reason; 0 = none)")
     load_device_peak_bytes: int = Field(0, description="that load peak as the card holds it (reserved + context)")
+    load_reason: str = Field("", description="why loading peaks: moe (a layer's fused experts built in 16/32-bit as "
+                                             "they quantize) | unsharded (FSDP/ZeRO-3 QLoRA: each GPU loads the "
+                                             "whole 4-bit model before it is sharded) | '' (none)")
 
 
 class GPUInfo(BaseModel):
@@ -102,8 +104,7 @@ class Estimate(BaseModel):
     trace_seconds: float | None = None
     eval_memory: EvalMemory | None = Field(None, description="the eval phase (no-grad forward, generation)")
     eval_fits: bool = Field(True, description="the eval phase fits the card too")
-    load_fits: bool = Field(True, description="loading fits the card (QLoRA MoE: a layer's experts in "
-                                              "16/32-bit as they load); fits includes it")
+    load_fits: bool = Field(True, description="loading fits the card (QLoRA: memory.load_reason); fits includes it")
     host_memory: HostMemory | None = Field(None, description="host RAM of one training process")
 
     def failing_phase(self) -> tuple[str, int] | None:

@@ -8,6 +8,9 @@ runs and the saved adapter trained, and FSDP2's ``MixedPrecisionPolicy(param_dty
 compute in bf16: the embedding output, the norms (peft's fp32 upcast notwithstanding), the decoder layers'
 inputs and the LM head are bf16 in the forward (``estimator/trace.py`` traces these upcast weights in fp32, a
 higher figure kept until a GPU measures FSDP QLoRA: the closing note of issue 10 says why).
+
+Before any of that each rank loads the whole 4-bit model (transformers 5 shards nothing of a bitsandbytes load),
+which the estimate counts as FSDP QLoRA's load peak; the second test measures it on a real load.
 """
 
 from __future__ import annotations
@@ -101,3 +104,39 @@ def test_two_rank_fsdp_qlora_run_shards_the_4bit_weights_and_computes_in_bf16(tm
     with safe_open(run_dir / "adapter" / "adapter_model.safetensors", "pt") as saved:
         lora_b = [saved.get_tensor(k) for k in saved.keys() if "lora_B" in k]
     assert lora_b and any(t.abs().sum() > 0 for t in lora_b)  # lora_B starts at zero: the saved adapter trained
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_each_gpu_loads_the_whole_4bit_model_and_the_estimate_says_so(tmp_path, arch):
+    """What every rank of an FSDP QLoRA run does before FSDP shards anything: the runner's own 4-bit load
+    (``recipe.load_4bit`` with the FSDP spec: bf16 quant storage, peft's upcast, so an fp32 load), measured op by
+    op with ``live_bytes.LiveBytes``. The checkpoint is fp32, so each tensor read is the load-dtype copy a GPU would
+    hold. transformers 5 loads bitsandbytes models unsharded on every rank, so the estimate's per-GPU load peak is
+    the whole model's (``memory.unsharded_qlora_load_peak_bytes``, ``load_reason`` "unsharded"): within 1% of the
+    real peak (measured 0.994 on both)."""
+    import torch
+    from live_bytes import LiveBytes
+    from transformers import AutoModelForCausalLM
+
+    from estimator import estimate
+    from runner.estimate_request import estimate_request
+    from runner.train import recipe
+    from runner.train.tinymodel import build_tokenizer, tiny_config
+
+    tok = build_tokenizer()
+    cfg = tiny_config(arch, vocab_size=len(tok), hidden_size=128, layers=3)
+    cfg.pad_token_id = tok.pad_token_id
+    folder = tmp_path / arch
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    spec = RunSpec(model=str(folder), dataset=DatasetSpec(path="unused.jsonl"), method="qlora", precision="bf16",
+                   distribution=DistributionSpec(nproc_per_node=2, strategy="fsdp"))
+    r = recipe.Run(spec=spec, run_dir=tmp_path)
+    r.model_dir, r.tokenizer, r.precision = folder, tok, "bf16"
+    with LiveBytes() as live:
+        recipe.load_4bit(r)
+    est = estimate(estimate_request(spec, gpu="a100-80gb"))
+    assert est.memory.load_reason == "unsharded"
+    assert abs(est.memory.load_peak_bytes - live.peak) <= 0.01 * live.peak, (est.memory.load_peak_bytes, live.peak)
+    assert any("whole 4-bit model" in n for n in est.notes)

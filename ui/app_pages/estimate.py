@@ -184,9 +184,11 @@ with results:
                    f"{fmt_bytes(ev.kv_cache_bytes)}){'' if est.eval_fits else ' - does not fit'}. Host RAM per "
                    f"process: {fmt_bytes(est.host_memory.peak_bytes)}.")
     if mem.load_peak_bytes:
-        st.caption(f"Loading: {fmt_bytes(mem.load_device_peak_bytes)} on the card at its peak (the runner "
-                   f"quantizes each layer's fused MoE experts as they load; the last layer's, built in 16 bits "
-                   f"beside the 4-bit model, is the peak){'' if est.load_fits else ' - does not fit'}.")
+        why = ("every GPU loads the whole 4-bit model before FSDP / ZeRO-3 shard it" if mem.load_reason == "unsharded"
+               else "the runner quantizes each layer's fused MoE experts as they load; the last layer's, built in 16 "
+                    "bits beside the 4-bit model, is the peak")
+        st.caption(f"Loading: {fmt_bytes(mem.load_device_peak_bytes)} on the card at its peak ({why})"
+                   f"{'' if est.load_fits else ' - does not fit'}.")
     usable = fmt_bytes(est.gpu.usable_bytes)
     if est.fits:
         st.success(f"Fits: peak {fmt_bytes(mem.peak_bytes)} of {usable} usable per GPU, "
@@ -206,9 +208,14 @@ with results:
                  f"{' or ' if len(tips) > 1 else ''}{tips[-1]}.", icon=":material/block:")
     else:
         phase, peak = estimates.failing_phase(est)
-        fix = ("Each layer's experts are built in 16 bits before they are quantized; try a card with more memory, "
-               "or LoRA on more GPUs with sharding." if phase == "loading"
-               else "Lower the eval batch or the generated length.")
+        if phase == "loading" and mem.load_reason == "unsharded":
+            fix = ("Every GPU loads the whole 4-bit model before it is sharded; use GPUs that hold it, or LoRA "
+                   "with sharding.")
+        elif phase == "loading":
+            fix = ("Each layer's experts are built in 16 bits before they are quantized; try a card with more "
+                   "memory, or LoRA on more GPUs with sharding.")
+        else:
+            fix = "Lower the eval batch or the generated length."
         when = "while loading" if phase == "loading" else "during evaluation"
         st.error(f"Does not fit {when}: {fmt_bytes(peak)} on the card > {usable} usable (training itself "
                  f"needs {fmt_bytes(mem.peak_bytes)}). {fix}", icon=":material/block:")
