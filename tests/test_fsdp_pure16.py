@@ -224,23 +224,38 @@ if os.environ.get("FTADVISOR_TEST_FSDP_ON_CPU") and "RANK" in os.environ:
 STEPS = 2
 
 
-def _run_fsdp_on_cpu(tmp_path: Path, monkeypatch, model_dir: Path, launcher: str, master: str) -> Path:
-    """spec -> the job manager (engine configs, the runner's launch command: torchrun or accelerate launch) -> two
-    ranks with the hook; returns the run folder of the completed run."""
+def fsdp_on_cpu(tmp_path: Path, monkeypatch, hook_text: str = FSDP_ON_CPU_HOOK) -> Path:
+    """Install ``hook_text`` as the ranks' ``sitecustomize`` (the env var turns it on), clear accelerate's env, one
+    thread per rank; returns a small training set (``sum_rows``) for the run."""
     hook = tmp_path / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(FSDP_ON_CPU_HOOK, encoding="utf-8")
+    (hook / "sitecustomize.py").write_text(hook_text, encoding="utf-8")
     for name in [k for k in os.environ if k.startswith("ACCELERATE_")]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p))
     monkeypatch.setenv("FTADVISOR_TEST_FSDP_ON_CPU", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv("FTADVISOR_WORKER_CMD", raising=False)
-    data = write_jsonl(tmp_path / "train.jsonl", sum_rows(16))
+    return write_jsonl(tmp_path / "train.jsonl", sum_rows(16))
+
+
+def _run_fsdp_on_cpu(tmp_path: Path, monkeypatch, model_dir: Path, launcher: str, master: str) -> Path:
+    """spec -> the job manager (engine configs, the runner's launch command: torchrun or accelerate launch) -> two
+    ranks with the hook; returns the run folder of the completed run."""
+    data = fsdp_on_cpu(tmp_path, monkeypatch)
     spec = RunSpec(name="fsdp-pure-bf16", model=str(model_dir), method="full", precision="bf16",
                    master_dtype=master, dataset=DatasetSpec(path=str(data), eval_fraction=0.0), max_steps=STEPS,
                    save_steps=STEPS, micro_batch_size=2, seq_len=32, device="cpu", learning_rate=1e-3,
                    distribution=DistributionSpec(nproc_per_node=2, strategy="fsdp", launcher=launcher))
+    run_dir = run_to_completion(tmp_path, spec)
+    acc = yaml.safe_load((run_dir / D.ACCELERATE_CONFIG).read_text())
+    assert acc["distributed_type"] == "FSDP" and acc["mixed_precision"] == ("no" if master != "fp32" else "bf16")
+    return run_dir
+
+
+def run_to_completion(tmp_path: Path, spec: RunSpec) -> Path:
+    """Launch ``spec`` through a job manager under ``tmp_path`` and wait; the run folder of the completed run (the
+    log tails, rank 1's included, when it did not complete)."""
     with job_manager(tmp_path / "runs") as manager:
         rec = manager.launch(spec)
         done = manager.wait(rec.id, timeout_s=500)
@@ -248,8 +263,6 @@ def _run_fsdp_on_cpu(tmp_path: Path, monkeypatch, model_dir: Path, launcher: str
         rank1 = run_dir / "log.rank1.txt"
         assert done.status == "completed", (done.reason, manager.log_tail(rec.id, 80),
                                             rank1.read_text()[-3000:] if rank1.is_file() else "")
-    acc = yaml.safe_load((run_dir / D.ACCELERATE_CONFIG).read_text())
-    assert acc["distributed_type"] == "FSDP" and acc["mixed_precision"] == ("no" if master != "fp32" else "bf16")
     return run_dir
 
 

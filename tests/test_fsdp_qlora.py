@@ -16,14 +16,11 @@ which the estimate counts as FSDP QLoRA's load peak; the second test measures it
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
-from jobs_helpers import job_manager, sum_rows, write_jsonl
 from runner.spec import DatasetSpec, DistributionSpec, RunSpec
-from test_fsdp_pure16 import FSDP_ON_CPU_HOOK
+from test_fsdp_pure16 import FSDP_ON_CPU_HOOK, fsdp_on_cpu, run_to_completion
 
 pytest.importorskip("bitsandbytes")
 
@@ -63,27 +60,12 @@ def test_two_rank_fsdp_qlora_run_shards_the_4bit_weights_and_computes_in_bf16(tm
                                                                                tiny_model_dir):
     from safetensors import safe_open
 
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(FSDP_ON_CPU_HOOK + COMPUTE_DTYPES_HOOK, encoding="utf-8")
-    for name in [k for k in os.environ if k.startswith("ACCELERATE_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p))
-    monkeypatch.setenv("FTADVISOR_TEST_FSDP_ON_CPU", "1")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.delenv("FTADVISOR_WORKER_CMD", raising=False)
-    data = write_jsonl(tmp_path / "train.jsonl", sum_rows(16))
+    data = fsdp_on_cpu(tmp_path, monkeypatch, FSDP_ON_CPU_HOOK + COMPUTE_DTYPES_HOOK)
     spec = RunSpec(name="fsdp-qlora", model=str(tiny_model_dir), method="qlora", precision="bf16",
                    dataset=DatasetSpec(path=str(data), eval_fraction=0.0), max_steps=2, save_steps=2,
                    micro_batch_size=2, seq_len=32, device="cpu", learning_rate=1e-3,
                    distribution=DistributionSpec(nproc_per_node=2, strategy="fsdp", launcher="torchrun"))
-    with job_manager(tmp_path / "runs") as manager:
-        rec = manager.launch(spec)
-        done = manager.wait(rec.id, timeout_s=500)
-        run_dir = Path(done.output_dir)
-        rank1 = run_dir / "log.rank1.txt"
-        assert done.status == "completed", (done.reason, manager.log_tail(rec.id, 80),
-                                            rank1.read_text()[-3000:] if rank1.is_file() else "")
+    run_dir = run_to_completion(tmp_path, spec)
     for rank in (0, 1):
         steps = [json.loads(line) for line in (run_dir / f"dtypes.rank{rank}.jsonl").read_text().splitlines()]
         assert [s["step"] for s in steps] == [1, 2]
