@@ -362,7 +362,9 @@ def test_runs_page_stop_and_save_then_resume(tiny_model_dir, tiny_dataset):
 
     from ui.jobs import manager
 
-    rec = manager().launch(tiny_spec(tiny_model_dir, tiny_dataset, name="stoppable", max_steps=400, save_steps=5))
+    # long enough that it cannot finish while the page renders (400 steps of the tiny model once did, on a quiet
+    # machine: the buttons were disabled because the run had completed); stopped and cancelled below anyway
+    rec = manager().launch(tiny_spec(tiny_model_dir, tiny_dataset, name="stoppable", max_steps=20_000, save_steps=5))
     deadline = time.monotonic() + 180
     while (manager().get(rec.id).step or 0) < 2 and time.monotonic() < deadline:
         time.sleep(1)  # the heartbeat reports steps every few seconds
