@@ -162,6 +162,7 @@ def evaluate(ctx: Context, rung: str, method: str, s: dict[str, Any], gpu, num_g
     """Ask the estimator about one configuration; judge memory and budget; say why in ``verdict``."""
     from estimator import estimate
     from estimator.errors import EstimatorError
+    from estimator.notes import LOAD_WHY
 
     spec = run_spec(ctx, method, s, gpu, num_gpus)
     req = request(ctx, spec, gpu)
@@ -190,8 +191,7 @@ def evaluate(ctx: Context, rung: str, method: str, s: dict[str, Any], gpu, num_g
                         f"{gib(est.eval_memory.device_peak_bytes)} ({est.eval_memory.phase}); the {gpu.name} has "
                         f"{gib(est.gpu.usable_bytes)}")
     elif failing := est.failing_phase():  # the step fits, loading does not (QLoRA: MoE experts, unsharded load)
-        why = ("each GPU loads the whole 4-bit model before it is sharded" if est.memory.load_reason == "unsharded"
-               else "each layer's MoE experts are built in 16 bits before they are quantized")
+        why = LOAD_WHY.get(est.memory.load_reason, est.memory.load_reason)
         cand.verdict = (f"{name} trains in {gib(cand.peak_bytes)} per GPU but {failing[0]} needs "
                         f"{gib(failing[1])} ({why}); the {gpu.name} has {gib(est.gpu.usable_bytes)}")
     elif not cand.fits:

@@ -9,6 +9,7 @@ bytes), ``notes``; the searches over knobs (``min_gpus``, ``max_batch_size``...)
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 from estimator.compute import compute_info, formula_flops_per_token
 from estimator.errors import EstimatorError, TraceError
@@ -43,11 +44,25 @@ def _check_request(req: EstimateRequest, config, gpu) -> None:
         pass  # supported: adapters are what the optimizer sees; frozen NF4 weights are sharded by ZeRO-3
 
 
+class Stack(NamedTuple):
+    """The software stack a step runs on, where it is not the runner's (``estimator.validation`` sets it from a
+    published row): the causal-LM loss of its transformers (``TraceSettings.loss_impl``), reentrant gradient
+    checkpointing, bitsandbytes < 0.43.2 keeping its input (``TraceSettings``), and transformers <= 4.40's per-layer
+    rotary caches (``memory.legacy_rope_cache_bytes``). The default is the runner's."""
+
+    loss_impl: str = "current"
+    checkpoint_reentrant: bool = False
+    bnb_keeps_input: bool = False
+    legacy_rope_cache: bool = False
+
+
+RUNNER_STACK = Stack()
+
+
 def trace_settings(req: EstimateRequest, batch_size: int | None = None, seq_len: int | None = None,
-                   loss_impl: str = "current", checkpoint_reentrant: bool = False, bnb_keeps_input: bool = False):
+                   stack: Stack = RUNNER_STACK):
     """The ``TraceSettings`` of ``req`` (the trace's cache key); ``batch_size``/``seq_len`` override the request's;
-    ``loss_impl``, ``checkpoint_reentrant`` and ``bnb_keeps_input`` describe an older stack than the runner's
-    (``TraceSettings``; ``estimator.validation`` sets them from a published row's stack)."""
+    ``stack``: an older stack than the runner's."""
     from estimator.trace import TraceSettings
 
     targets = req.targets if isinstance(req.targets, str) else tuple(req.targets)
@@ -56,23 +71,22 @@ def trace_settings(req: EstimateRequest, batch_size: int | None = None, seq_len:
                          dtype=req.dtype, weights_16bit=weights_16bit(req) or pure16(req),
                          base_dtype=base_dtype(req),
                          batch_size=batch_size or req.batch_size, seq_len=seq_len or req.seq_len,
-                         grad_checkpointing=req.grad_checkpointing, attention=req.attention, loss_impl=loss_impl,
-                         checkpoint_reentrant=checkpoint_reentrant and req.grad_checkpointing,
-                         bnb_keeps_input=bnb_keeps_input and req.method == "qlora")
+                         grad_checkpointing=req.grad_checkpointing, attention=req.attention,
+                         loss_impl=stack.loss_impl,
+                         checkpoint_reentrant=stack.checkpoint_reentrant and req.grad_checkpointing,
+                         bnb_keeps_input=stack.bnb_keeps_input and req.method == "qlora")
 
 
-def _activations(config, req: EstimateRequest, num_layers: int, batch_size: int | None = None,
-                 seq_len: int | None = None, loss_impl: str = "current", checkpoint_reentrant: bool = False,
-                 bnb_keeps_input: bool = False) -> Activations:
+def _activations(config, req: EstimateRequest, num_layers: int, stack: Stack = RUNNER_STACK) -> Activations:
     """Traced activations (or the formula, with the reason) for this request's knobs."""
     from estimator.trace import extrapolate, trace_slice
 
-    settings = trace_settings(req, batch_size, seq_len, loss_impl, checkpoint_reentrant, bnb_keeps_input)
+    settings = trace_settings(req, stack=stack)
     note = None
-    if loss_impl != "current":
+    if stack.loss_impl != "current":
         note = ("loss traced as transformers < 4.49 computes it: an fp32 copy of the shifted logits alive through "
                 "the cross-entropy" + (", the logits upcast to fp32 in the forward (<= 4.45)"
-                                       if loss_impl == "upcast-in-forward" else ""))
+                                       if stack.loss_impl == "upcast-in-forward" else ""))
     if settings.attention == "sdpa" and getattr(config, "attn_logit_softcapping", None):
         # transformers refuses sdpa with attention-logit softcapping (Gemma-2): the run has to use eager
         settings = settings.model_copy(update={"attention": "eager"})
@@ -110,17 +124,13 @@ def estimate(req: EstimateRequest, *, loss_impl: str = "current", checkpoint_ree
     if loss_impl not in ("current", "shifted-copy", "upcast-in-forward"):
         raise EstimatorError(f"loss_impl: must be 'current', 'shifted-copy' or 'upcast-in-forward' (got "
                              f"{loss_impl!r})", field="loss_impl")
-    if loss_impl == "current" and not checkpoint_reentrant and not bnb_keeps_input and not legacy_rope_cache:
-        return _estimate_cached(req.model_dump_json())
-    return _estimate_cached(req.model_dump_json(), loss_impl, checkpoint_reentrant, bnb_keeps_input,
-                            legacy_rope_cache)
+    return _estimate_cached(req.model_dump_json(), Stack(loss_impl, checkpoint_reentrant, bnb_keeps_input,
+                                                         legacy_rope_cache))
 
 
 @functools.lru_cache(maxsize=512)
-def _estimate_cached(req_json: str, loss_impl: str = "current", checkpoint_reentrant: bool = False,
-                     bnb_keeps_input: bool = False, legacy_rope_cache: bool = False) -> Estimate:
-    return _estimate(EstimateRequest.model_validate_json(req_json), loss_impl, checkpoint_reentrant, bnb_keeps_input,
-                     legacy_rope_cache)
+def _estimate_cached(req_json: str, stack: Stack = RUNNER_STACK) -> Estimate:
+    return _estimate(EstimateRequest.model_validate_json(req_json), stack)
 
 
 @functools.lru_cache(maxsize=64)
@@ -140,21 +150,19 @@ def _facts_key(req: EstimateRequest) -> str:
     return EstimateRequest(**{k: v for k, v in req.model_dump().items() if k in keep}).model_dump_json()
 
 
-def _estimate(req: EstimateRequest, loss_impl: str = "current", checkpoint_reentrant: bool = False,
-              bnb_keeps_input: bool = False, legacy_rope_cache: bool = False) -> Estimate:
+def _estimate(req: EstimateRequest, stack: Stack = RUNNER_STACK) -> Estimate:
     from estimator.catalog import get_gpu
 
     gpu = get_gpu(req.gpu)
     entry, inv, breakdown, targets = _model_facts(_facts_key(req))
     config = entry.hf_config()
-    if legacy_rope_cache:
+    if stack.legacy_rope_cache:
         # built at load in the load dtype: 16-bit for LoRA, QLoRA (peft's upcast casts parameters, not buffers)
         # and pure 16-bit full fine-tuning; fp32 when full fine-tuning keeps fp32 master weights
         load_bytes = 4 if req.dtype == "fp32" or (req.method == "full" and not pure16(req)) else 2
         inv = inv.model_copy(update={"buffer_bytes": inv.buffer_bytes + legacy_rope_cache_bytes(config, load_bytes)})
     _check_request(req, config, gpu)
-    acts = _activations(config, req, inv.num_layers, loss_impl=loss_impl, checkpoint_reentrant=checkpoint_reentrant,
-                        bnb_keeps_input=bnb_keeps_input)
+    acts = _activations(config, req, inv.num_layers, stack)
     mem = step_memory(inv, method=req.method, optimizer=req.optimizer, sharding=req.sharding,
                       num_gpus=req.num_gpus, offload=req.offload, activations_bytes=acts.held,
                       forward_peak_rel=acts.forward_peak_rel, backward_peak_rel=acts.backward_peak_rel,

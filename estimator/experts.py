@@ -19,6 +19,7 @@ trace splits them evenly (``balanced_split``) because fake tensors carry no rout
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -83,6 +84,7 @@ def num_experts(mod) -> int:
     return next(getattr(mod, n) for n in FUSED_UP if _is_3d(getattr(mod, n, None))).shape[0]
 
 
+@functools.lru_cache(maxsize=None)
 def checkpoint_layout(model_type: str) -> dict[str, tuple[tuple, bool]]:
     """How a checkpoint of ``model_type`` stores each fused expert weight: ``{name: (sort key, per expert)}``.
 
@@ -91,7 +93,7 @@ def checkpoint_layout(model_type: str) -> dict[str, tuple[tuple, bool]]:
     ``experts.*.w1/w3`` stacked and concatenated into ``gate_up_proj``, ``experts.*.w2`` stacked into
     ``down_proj``; Qwen-MoE's ``experts.*.down_proj`` sorts before its ``gate_proj``/``up_proj``). The sort key is
     that of the first source key from ``experts`` on; per expert is True when a converter fuses it while loading.
-    A weight no converter targets is stored fused under its own name."""
+    A weight no converter targets is stored fused under its own name. Cached: do not change the dict returned."""
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     from transformers.core_model_loading import WeightConverter
 

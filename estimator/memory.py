@@ -484,19 +484,15 @@ def moe_qlora_load_peak_bytes(inv: Inventory, load_value_bytes: int, layout: dic
     a real load against this).
     """
     import bisect
-    import itertools
 
     from estimator.experts import natural_key
 
     experts = [t for t in inv.tensors if t.quantized and ".experts." in t.name]
     if not experts:
         return 0
-    # every weight in its loaded form, in the loader's order (natural key order of the names), and the bytes loaded
-    # before each
-    loaded = sorted((natural_key(t.name), nf4_linear_bytes(t.numel) if t.quantized else load_value_bytes * t.numel)
-                    for t in inv.tensors if not t.adapter)  # peft adds the adapters after the load
-    keys = [k for k, _ in loaded]
-    loaded_before = [0, *itertools.accumulate(b for _, b in loaded)]
+    rows = _load_order(inv, load_value_bytes)
+    keys = [key for key, _, _, _ in rows]
+    loaded_before = [before for _, before, _, _ in rows] + [rows[-1][1] + rows[-1][2] if rows else 0]
     stored: dict[str, dict[str, list[int]]] = {}  # experts module -> weight name -> [load-dtype bytes, NF4 bytes]
     for t in experts:
         module, _, rest = t.name.rpartition(".experts.")
@@ -538,15 +534,11 @@ def legacy_rope_cache_bytes(config, value_bytes: int) -> int:
     return d["layers"] * 2 * positions * d["head_dim"] * value_bytes
 
 
-def unsharded_qlora_load_peak_bytes(inv: Inventory, load_value_bytes: int) -> int:
-    """GPU bytes at the peak of loading a QLoRA model whole on one GPU, as every rank of an FSDP or ZeRO-3 run
-    does: transformers' rank-0-only loading skips quantized models (``modeling_utils`` ``not is_quantized``;
-    DeepSpeed's ``zero.init`` is off for QLoRA) and bitsandbytes' loader places the model on the rank's GPU
-    (``Bnb4BitHfQuantizer.update_device_map``), so each GPU holds the whole 4-bit model before FSDP / ZeRO shard
-    it. The loader reads the weights in natural key order, each in the load dtype (``load_value_bytes``), and
-    quantizes a Linear's weight into NF4 while that copy still exists (``integrations.bitsandbytes
-    .Bnb4bitQuantize``): the peak is the largest of (everything loaded before, in its final form, + that copy + its
-    NF4) and the whole model at the end. Adapters come later. A real CPU load matches it (``tests/test_moe.py``)."""
+def _load_order(inv: Inventory, load_value_bytes: int) -> list[tuple[tuple, int, int, int]]:
+    """Every weight in the order transformers' loader reads it (natural key order of the names), as ``(key, bytes
+    loaded before it, its bytes as loaded, its load-dtype copy while quantized)``: NF4 for quantized Linears (which
+    exist in the load dtype, ``load_value_bytes``, until quantized), the load dtype for the rest; adapters come
+    after the load (peft)."""
     import itertools
 
     from estimator.experts import natural_key
@@ -555,10 +547,21 @@ def unsharded_qlora_load_peak_bytes(inv: Inventory, load_value_bytes: int) -> in
                    load_value_bytes * t.numel if t.quantized else 0)
                   for t in inv.tensors if not t.adapter)
     before = itertools.accumulate((final for _, final, _ in rows), initial=0)
-    peak = inv.buffer_bytes
-    for (_, final, copy), loaded in zip(rows, before):
-        peak = max(peak, inv.buffer_bytes + loaded + final + copy)  # the load-dtype copy beside its NF4 (or itself)
-    return peak
+    return [(key, loaded, final, copy) for (key, final, copy), loaded in zip(rows, before)]
+
+
+def unsharded_qlora_load_peak_bytes(inv: Inventory, load_value_bytes: int) -> int:
+    """GPU bytes at the peak of loading a QLoRA model whole on one GPU, as every rank of an FSDP or ZeRO-3 run
+    does: transformers' rank-0-only loading skips quantized models (``modeling_utils`` ``not is_quantized``;
+    DeepSpeed's ``zero.init`` is off for QLoRA) and bitsandbytes' loader places the model on the rank's GPU
+    (``Bnb4BitHfQuantizer.update_device_map``), so each GPU holds the whole 4-bit model before FSDP / ZeRO shard
+    it. The loader reads the weights in natural key order, each in the load dtype (``load_value_bytes``), and
+    quantizes a Linear's weight into NF4 while that copy still exists (``integrations.bitsandbytes
+    .Bnb4bitQuantize``): the peak is the largest of (everything loaded before, in its final form, + that copy + its
+    NF4) and the whole model at the end. Adapters come later. A real CPU load matches it (``tests/test_fsdp_qlora.py``)."""
+    rows = _load_order(inv, load_value_bytes)
+    # the load-dtype copy beside its NF4 (or, not quantized, the weight itself)
+    return inv.buffer_bytes + max((before + final + copy for _, before, final, copy in rows), default=0)
 
 
 def cublas_workspace_bytes(compute_capability: float | None) -> int:

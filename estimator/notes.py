@@ -146,15 +146,19 @@ def card_notes(req: EstimateRequest, card, ev) -> list[str]:
     return notes
 
 
+#: Why loading peaks, per ``MemoryBreakdown.load_reason``: the one wording of the note, the Estimate page and the advisor.
+LOAD_WHY = {
+    "unsharded": "each GPU loads the whole 4-bit model before FSDP / ZeRO-3 shard it: transformers' rank-0 "
+                 "loading skips quantized models",
+    "moe": "the runner quantizes each layer's fused MoE experts as they load, and the last layer's, built in 16 "
+           "bits beside the 4-bit model, is the peak",
+}
+
+
 def load_note(load_card, reason: str = "moe") -> str:
     """QLoRA's load peak (``memory.moe_qlora_load_peak_bytes`` / ``unsharded_qlora_load_peak_bytes``) and whether
     it fits."""
     verdict = "fits" if load_card.fits else "does not fit: the run fails while loading, before training starts"
-    why = ("transformers loads a bitsandbytes model whole on every GPU (its rank-0 loading skips quantized models), "
-           "so each GPU holds the whole 4-bit model before FSDP / ZeRO-3 shard it" if reason == "unsharded" else
-           "bitsandbytes' 4-bit loader leaves the fused experts in the load dtype, so the runner quantizes each "
-           "layer's experts the moment they load; the peak is the last layer's experts being built in 16/32-bit "
-           "beside the 4-bit model")
     return (f"loading: {load_card.allocated_peak_bytes / GIB:.2f} GiB allocated at the load peak "
-            f"({load_card.device_peak_bytes / GIB:.2f} GiB on the card): {why}; {verdict} "
+            f"({load_card.device_peak_bytes / GIB:.2f} GiB on the card): {LOAD_WHY[reason]}; {verdict} "
             f"(margin {load_card.margin_bytes / GIB:+.2f} GiB)")

@@ -132,8 +132,3 @@ def limits(req: EstimateRequest) -> tuple[int, int]:
     wait_with_words()
     return _limits(req.model_dump_json())
 
-
-def failing_phase(est) -> tuple[str, int] | None:
-    """Where an estimate whose training step fits fails anyway (``Estimate.failing_phase``): loading (QLoRA on
-    fused MoE experts) or evaluation; None when the step itself does not fit (or everything fits)."""
-    return est.failing_phase()

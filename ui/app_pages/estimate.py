@@ -15,6 +15,7 @@ st.caption("Exact parameter counts and per-GPU memory from the real architecture
 
 from pydantic import ValidationError  # noqa: E402
 
+from estimator.notes import LOAD_WHY  # noqa: E402
 from estimator.request import EXPERTS_PRESET, TARGET_PRESETS, EstimateRequest  # noqa: E402
 from ftcore.errors import UserError  # noqa: E402
 from ui import estimates, figures, uploads  # noqa: E402
@@ -184,10 +185,8 @@ with results:
                    f"{fmt_bytes(ev.kv_cache_bytes)}){'' if est.eval_fits else ' - does not fit'}. Host RAM per "
                    f"process: {fmt_bytes(est.host_memory.peak_bytes)}.")
     if mem.load_peak_bytes:
-        why = ("every GPU loads the whole 4-bit model before FSDP / ZeRO-3 shard it" if mem.load_reason == "unsharded"
-               else "the runner quantizes each layer's fused MoE experts as they load; the last layer's, built in 16 "
-                    "bits beside the 4-bit model, is the peak")
-        st.caption(f"Loading: {fmt_bytes(mem.load_device_peak_bytes)} on the card at its peak ({why})"
+        st.caption(f"Loading: {fmt_bytes(mem.load_device_peak_bytes)} on the card at its peak "
+                   f"({LOAD_WHY.get(mem.load_reason, mem.load_reason)})"
                    f"{'' if est.load_fits else ' - does not fit'}.")
     usable = fmt_bytes(est.gpu.usable_bytes)
     if est.fits:
@@ -207,7 +206,7 @@ with results:
                  f"{usable} usable per GPU (peak during {mem.peak_phase}).{hint} Try {', '.join(tips[:-1])}"
                  f"{' or ' if len(tips) > 1 else ''}{tips[-1]}.", icon=":material/block:")
     else:
-        phase, peak = estimates.failing_phase(est)
+        phase, peak = est.failing_phase()
         if phase == "loading" and mem.load_reason == "unsharded":
             fix = ("Every GPU loads the whole 4-bit model before it is sharded; use GPUs that hold it, or LoRA "
                    "with sharding.")

@@ -306,7 +306,7 @@ with side:
                    f"on {est.gpu.count} x {est.gpu.name} (peak during {est.memory.peak_phase})")
             if fits:
                 st.success("Fits: " + msg, icon=":material/check_circle:")
-            elif failing := estimates.failing_phase(est):  # the step fits; loading or evaluation does not
+            elif failing := est.failing_phase():  # the step fits; loading or evaluation does not
                 phase, peak = failing
                 st.error(f"Will not fit during {phase}: {fmt_bytes(peak)} on the card (the step itself: {msg}).",
                          icon=":material/block:")
